@@ -1,0 +1,9 @@
+//! boma-qvm: test risky infrastructure changes on a throwaway QEMU VM that mirrors a real host.
+//!
+//! The crate is a library plus a thin CLI (`src/main.rs`), so tests drive VMs directly.
+//! One module per concern; see the README's "Code map".
+
+pub mod error;
+pub mod paths;
+
+pub use error::{Error, Result};

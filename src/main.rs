@@ -1,0 +1,3 @@
+fn main() {
+    println!("boma-qvm: not yet");
+}
