@@ -1,3 +1,8 @@
+//! The thin CLI: parse, call the library, print, exit with the error's code.
+
+mod cli;
+
 fn main() {
-    println!("boma-qvm: not yet");
+    let code = cli::main();
+    std::process::exit(code);
 }

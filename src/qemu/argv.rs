@@ -1,0 +1,260 @@
+//! QEMU's argv, built from small pure functions, one per device (as vmtest does), so each is
+//! unit-tested on its own and `build` reads like the machine it describes.
+
+use crate::accel::Accel;
+use crate::rundir::RunDir;
+use crate::spec::{Boot, NicSpec, VmSpec};
+use std::path::Path;
+
+/// Node names the fault-injection code addresses over QMP.
+pub const DISK_NODE: &str = "disk0";
+pub const DISK_FILE_NODE: &str = "disk0-file";
+pub const NETDEV_ID: &str = "net0";
+
+fn s(parts: &[&str]) -> Vec<String> {
+    parts.iter().map(|p| p.to_string()).collect()
+}
+
+fn p(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// Name, no defaults, no display, start paused (the supervisor connects QMP, then `cont`s, so no
+/// event is missed).
+pub fn base(name: &str) -> Vec<String> {
+    vec![
+        "-name".into(),
+        format!("{name},process={name}"),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-display".into(),
+        "none".into(),
+        "-S".into(),
+    ]
+}
+
+pub fn machine(accel: Accel, tb_size_mib: Option<u32>) -> Vec<String> {
+    let accel_arg = match (accel, tb_size_mib) {
+        (Accel::Kvm, _) => "kvm".to_string(),
+        (Accel::Tcg, None) => "tcg".to_string(),
+        (Accel::Tcg, Some(mib)) => format!("tcg,tb-size={mib}"),
+    };
+    let cpu = match accel {
+        Accel::Kvm => "host",
+        Accel::Tcg => "max",
+    };
+    vec![
+        "-machine".into(),
+        "q35".into(),
+        "-accel".into(),
+        accel_arg,
+        "-cpu".into(),
+        cpu.into(),
+    ]
+}
+
+pub fn cpu_mem(cpus: u32, memory_mib: u32) -> Vec<String> {
+    vec![
+        "-smp".into(),
+        cpus.to_string(),
+        "-m".into(),
+        memory_mib.to_string(),
+    ]
+}
+
+/// A QMP monitor on a unix socket that QEMU listens on.
+pub fn qmp(id: &str, socket: &Path) -> Vec<String> {
+    vec![
+        "-chardev".into(),
+        format!("socket,id={id},path={},server=on,wait=off", p(socket)),
+        "-mon".into(),
+        format!("chardev={id},mode=control"),
+    ]
+}
+
+/// The serial port on a pty, also written to a log file from the first byte.
+pub fn serial(log: &Path) -> Vec<String> {
+    vec![
+        "-chardev".into(),
+        format!("pty,id=ser0,logfile={},logappend=on", p(log)),
+        "-serial".into(),
+        "chardev:ser0".into(),
+    ]
+}
+
+pub fn boot(boot: &Boot) -> Vec<String> {
+    match boot {
+        Boot::Disk => Vec::new(),
+        Boot::Kernel {
+            kernel,
+            initrd,
+            append,
+        } => {
+            let mut a = vec!["-kernel".into(), p(kernel)];
+            if let Some(i) = initrd {
+                a.extend(["-initrd".into(), p(i)]);
+            }
+            a.extend(["-append".into(), append.clone()]);
+            a
+        }
+    }
+}
+
+/// The VM's qcow2 overlay as the first virtio disk, with named nodes so QMP can reach them.
+/// Errors are reported to the guest (EIO) rather than pausing the VM.
+pub fn disk(overlay: &Path) -> Vec<String> {
+    vec![
+        "-blockdev".into(),
+        format!(
+            r#"{{"driver":"file","filename":{},"node-name":"{DISK_FILE_NODE}","discard":"unmap"}}"#,
+            serde_json::Value::String(p(overlay))
+        ),
+        "-blockdev".into(),
+        format!(r#"{{"driver":"qcow2","file":"{DISK_FILE_NODE}","node-name":"{DISK_NODE}"}}"#),
+        "-device".into(),
+        format!("virtio-blk-pci,drive={DISK_NODE},id=vda,bootindex=1,werror=report,rerror=report"),
+    ]
+}
+
+/// The cloud-init seed as a read-only second virtio disk.
+pub fn seed(iso: &Path) -> Vec<String> {
+    vec![
+        "-drive".into(),
+        format!("if=none,id=seed,file={},format=raw,readonly=on", p(iso)),
+        "-device".into(),
+        "virtio-blk-pci,drive=seed,id=vdb".into(),
+    ]
+}
+
+/// virtio-net on a tap the supervisor opened and handed over as fd `fd`.
+pub fn nic(nic: &NicSpec, fd: i32) -> Vec<String> {
+    vec![
+        "-netdev".into(),
+        format!("tap,id={NETDEV_ID},fd={fd}"),
+        "-device".into(),
+        format!("virtio-net-pci,netdev={NETDEV_ID},mac={},id=nic0", nic.mac),
+    ]
+}
+
+/// Entropy for the guest: without it sshd and cloud-init wait for randomness at boot.
+pub fn rng() -> Vec<String> {
+    s(&[
+        "-object",
+        "rng-random,id=rng0,filename=/dev/urandom",
+        "-device",
+        "virtio-rng-pci,rng=rng0",
+    ])
+}
+
+/// The whole argv (without the binary) for `spec` in `run`, with the tap fd if there is a NIC.
+pub fn build(spec: &VmSpec, run: &RunDir, tap_fd: Option<i32>) -> Vec<String> {
+    let mut a = base(&spec.name);
+    a.extend(machine(spec.accel, spec.tcg_tb_size_mib));
+    a.extend(cpu_mem(spec.cpus, spec.memory_mib));
+    a.extend(qmp("mon0", &run.qmp_sock()));
+    a.extend(qmp("mon1", &run.ctl_sock()));
+    a.extend(serial(&run.console_log()));
+    a.extend(boot(&spec.boot));
+    if let Some(d) = &spec.disk {
+        a.extend(disk(d));
+    }
+    if let Some(iso) = &spec.seed {
+        a.extend(seed(iso));
+    }
+    if let (Some(n), Some(fd)) = (&spec.nic, tap_fd) {
+        a.extend(nic(n, fd));
+    }
+    a.extend(rng());
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::VmSpec;
+
+    fn joined(v: Vec<String>) -> String {
+        v.join(" ")
+    }
+
+    #[test]
+    fn machine_picks_cpu_per_accel() {
+        assert_eq!(
+            joined(machine(Accel::Tcg, None)),
+            "-machine q35 -accel tcg -cpu max"
+        );
+        assert_eq!(
+            joined(machine(Accel::Kvm, Some(256))),
+            "-machine q35 -accel kvm -cpu host"
+        );
+        assert_eq!(
+            joined(machine(Accel::Tcg, Some(256))),
+            "-machine q35 -accel tcg,tb-size=256 -cpu max"
+        );
+    }
+
+    #[test]
+    fn serial_is_a_pty_with_a_log_file() {
+        let a = joined(serial(Path::new("/r/console.log")));
+        assert_eq!(
+            a,
+            "-chardev pty,id=ser0,logfile=/r/console.log,logappend=on -serial chardev:ser0"
+        );
+    }
+
+    #[test]
+    fn kernel_boot_and_disk_boot() {
+        assert!(boot(&Boot::Disk).is_empty());
+        let k = Boot::Kernel {
+            kernel: "/k".into(),
+            initrd: None,
+            append: "console=ttyS0 quiet".into(),
+        };
+        assert_eq!(
+            boot(&k),
+            vec!["-kernel", "/k", "-append", "console=ttyS0 quiet"]
+        );
+    }
+
+    #[test]
+    fn disk_json_escapes_the_path() {
+        let a = disk(Path::new("/r/a \"b\".qcow2"));
+        assert!(
+            a[1].contains(r#""filename":"/r/a \"b\".qcow2""#),
+            "{}",
+            a[1]
+        );
+        let v: serde_json::Value = serde_json::from_str(&a[1]).unwrap();
+        assert_eq!(v["node-name"], DISK_FILE_NODE);
+        assert!(a[5].contains("werror=report"));
+    }
+
+    #[test]
+    fn nic_uses_the_handed_over_fd() {
+        let n = NicSpec {
+            mac: "52:54:00:aa:bb:cc".into(),
+            tap: "bq-x".into(),
+            bridge: "b".into(),
+        };
+        assert_eq!(
+            joined(nic(&n, 3)),
+            "-netdev tap,id=net0,fd=3 -device virtio-net-pci,netdev=net0,mac=52:54:00:aa:bb:cc,id=nic0"
+        );
+    }
+
+    #[test]
+    fn build_has_two_monitors_and_starts_paused() {
+        let spec = VmSpec::new("boma-it-t", Accel::Tcg, Boot::Disk);
+        let a = build(&spec, &RunDir::new("/r"), None);
+        let j = joined(a.clone());
+        assert!(j.contains("path=/r/qmp.sock,server=on,wait=off"));
+        assert!(j.contains("path=/r/ctl.sock,server=on,wait=off"));
+        assert!(a.contains(&"-S".to_string()));
+        assert!(j.contains("-smp 2 -m 3072"));
+        assert!(!j.contains("-netdev"), "no NIC without a tap fd");
+        assert!(
+            !j.contains("virtio-blk-pci,drive=disk0"),
+            "no disk in the spec"
+        );
+    }
+}

@@ -1,0 +1,92 @@
+//! The QMP control channel, over the `qapi` crate (async tokio).
+//!
+//! QEMU gets two monitors: `qmp.sock`, held by the supervisor for the VM's whole life (it records
+//! every event into events.jsonl), and `ctl.sock`, which CLI invocations and tests connect to for
+//! commands. QMP broadcasts events to every monitor, so commands never race the recorder.
+
+use crate::{Error, Result};
+use qapi::futures::{QapiEvents, QapiService, QmpStreamTokio};
+use qapi::qmp::QmpCommand;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tokio::io::{ReadHalf, WriteHalf};
+use tokio::net::UnixStream;
+
+pub type Reader = QmpStreamTokio<ReadHalf<UnixStream>>;
+pub type Writer = QmpStreamTokio<WriteHalf<UnixStream>>;
+pub type Events = QapiEvents<Reader>;
+
+/// How long one QMP command may take before we call the monitor unresponsive.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Connect and negotiate capabilities, retrying while the socket is not there yet (QEMU is still
+/// starting) for up to `timeout`. A socket that accepts but never greets (another client holds the
+/// monitor) also ends in a timeout.
+pub async fn open(path: &Path, timeout: Duration) -> Result<(QapiService<Writer>, Events)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let attempt = async {
+            let neg = QmpStreamTokio::open_uds(path).await?;
+            let stream = neg.negotiate().await?;
+            Ok::<_, std::io::Error>(stream.into_parts())
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left.max(Duration::from_millis(100)), attempt).await {
+            Ok(Ok(parts)) => return Ok(parts),
+            Ok(Err(e)) if Instant::now() < deadline => {
+                tracing::debug!("QMP {} not ready: {e}", path.display());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(Err(e)) => {
+                return Err(Error::Qmp(format!(
+                    "cannot connect to {}: {e}\n  fix: is the VM running? check `boma-qvm status`",
+                    path.display()
+                )));
+            }
+            Err(_) => {
+                return Err(Error::Qmp(format!(
+                    "{} did not answer within {}s (another boma-qvm command may be connected, or QEMU is hung)\n  fix: retry; if it persists, `boma-qvm down` the VM",
+                    path.display(),
+                    timeout.as_secs()
+                )));
+            }
+        }
+    }
+}
+
+/// A command connection. Events on it are discarded: the supervisor records them.
+pub struct Qmp {
+    service: QapiService<Writer>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl Qmp {
+    pub async fn connect(path: &Path, timeout: Duration) -> Result<Qmp> {
+        let (service, events) = open(path, timeout).await?;
+        let driver = events.spawn_tokio();
+        Ok(Qmp { service, driver })
+    }
+
+    /// Run one command, with `COMMAND_TIMEOUT`.
+    pub async fn run<C>(&self, cmd: C) -> Result<C::Ok>
+    where
+        C: QmpCommand + std::fmt::Debug + 'static,
+        Writer: futures::Sink<qapi::Execute<C, u32>, Error = std::io::Error> + Unpin,
+    {
+        let label = format!("{cmd:?}");
+        match tokio::time::timeout(COMMAND_TIMEOUT, self.service.execute(cmd)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(Error::Qmp(format!("{label} failed: {e}"))),
+            Err(_) => Err(Error::Qmp(format!(
+                "{label} got no answer within {}s\n  fix: QEMU may be hung; `boma-qvm down` the VM",
+                COMMAND_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+}
+
+impl Drop for Qmp {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}

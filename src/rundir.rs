@@ -1,0 +1,125 @@
+//! A VM's run directory (Lima's per-instance directory): every file boma-qvm keeps for one VM.
+
+use crate::error::IoContext;
+use crate::spec::VmSpec;
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+
+/// `sun_path` is 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunDir {
+    pub dir: PathBuf,
+}
+
+impl RunDir {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        RunDir { dir: dir.into() }
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    pub fn spec(&self) -> PathBuf {
+        self.file("spec.json")
+    }
+    pub fn supervisor_pid(&self) -> PathBuf {
+        self.file("supervisor.pid")
+    }
+    pub fn supervisor_log(&self) -> PathBuf {
+        self.file("supervisor.log")
+    }
+    pub fn qemu_pid(&self) -> PathBuf {
+        self.file("qemu.pid")
+    }
+    pub fn qemu_log(&self) -> PathBuf {
+        self.file("qemu.log")
+    }
+    /// The supervisor's QMP monitor: it records every event for the VM's whole life.
+    pub fn qmp_sock(&self) -> PathBuf {
+        self.file("qmp.sock")
+    }
+    /// A second QMP monitor for commands from CLI invocations and tests.
+    pub fn ctl_sock(&self) -> PathBuf {
+        self.file("ctl.sock")
+    }
+    pub fn console_log(&self) -> PathBuf {
+        self.file("console.log")
+    }
+    /// Holds the path of the serial console's pty (`/dev/pts/N`) while the VM runs.
+    pub fn console_pty(&self) -> PathBuf {
+        self.file("console.pty")
+    }
+    pub fn events(&self) -> PathBuf {
+        self.file("events.jsonl")
+    }
+    pub fn overlay(&self) -> PathBuf {
+        self.file("disk.qcow2")
+    }
+    pub fn seed(&self) -> PathBuf {
+        self.file("seed.iso")
+    }
+    pub fn ssh_key(&self) -> PathBuf {
+        self.file("id_ed25519")
+    }
+
+    pub fn read_spec(&self) -> Result<VmSpec> {
+        let text = std::fs::read_to_string(self.spec())
+            .ctx(|| format!("reading {}", self.spec().display()))?;
+        serde_json::from_str(&text).map_err(|e| {
+            Error::input(
+                format!("{} is not a valid VM spec: {e}", self.spec().display()),
+                "remove the VM with `boma-qvm down` (or `boma-qvm prune`) and create it again",
+            )
+        })
+    }
+
+    pub fn write_spec(&self, spec: &VmSpec) -> Result<()> {
+        let text = serde_json::to_string_pretty(spec).expect("spec serialises");
+        write_atomic(&self.spec(), text.as_bytes())
+    }
+
+    /// Refuse a run dir whose socket paths would not fit in a unix socket address.
+    pub fn check_socket_paths(&self) -> Result<()> {
+        let longest = self
+            .ctl_sock()
+            .as_os_str()
+            .len()
+            .max(self.qmp_sock().as_os_str().len());
+        if longest > MAX_SOCKET_PATH {
+            return Err(Error::input(
+                format!(
+                    "the run directory {} is too deep for unix sockets ({longest} > {MAX_SOCKET_PATH} bytes)",
+                    self.dir.display()
+                ),
+                "point BOMA_QVM_STATE_DIR at a shorter path",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn read_pid(path: &Path) -> Option<i32> {
+        std::fs::read_to_string(path).ok()?.trim().parse().ok()
+    }
+}
+
+/// Write via a temporary file and rename, so readers never see half a file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).ctx(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).ctx(|| format!("renaming {} into place", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deep_dirs_are_refused_for_sockets() {
+        assert!(RunDir::new("/tmp/x").check_socket_paths().is_ok());
+        let deep = RunDir::new(format!("/tmp/{}", "d".repeat(120)));
+        assert_eq!(deep.check_socket_paths().unwrap_err().exit_code(), 2);
+    }
+}

@@ -1,0 +1,273 @@
+//! The per-VM supervisor: a small detached process (this same binary, `__supervise RUN_DIR`, in
+//! its own session) that owns QEMU as its child for the VM's whole life. It opens the VM's tap,
+//! starts QEMU paused, holds the QMP event stream and records every event into events.jsonl,
+//! watches the console, and cleans up (sockets, pid files) when QEMU exits. CLI invocations and
+//! tests come and go; they talk to QEMU over the second QMP monitor and read events.jsonl.
+
+use crate::error::IoContext;
+use crate::events::{self, Record, Source, names};
+use crate::qemu::argv;
+use crate::rundir::RunDir;
+use crate::{Error, Result, console, procs, qmp};
+use futures::StreamExt;
+use serde_json::json;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+/// Grace period for QEMU to quit after a `quit`/SIGTERM before SIGKILL.
+const QUIT_GRACE: Duration = Duration::from_secs(10);
+
+/// Start the supervisor for `run`, detached (new session, double fork: it is nobody's child, so
+/// it outlives this process and never becomes a zombie of a long-lived caller). `keep_fds` are
+/// inherited by the supervisor (the slot lock). Returns once the supervisor is started; callers
+/// wait for its `QEMU_STARTED` record.
+pub fn spawn_detached(exe: &Path, run: &RunDir, keep_fds: &[i32]) -> Result<()> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(run.supervisor_log())
+        .ctx(|| format!("opening {}", run.supervisor_log().display()))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("__supervise").arg(&run.dir);
+    for fd in keep_fds {
+        cmd.arg("--keep-fd").arg(fd.to_string());
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone().ctx(|| "dup log".into())?)
+        .stderr(log);
+    let fds = keep_fds.to_vec();
+    // SAFETY: only async-signal-safe calls (setsid, fcntl, fork, _exit) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            for fd in &fds {
+                let flags = libc::fcntl(*fd, libc::F_GETFD);
+                libc::fcntl(*fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            }
+            match libc::fork() {
+                -1 => Err(std::io::Error::last_os_error()),
+                0 => Ok(()),
+                _ => libc::_exit(0),
+            }
+        });
+    }
+    let status = cmd.status().map_err(|e| {
+        Error::qemu(
+            format!("cannot start the supervisor {}: {e}", exe.display()),
+            "check BOMA_QVM_EXE / the boma-qvm binary",
+        )
+    })?;
+    if !status.success() {
+        return Err(Error::qemu(
+            format!("the supervisor failed to detach ({status})"),
+            "see supervisor.log in the run directory",
+        ));
+    }
+    Ok(())
+}
+
+fn record(run: &RunDir, rec: Record) {
+    if let Err(e) = events::append(&run.events(), &rec) {
+        tracing::warn!("cannot record {}: {e}", rec.event);
+    }
+}
+
+fn remove_runtime_files(run: &RunDir) {
+    for p in [
+        run.qmp_sock(),
+        run.ctl_sock(),
+        run.console_pty(),
+        run.qemu_pid(),
+        run.supervisor_pid(),
+    ] {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+/// The supervisor's main. Runs until QEMU exits (or SIGTERM asks it to stop QEMU).
+pub async fn run(run: RunDir, tap: Option<OwnedFd>) -> Result<()> {
+    let spec = run.read_spec()?;
+    std::fs::write(run.supervisor_pid(), std::process::id().to_string())
+        .ctx(|| "writing supervisor.pid".into())?;
+    for p in [run.qmp_sock(), run.ctl_sock()] {
+        let _ = std::fs::remove_file(p);
+    }
+    let tap_fd = tap.as_ref().map(|fd| fd.as_raw_fd());
+    let args = argv::build(&spec, &run, tap_fd);
+    let qemu_log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(run.qemu_log())
+        .ctx(|| "opening qemu.log".into())?;
+    let mut cmd = tokio::process::Command::new(spec.qemu_binary());
+    cmd.args(&args)
+        .stdin(Stdio::null())
+        .stdout(qemu_log.try_clone().ctx(|| "dup qemu.log".into())?)
+        .stderr(qemu_log);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // QEMU dies with its supervisor instead of running on unrecorded.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            if let Some(fd) = tap_fd {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| {
+        remove_runtime_files(&run);
+        Error::MissingTool {
+            program: spec.qemu_binary().display().to_string(),
+            fix: format!("install QEMU (apt-get install qemu-system-x86), or the role roles/integration_test ({e})"),
+        }
+    })?;
+    // The tap now lives in QEMU; our copy goes so the tap vanishes when QEMU exits.
+    drop(tap);
+    let pid = child.id().unwrap_or(0) as i32;
+    std::fs::write(run.qemu_pid(), pid.to_string()).ctx(|| "writing qemu.pid".into())?;
+    tracing::info!(
+        "QEMU started, pid {pid}: {} {}",
+        spec.qemu_binary().display(),
+        args.join(" ")
+    );
+
+    let qmp_path = run.qmp_sock();
+    let opened = tokio::select! {
+        r = qmp::open(&qmp_path, Duration::from_secs(30)) => r,
+        status = child.wait() => Err(Error::qemu(
+            format!("QEMU exited during start-up ({}): {}", status.map(|s| s.to_string()).unwrap_or_default(), console::tail(&run.qemu_log(), 5)),
+            "read the QEMU error above; check the image and kernel paths",
+        )),
+    };
+    let (service, mut qmp_events) = match opened {
+        Ok(parts) => parts,
+        Err(e) => {
+            procs::terminate(pid, QUIT_GRACE).await;
+            record(
+                &run,
+                Record::new(
+                    Source::Boma,
+                    names::QEMU_EXITED,
+                    json!({"status": "failed to start", "error": e.to_string()}),
+                ),
+            );
+            remove_runtime_files(&run);
+            return Err(e);
+        }
+    };
+
+    // Forward QMP events into events.jsonl (and drive command responses) in the background.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Record>();
+    let events_task = tokio::spawn(async move {
+        while let Some(ev) = qmp_events.next().await {
+            match ev {
+                Ok(ev) => {
+                    let raw = serde_json::to_value(&ev).unwrap_or_default();
+                    if tx.send(Record::from_qmp(&raw)).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!("QMP event stream ended: {e}");
+                    break;
+                }
+            }
+        }
+    });
+
+    match service.execute(qapi::qmp::query_chardev {}).await {
+        Ok(devs) => {
+            if let Some(pty) = devs
+                .iter()
+                .find(|d| d.label == "ser0")
+                .and_then(|d| d.filename.strip_prefix("pty:"))
+            {
+                let _ = std::fs::write(run.console_pty(), pty);
+            }
+        }
+        Err(e) => tracing::warn!("query-chardev failed: {e}"),
+    }
+    record(
+        &run,
+        Record::new(
+            Source::Boma,
+            names::QEMU_STARTED,
+            json!({"pid": pid, "accel": spec.accel.as_str(), "argv": args}),
+        ),
+    );
+    let watcher = tokio::spawn(console::watch(
+        run.console_log(),
+        run.events(),
+        spec.failure_patterns(),
+    ));
+    if let Err(e) = service.execute(qapi::qmp::cont {}).await {
+        tracing::warn!("cont failed: {e}");
+    }
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .ctx(|| "SIGTERM handler".into())?;
+    let mut stopping = false;
+    let status = loop {
+        tokio::select! {
+            Some(rec) = rx.recv() => record(&run, rec),
+            status = child.wait() => break status,
+            _ = sigterm.recv(), if !stopping => {
+                stopping = true;
+                tracing::info!("SIGTERM: asking QEMU to quit");
+                let _ = tokio::time::timeout(Duration::from_secs(5), service.execute(qapi::qmp::quit {})).await;
+                let t = tokio::spawn(async move {
+                    if procs::terminate(pid, QUIT_GRACE).await {
+                        tracing::warn!("QEMU did not quit within {}s; killed it", QUIT_GRACE.as_secs());
+                    }
+                });
+                drop(t);
+            }
+        }
+    };
+    // Record what QEMU said on its way out before the exit itself.
+    let _ = tokio::time::timeout(Duration::from_secs(2), events_task).await;
+    while let Ok(rec) = rx.try_recv() {
+        record(&run, rec);
+    }
+    watcher.abort();
+    let status_text = match &status {
+        Ok(s) => s.to_string(),
+        Err(e) => format!("unknown: {e}"),
+    };
+    tracing::info!("QEMU exited: {status_text}");
+    record(
+        &run,
+        Record::new(
+            Source::Boma,
+            names::QEMU_EXITED,
+            json!({"pid": pid, "status": status_text}),
+        ),
+    );
+    remove_runtime_files(&run);
+    Ok(())
+}
+
+/// `boma-qvm __supervise RUN_DIR`: open the VM's tap if it has a NIC, then `run`.
+pub async fn main(run: RunDir) -> Result<()> {
+    let spec = run.read_spec()?;
+    if spec.nic.is_some() {
+        return Err(Error::network(
+            "this build cannot attach a NIC yet",
+            "run without a network",
+        ));
+    }
+    run_supervised(run, None).await
+}
+
+async fn run_supervised(run: RunDir, tap: Option<OwnedFd>) -> Result<()> {
+    let r = self::run(run.clone(), tap).await;
+    if let Err(e) = &r {
+        tracing::error!("supervisor: {e}");
+    }
+    r
+}

@@ -1,0 +1,318 @@
+//! A VM handle: create it, power it on (spawning its supervisor), ask its state, talk to it over
+//! QMP, wait on its events, destroy it. The library API tests and the CLI both use.
+
+use crate::error::IoContext;
+use crate::events::{self, Record, Source, Tail, names};
+use crate::guard;
+use crate::paths::Dirs;
+use crate::qmp::Qmp;
+use crate::rundir::RunDir;
+use crate::spec::{VM_PREFIX, VmSpec};
+use crate::{Error, Result, console, procs, supervisor};
+use serde_json::Value;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// The supervisor and QEMU are alive.
+    Running { supervisor: i32, qemu: i32 },
+    /// The run directory exists, nothing runs (powered off, kept after a failure, or crashed).
+    Off,
+}
+
+impl State {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            State::Running { .. } => "running",
+            State::Off => "off",
+        }
+    }
+}
+
+/// How to power a VM on.
+#[derive(Debug, Clone)]
+pub struct StartOptions {
+    /// The binary that runs `__supervise` (this one, or `$BOMA_QVM_EXE`).
+    pub exe: PathBuf,
+    pub min_free_mib: Option<u64>,
+    pub max_vms: usize,
+    pub timeout: Duration,
+}
+
+impl Default for StartOptions {
+    fn default() -> Self {
+        let env_num = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+        StartOptions {
+            exe: supervisor_exe(),
+            min_free_mib: env_num("BOMA_QVM_MIN_FREE_MIB"),
+            max_vms: env_num("BOMA_QVM_MAX_VMS").unwrap_or(1) as usize,
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `$BOMA_QVM_EXE`, else the running executable (the CLI itself).
+pub fn supervisor_exe() -> PathBuf {
+    std::env::var_os("BOMA_QVM_EXE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::current_exe().ok())
+        .unwrap_or_else(|| PathBuf::from("boma-qvm"))
+}
+
+#[derive(Debug, Clone)]
+pub struct Vm {
+    pub dirs: Dirs,
+    pub name: String,
+    pub run: RunDir,
+}
+
+impl Vm {
+    /// Make the run directory and write the spec. Refuses an existing VM of that name.
+    pub fn create(dirs: &Dirs, spec: &VmSpec) -> Result<Vm> {
+        let run = RunDir::new(dirs.vm(&spec.name));
+        run.check_socket_paths()?;
+        if run.dir.exists() {
+            return Err(Error::AlreadyExists {
+                what: format!("VM {}", spec.name),
+                fix: format!(
+                    "inspect it with `boma-qvm status {0}`, or remove it with `boma-qvm down {0}`",
+                    spec.name
+                ),
+            });
+        }
+        std::fs::create_dir_all(&run.dir).ctx(|| format!("creating {}", run.dir.display()))?;
+        run.write_spec(spec)?;
+        Ok(Vm {
+            dirs: dirs.clone(),
+            name: spec.name.clone(),
+            run,
+        })
+    }
+
+    pub fn open(dirs: &Dirs, name: &str) -> Result<Vm> {
+        let run = RunDir::new(dirs.vm(name));
+        if !run.spec().exists() {
+            return Err(Error::not_found(
+                format!("VM {name}"),
+                "list VMs with `boma-qvm list`",
+            ));
+        }
+        Ok(Vm {
+            dirs: dirs.clone(),
+            name: name.to_string(),
+            run,
+        })
+    }
+
+    /// The named VM, or the only one when no name is given.
+    pub fn resolve(dirs: &Dirs, name: Option<&str>) -> Result<Vm> {
+        if let Some(n) = name {
+            return Vm::open(dirs, &crate::spec::vm_name(n)?);
+        }
+        match list(dirs).as_slice() {
+            [only] => Vm::open(dirs, only),
+            [] => Err(Error::not_found(
+                "any VM",
+                "start one with `boma-qvm up HOST` (or `boma-qvm cycle HOST`)",
+            )),
+            many => Err(Error::input(
+                format!("several VMs exist ({})", many.join(", ")),
+                "name the VM you mean",
+            )),
+        }
+    }
+
+    pub fn spec(&self) -> Result<VmSpec> {
+        self.run.read_spec()
+    }
+
+    pub fn state(&self) -> State {
+        let sup = RunDir::read_pid(&self.run.supervisor_pid()).filter(|p| procs::alive(*p));
+        let qemu = RunDir::read_pid(&self.run.qemu_pid()).filter(|p| procs::alive(*p));
+        match (sup, qemu) {
+            (Some(supervisor), Some(qemu)) => State::Running { supervisor, qemu },
+            _ => State::Off,
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        matches!(self.state(), State::Running { .. })
+    }
+
+    fn require_running(&self) -> Result<()> {
+        if self.is_running() {
+            Ok(())
+        } else {
+            Err(Error::qemu(
+                format!("VM {} is not running", self.name),
+                format!(
+                    "power it on with `boma-qvm start {0}`, or look at `boma-qvm console {0} --log`",
+                    self.name
+                ),
+            ))
+        }
+    }
+
+    /// Power on: resource guard, slot, detached supervisor; returns once QEMU runs.
+    pub async fn start(&self, opts: &StartOptions) -> Result<()> {
+        if self.is_running() {
+            return Err(Error::AlreadyExists {
+                what: format!("a running VM {}", self.name),
+                fix: "use it, or `boma-qvm down` it first".into(),
+            });
+        }
+        let spec = self.spec()?;
+        guard::check_memory(
+            guard::mem_available_mib()?,
+            spec.memory_mib as u64,
+            opts.min_free_mib,
+        )?;
+        let slot = guard::acquire_slot(&self.dirs, opts.max_vms, &self.name)?;
+        let mut tail = self.tail();
+        supervisor::spawn_detached(&opts.exe, &self.run, &[slot.lock.as_raw_fd()])?;
+        drop(slot);
+        let started = tail
+            .wait_for("QEMU to start", opts.timeout, |r| {
+                r.is(names::QEMU_STARTED) || r.is(names::QEMU_EXITED)
+            })
+            .await;
+        match started {
+            Ok(r) if r.is(names::QEMU_STARTED) => {
+                tracing::info!("{} running (QEMU pid {})", self.name, r.data["pid"]);
+                Ok(())
+            }
+            Ok(r) => Err(Error::qemu(
+                format!(
+                    "{} did not start: {}",
+                    self.name,
+                    r.data["error"].as_str().unwrap_or("QEMU exited")
+                ),
+                format!("see {}", self.run.qemu_log().display()),
+            )),
+            Err(e) => Err(Error::qemu(
+                format!(
+                    "{} did not start: {e}\n{}",
+                    self.name,
+                    console::tail(&self.run.supervisor_log(), 10)
+                ),
+                format!("see {}", self.run.supervisor_log().display()),
+            )),
+        }
+    }
+
+    /// A command connection to QEMU (the second QMP monitor).
+    pub async fn ctl(&self) -> Result<Qmp> {
+        self.require_running()?;
+        Qmp::connect(&self.run.ctl_sock(), Duration::from_secs(10)).await
+    }
+
+    /// Follow events from now on.
+    pub fn tail(&self) -> Tail {
+        Tail::from_end(&self.run.events())
+    }
+
+    /// Follow events from the VM's first one.
+    pub fn tail_from_start(&self) -> Tail {
+        Tail::from_start(&self.run.events())
+    }
+
+    pub fn events(&self) -> Result<Vec<Record>> {
+        events::read_all(&self.run.events())
+    }
+
+    /// How often `needle` appears in the captured console so far.
+    pub fn console_count(&self, needle: &str) -> usize {
+        std::fs::read(self.run.console_log())
+            .map(|b| String::from_utf8_lossy(&b).matches(needle).count())
+            .unwrap_or(0)
+    }
+
+    /// Wait until `needle` has appeared `occurrences` times on the console. Fails fast when the
+    /// console watcher reports a guest failure or QEMU exits; on timeout the error carries the
+    /// console tail.
+    pub async fn wait_console(
+        &self,
+        needle: &str,
+        occurrences: usize,
+        timeout: Duration,
+    ) -> Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut tail = self.tail();
+        loop {
+            if self.console_count(needle) >= occurrences {
+                return Ok(());
+            }
+            for r in tail.poll()? {
+                events::fail_fast(&r)?;
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::timeout(
+                    format!("`{needle}` x{occurrences} on {}'s console", self.name),
+                    timeout.as_secs(),
+                    format!("\n--- console tail ---\n{}", self.console_tail(20)),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn console_tail(&self, lines: usize) -> String {
+        console::tail(&self.run.console_log(), lines)
+    }
+
+    /// Record a fault (or any test annotation) beside QEMU's own events.
+    pub fn record_fault(&self, kind: &str, data: Value) -> Result<()> {
+        let mut data = data;
+        if let Value::Object(m) = &mut data {
+            m.insert("kind".into(), Value::String(kind.into()));
+        } else {
+            data = serde_json::json!({ "kind": kind });
+        }
+        events::append(
+            &self.run.events(),
+            &Record::new(Source::Fault, names::FAULT, data),
+        )
+    }
+
+    /// Stop the supervisor and QEMU without a guest shutdown (SIGTERM -> QMP quit -> SIGKILL).
+    pub async fn kill(&self) {
+        if let Some(pid) =
+            RunDir::read_pid(&self.run.supervisor_pid()).filter(|p| supervised_by_us(*p, &self.run))
+        {
+            procs::terminate(pid, Duration::from_secs(20)).await;
+        }
+        if let Some(pid) = RunDir::read_pid(&self.run.qemu_pid())
+            .filter(|p| procs::mentions(&procs::cmdline(*p), &self.run.dir))
+        {
+            procs::terminate(pid, Duration::from_secs(10)).await;
+        }
+    }
+
+    /// Stop it if it runs and remove its run directory (overlay included).
+    pub async fn destroy(self) -> Result<()> {
+        self.kill().await;
+        std::fs::remove_dir_all(&self.run.dir)
+            .ctx(|| format!("removing {}", self.run.dir.display()))
+    }
+}
+
+/// True when `pid` is the supervisor of `run` (pid files can outlive their process).
+pub fn supervised_by_us(pid: i32, run: &RunDir) -> bool {
+    let argv = procs::cmdline(pid);
+    argv.iter().any(|a| a == "__supervise") && procs::mentions(&argv, &run.dir)
+}
+
+/// Names of all VMs with a run directory.
+pub fn list(dirs: &Dirs) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dirs.vms())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.starts_with(VM_PREFIX))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}

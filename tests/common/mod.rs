@@ -1,0 +1,120 @@
+//! Shared test support: the busybox test guest (built by tests/guest/build.sh, cached outside the
+//! repo), a per-test state directory that is pruned on drop (also when the test panics), and the
+//! CLI under test.
+#![allow(dead_code)]
+
+use boma_qvm::accel::Accel;
+use boma_qvm::paths::Dirs;
+use boma_qvm::spec::{Boot, VmSpec};
+use boma_qvm::vm::{StartOptions, Vm};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+pub const READY: &str = "BOMA-TESTGUEST-READY";
+pub const BOOT: &str = "BOMA-TESTGUEST-BOOT";
+
+/// The test guest's kernel and initrd, built once per machine into the XDG cache.
+pub fn test_guest() -> (PathBuf, PathBuf) {
+    let out = Dirs::from_env().cache.join("testguest");
+    std::fs::create_dir_all(&out).unwrap();
+    let lock = std::fs::File::create(out.with_extension("lock")).unwrap();
+    let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/build.sh");
+    let st = Command::new(&script)
+        .arg(&out)
+        .status()
+        .expect("run tests/guest/build.sh");
+    assert!(st.success(), "building the test guest failed: {st}");
+    (out.join("vmlinuz"), out.join("initrd.img"))
+}
+
+/// A throwaway state dir under /tmp (short, for unix socket paths). Dropping it prunes every VM
+/// it holds and removes it, also when the test panicked.
+pub struct Env {
+    pub tmp: tempfile::TempDir,
+    pub dirs: Dirs,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let tmp = tempfile::Builder::new()
+            .prefix("bq")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let mut dirs = Dirs::under(tmp.path());
+        dirs.cache = Dirs::from_env().cache;
+        Env { tmp, dirs }
+    }
+
+    /// The CLI, pointed at this env's state dir.
+    pub fn cli(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_boma-qvm"));
+        c.env("BOMA_QVM_STATE_DIR", &self.dirs.state)
+            .env("BOMA_QVM_CACHE_DIR", &self.dirs.cache);
+        c
+    }
+
+    /// A test-guest VM spec: 1 vCPU is plenty for busybox and leaves the other core to the host.
+    pub fn guest_spec(&self, host: &str, extra_append: &str) -> VmSpec {
+        let (kernel, initrd) = test_guest();
+        let append = format!("console=ttyS0 {extra_append}").trim().to_string();
+        let mut spec = VmSpec::new(
+            &format!("boma-it-{host}"),
+            Accel::Tcg,
+            Boot::Kernel {
+                kernel,
+                initrd: Some(initrd),
+                append,
+            },
+        );
+        spec.cpus = 1;
+        spec.memory_mib = 256;
+        spec
+    }
+
+    /// Create and start a test guest, and wait for its READY marker.
+    pub async fn boot(&self, host: &str, extra_append: &str) -> Vm {
+        let vm = Vm::create(&self.dirs, &self.guest_spec(host, extra_append)).unwrap();
+        vm.start(&start_options()).await.unwrap();
+        vm.wait_console(READY, 1, Duration::from_secs(120))
+            .await
+            .unwrap();
+        vm
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let dirs = self.dirs.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(boma_qvm::prune::prune(&dirs))
+        })
+        .join();
+    }
+}
+
+pub fn start_options() -> StartOptions {
+    StartOptions {
+        exe: PathBuf::from(env!("CARGO_BIN_EXE_boma-qvm")),
+        min_free_mib: None,
+        max_vms: 1,
+        timeout: Duration::from_secs(60),
+    }
+}
+
+/// QEMU processes whose argv mentions `dir`.
+pub fn qemus_under(dir: &Path) -> Vec<i32> {
+    boma_qvm::procs::find(|argv| {
+        argv.first().is_some_and(|a| a.contains("qemu-system"))
+            && boma_qvm::procs::mentions(argv, dir)
+    })
+}
+
+pub fn event_names(vm: &Vm) -> Vec<String> {
+    vm.events().unwrap().into_iter().map(|r| r.event).collect()
+}
