@@ -4,6 +4,7 @@
 //! One module per concern; see the README's "Code map".
 
 pub mod error;
+pub mod net;
 pub mod paths;
 
 pub use error::{Error, Result};
