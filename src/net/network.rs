@@ -94,7 +94,7 @@ impl Network {
                 }
             }
         }
-        tracing::info!("network up in {:.1}s", start.elapsed().as_secs_f64());
+        tracing::info!("network up in {:.2}s", start.elapsed().as_secs_f64());
         Ok(net)
     }
 
@@ -110,7 +110,7 @@ impl Network {
         if bridge::delete(&rtnl, &self.cfg.bridge).await? {
             tracing::info!("deleted bridge {}", self.cfg.bridge);
         }
-        tracing::info!("network down in {:.1}s", start.elapsed().as_secs_f64());
+        tracing::info!("network down in {:.2}s", start.elapsed().as_secs_f64());
         Ok(())
     }
 
