@@ -81,8 +81,9 @@ impl Netns {
         ))
     }
 
-    /// A background process inside the namespace, killed on Drop.
-    pub fn spawn(&mut self, cmd: &str) {
+    /// A background process inside the namespace, killed on Drop; returns its pid
+    /// (`ip netns exec` and `sh -c exec` both exec, so it is the command's own pid).
+    pub fn spawn(&mut self, cmd: &str) -> u32 {
         let child = Command::new("ip")
             .args([
                 "netns",
@@ -97,7 +98,9 @@ impl Netns {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn in netns");
+        let pid = child.id();
         self.children.push(child);
+        pid
     }
 
     /// Run `f` on a fresh thread that has joined this namespace (only that thread; the test
