@@ -1,52 +1,15 @@
-//! Lifecycle and failure modes of the VM network, each in its own network namespace:
-//! prune after a crash, taps tied to their fd, refused subnets and bridges, a dead dnsmasq,
-//! doctor against a foreign default-deny table, and running unchanged under `ip netns exec`.
+//! Lifecycle of the VM network, each test in its own network namespace: prune after a crash,
+//! a dead dnsmasq, a re-up that keeps VM state, and running unchanged under `ip netns exec`.
 
 mod common;
 
 use std::time::Duration;
 
-use boma_qvm::Error;
 use boma_qvm::net::files::NetFiles;
 use boma_qvm::net::rtnl::Rtnl;
-use boma_qvm::net::{self, DnsmasqState, NetConfig, Network, open_tap, tap_name_for};
+use boma_qvm::net::{self, DnsmasqState, NetConfig, Network, nft, open_tap, tap_name_for};
 use boma_qvm::paths::Dirs;
-use common::netns::Netns;
-use common::world::{OUTSIDE, UPLINK, World};
-
-const UNRELATED: &str = "table inet keepme {\n\tchain c {\n\t\ttype filter hook output priority 10; policy accept;\n\t}\n}";
-
-struct Lite {
-    ns: Netns,
-    _tmp: tempfile::TempDir,
-    dirs: Dirs,
-    cfg: NetConfig,
-}
-
-fn lite(tag: &str) -> Lite {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter("boma_qvm=debug")
-        .try_init();
-    let ns = Netns::new(tag);
-    ns.exec_ok(&format!("nft -f - <<'EOF'\n{UNRELATED}\nEOF"));
-    let tmp = tempfile::tempdir().unwrap();
-    let dirs = Dirs::under(tmp.path());
-    Lite {
-        ns,
-        _tmp: tmp,
-        dirs,
-        cfg: NetConfig {
-            upstream_dns: Some(vec![]),
-            ..NetConfig::default()
-        },
-    }
-}
-
-fn proc_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| !s.rsplit_once(')').unwrap().1.trim_start().starts_with('Z'))
-}
+use common::lite::{lite, proc_alive};
 
 #[test]
 fn prune_after_a_crash_removes_every_network_object() {
@@ -123,111 +86,6 @@ fn prune_after_a_crash_removes_every_network_object() {
 }
 
 #[test]
-fn tap_is_on_the_bridge_and_vanishes_when_its_fd_closes() {
-    let l = lite("t");
-    let tap = tap_name_for("boma-it-tap");
-    l.ns.block_on(|| async {
-        let network = Network::up(&l.dirs, &l.cfg).await.unwrap();
-        let rtnl = Rtnl::connect().unwrap();
-        let bridge = rtnl.link("boma-qvm0").await.unwrap().unwrap();
-        let fd = open_tap(&tap, "boma-qvm0").await.unwrap();
-        let link = rtnl
-            .link(&tap)
-            .await
-            .unwrap()
-            .expect("tap exists while its fd is open");
-        assert_eq!(
-            link.controller,
-            Some(bridge.index),
-            "tap is a port of the bridge"
-        );
-        assert!(link.up);
-        drop(fd);
-        let mut gone = false;
-        for _ in 0..100 {
-            if rtnl.link(&tap).await.unwrap().is_none() {
-                gone = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(gone, "tap {tap} still exists after its fd was closed");
-
-        let e = open_tap(&tap, "no-such-br").await.unwrap_err();
-        assert!(
-            matches!(e, Error::Network { .. })
-                && e.to_string().contains("bridge no-such-br does not exist"),
-            "{e}"
-        );
-        assert!(
-            rtnl.link(&tap).await.unwrap().is_none(),
-            "failed open_tap left a tap behind"
-        );
-        network.down().await.unwrap();
-    });
-}
-
-#[test]
-fn subnet_overlapping_a_host_route_is_refused_and_nothing_is_built() {
-    let l = lite("r");
-    l.ns.ip("link add up0 type veth peer name up0p");
-    l.ns.ip("addr add 192.168.0.5/16 dev up0");
-    l.ns.ip("link set up0 up");
-    l.ns.ip("link set up0p up");
-    let before = l.ns.exec_ok("nft list ruleset");
-    let e = l.ns.block_on(|| Network::up(&l.dirs, &l.cfg)).unwrap_err();
-    let msg = e.to_string();
-    assert!(matches!(e, Error::Network { .. }), "{msg}");
-    assert!(
-        msg.contains("subnet 192.168.231.0/24 overlaps the route 192.168.0.0/16 dev up0"),
-        "{msg}"
-    );
-    assert!(msg.contains("fix:") && msg.contains("--subnet"), "{msg}");
-    assert!(
-        l.ns.exec("ip link show boma-qvm0").status.code() != Some(0),
-        "bridge was created"
-    );
-    assert_eq!(l.ns.exec_ok("nft list ruleset"), before);
-    assert!(
-        !NetFiles::new(&l.dirs).pid().exists(),
-        "dnsmasq was started"
-    );
-
-    // A free subnet works on the same host.
-    let cfg = NetConfig {
-        subnet: "172.20.1.0/24".parse().unwrap(),
-        ..l.cfg.clone()
-    };
-    l.ns.block_on(|| async {
-        let n = Network::up(&l.dirs, &cfg).await.unwrap();
-        assert!(n.status().await.unwrap().healthy());
-        n.down().await.unwrap();
-    });
-}
-
-#[test]
-fn existing_bridge_with_another_address_is_refused_and_left_alone() {
-    let l = lite("b");
-    l.ns.ip("link add boma-qvm0 type bridge");
-    l.ns.ip("addr add 192.168.99.1/24 dev boma-qvm0");
-    let e = l.ns.block_on(|| Network::up(&l.dirs, &l.cfg)).unwrap_err();
-    let msg = e.to_string();
-    assert!(
-        msg.contains(
-            "bridge boma-qvm0 already exists with address 192.168.99.1/24, not 192.168.231.1/24"
-        ),
-        "{msg}"
-    );
-    assert!(msg.contains("fix:"), "{msg}");
-    assert!(
-        l.ns.ip("-4 addr show dev boma-qvm0")
-            .contains("192.168.99.1/24"),
-        "foreign bridge was changed"
-    );
-    assert!(!l.ns.exec_ok("nft list tables").contains("boma_qvm"));
-}
-
-#[test]
 fn dead_dnsmasq_is_reported_and_up_restarts_it() {
     let l = lite("d");
     l.ns.block_on(|| async {
@@ -263,61 +121,49 @@ fn dead_dnsmasq_is_reported_and_up_restarts_it() {
     });
 }
 
-/// The bug class boma-qvm exists to catch, on its own network: a foreign default-deny table eats
-/// the VMs' DHCP (input) and forwarded traffic; doctor names both and its fix repairs them.
+/// A second `up` (a new process, a reboot of the host side) keeps what VMs registered: a VM with
+/// egress off stays off, its static lease and DNS answer stay.
 #[test]
-fn doctor_flags_foreign_policy_drop_and_its_fix_works() {
-    let mut w = World::new();
-    w.host.exec_ok(
-        "nft -f - <<'EOF'
-table inet filter {
-	chain input { type filter hook input priority 0; policy drop; ct state established,related accept; iifname \"lo\" accept; }
-	chain forward { type filter hook forward priority 0; policy drop; }
-}
-EOF",
-    );
-    let network = w.host.block_on(|| Network::up(&w.dirs, &w.cfg)).unwrap();
-    let vm_net = w
-        .host
-        .run(|| network.vm_net("boma-it-doc", vec![], true))
-        .unwrap();
-    w.host.run(|| network.register_vm(&vm_net)).unwrap();
-    let vm = w.add_vm("boma-it-doc");
+fn up_again_keeps_vm_egress_and_records() {
+    let l = lite("u");
+    l.ns.block_on(|| async {
+        let network = Network::up(&l.dirs, &l.cfg).await.unwrap();
+        let vm = network
+            .vm_net("boma-it-noegress", vec!["a.example.org".into()], false)
+            .unwrap();
+        network.register_vm(&vm).unwrap();
+        let other = network.vm_net("boma-it-other", vec![], true).unwrap();
+        assert_ne!(other.ip, vm.ip, "a second VM gets another address");
+        assert_eq!(nft::no_egress_members().unwrap(), vec![vm.ip]);
 
-    let warnings = w.host.run(|| net::doctor(&w.cfg)).unwrap();
-    assert_eq!(warnings.len(), 2, "{warnings:?}");
-    let all: String = warnings.iter().map(|x| x.to_string() + "\n").collect();
-    assert!(
-        all.contains("table inet filter, chain forward (hook forward, policy drop)"),
-        "{all}"
-    );
-    assert!(
-        all.contains("table inet filter, chain input (hook input, policy drop)"),
-        "{all}"
-    );
-    assert!(vm.dhcp().is_err(), "the foreign input drop should eat DHCP");
+        let again = Network::up(&l.dirs, &l.cfg).await.unwrap();
+        assert_eq!(
+            nft::no_egress_members().unwrap(),
+            vec![vm.ip],
+            "re-up re-enabled egress"
+        );
+        assert_eq!(again.vms().unwrap(), vec![vm.clone()]);
+        let files = NetFiles::new(&l.dirs);
+        let dhcp = std::fs::read_to_string(files.dhcp_hosts()).unwrap();
+        assert!(
+            dhcp.contains(&format!("{},{},boma-it-noegress", vm.mac, vm.ip)),
+            "{dhcp}"
+        );
+        assert!(
+            std::fs::read_to_string(files.hosts())
+                .unwrap()
+                .contains(&format!("{} a.example.org", vm.ip))
+        );
+        // Same name, same identity.
+        assert_eq!(
+            again.vm_net("boma-it-noegress", vec![], true).unwrap().ip,
+            vm.ip
+        );
 
-    // Apply exactly the commands doctor printed.
-    for cmd in all
-        .lines()
-        .map(str::trim)
-        .filter(|l| l.starts_with("nft insert rule"))
-    {
-        w.host.exec_ok(cmd);
-    }
-    assert_eq!(w.host.run(|| net::doctor(&w.cfg)).unwrap(), vec![]);
-    assert_eq!(vm.dhcp().unwrap(), vm_net.ip);
-    let cgi = format!("http://{OUTSIDE}/cgi-bin/addr");
-    assert_eq!(
-        vm.get(&cgi).unwrap().trim(),
-        UPLINK,
-        "egress through the fixed forward chain"
-    );
-    assert!(
-        vm.get("http://10.20.0.1:8081/").is_err(),
-        "our table still isolates the VM"
-    );
-    w.host.block_on(|| network.down()).unwrap();
+        again.set_egress(vm.ip, true).unwrap();
+        assert!(nft::no_egress_members().unwrap().is_empty());
+        again.down().await.unwrap();
+    });
 }
 
 /// boma-qvm's code runs unchanged in a process started by `ip netns exec` (how a user confines

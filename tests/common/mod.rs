@@ -1,2 +1,3 @@
+pub mod lite;
 pub mod netns;
 pub mod world;
