@@ -19,12 +19,16 @@ fn subnet_overlapping_a_host_route_is_refused_and_nothing_is_built() {
     let before = l.ns.exec_ok("nft list ruleset");
     let e = l.ns.block_on(|| Network::up(&l.dirs, &l.cfg)).unwrap_err();
     let msg = e.to_string();
+    eprintln!("user sees: {msg}");
     assert!(matches!(e, Error::Network { .. }), "{msg}");
     assert!(
         msg.contains("subnet 192.168.231.0/24 overlaps the route 192.168.0.0/16 dev up0"),
         "{msg}"
     );
-    assert!(msg.contains("fix:") && msg.contains("--subnet"), "{msg}");
+    assert!(
+        msg.contains("fix:") && msg.contains("--subnet 172.16.231.0/24, which is free here"),
+        "{msg}"
+    );
     assert!(
         l.ns.exec("ip link show boma-qvm0").status.code() != Some(0),
         "bridge was created"
@@ -54,6 +58,7 @@ fn existing_bridge_with_another_address_is_refused_and_left_alone() {
     l.ns.ip("addr add 192.168.99.1/24 dev boma-qvm0");
     let e = l.ns.block_on(|| Network::up(&l.dirs, &l.cfg)).unwrap_err();
     let msg = e.to_string();
+    eprintln!("user sees: {msg}");
     assert!(
         msg.contains(
             "bridge boma-qvm0 already exists with address 192.168.99.1/24, not 192.168.231.1/24"
@@ -124,4 +129,43 @@ EOF",
         "our table still isolates the VM"
     );
     w.host.block_on(|| network.down()).unwrap();
+}
+
+/// Something else holds DNS on the bridge address: dnsmasq cannot start, and `up` says why.
+#[test]
+fn dnsmasq_that_cannot_bind_is_a_clear_error() {
+    let mut l = lite("s");
+    // Our own bridge from an earlier run (reused), with a squatter on 192.168.231.1:53.
+    l.ns.ip("link add boma-qvm0 type bridge");
+    l.ns.ip("addr add 192.168.231.1/24 dev boma-qvm0");
+    l.ns.ip("link set boma-qvm0 up");
+    l.ns.spawn(
+        "python3 -c \"import socket,time; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
+         s.bind(('192.168.231.1', 53)); time.sleep(300)\"",
+    );
+    let mut bound = false;
+    for _ in 0..100 {
+        if l.ns.exec_ok("ss -uln").contains("192.168.231.1:53") {
+            bound = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(bound, "squatter did not bind");
+    let e = l.ns.block_on(|| Network::up(&l.dirs, &l.cfg)).unwrap_err();
+    let msg = e.to_string();
+    eprintln!("user sees: {msg}");
+    assert!(matches!(e, Error::Network { .. }), "{msg}");
+    assert!(
+        msg.contains("dnsmasq did not start") && msg.contains("Address already in use"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("fix: another DNS/DHCP server holds port 53 or 67"),
+        "{msg}"
+    );
+    assert!(!NetFiles::new(&l.dirs).pid().exists());
+    // prune still cleans up the half-built network.
+    let report = l.ns.block_on(|| net::prune(&l.dirs)).unwrap();
+    assert!(report.to_string().contains("bridge boma-qvm0"), "{report}");
 }

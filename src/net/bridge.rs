@@ -1,12 +1,15 @@
 //! The VM bridge: created, addressed and brought up idempotently; refused when its subnet would
 //! overlap a route already on the host or when a bridge of that name has another address.
 
+use std::net::Ipv4Addr;
+
 use rtnetlink::packet_route::link::InfoKind;
 use rtnetlink::packet_route::route::RouteType;
 use sha2::{Digest, Sha256};
 
 use super::config::NetConfig;
-use super::rtnl::Rtnl;
+use super::rtnl::{Route, Rtnl};
+use super::subnet::Subnet;
 use crate::{Error, Result};
 
 /// The bridge's fixed MAC: locally administered `02:` plus 5 bytes of SHA-256(bridge name).
@@ -70,7 +73,7 @@ pub async fn ensure(rtnl: &Rtnl, cfg: &NetConfig) -> Result<(u32, bool)> {
                     "retry `boma-qvm net up`",
                 )
             })?;
-            disable_ipv6(&cfg.bridge);
+            super::sysctl::disable_ipv6(&cfg.bridge);
             rtnl.add_ipv4(link.index, gw, prefix).await?;
             (link.index, true)
         }
@@ -79,44 +82,59 @@ pub async fn ensure(rtnl: &Rtnl, cfg: &NetConfig) -> Result<(u32, bool)> {
     Ok((index, created))
 }
 
-/// The network is IPv4 only: no IPv6 (not even link-local) on our bridge.
-fn disable_ipv6(bridge: &str) {
-    let path = format!("/proc/sys/net/ipv6/conf/{bridge}/disable_ipv6");
-    if let Err(e) = std::fs::write(&path, "1") {
-        tracing::debug!(
-            "could not disable IPv6 on {bridge} ({path}: {e}); the nft table drops it anyway"
-        );
-    }
-}
-
 /// Error if any IPv4 route on the host (any table; not the default route, not our own bridge's)
-/// overlaps the configured subnet.
+/// overlaps the configured subnet. The fix names a subnet that is free on this host.
 pub async fn refuse_overlapping_routes(
     rtnl: &Rtnl,
     cfg: &NetConfig,
     own: Option<u32>,
 ) -> Result<()> {
-    for r in rtnl.routes_v4().await? {
-        if r.dst.prefix() == 0 || r.kind == RouteType::Multicast || (own.is_some() && r.oif == own)
-        {
-            continue;
-        }
-        if r.dst.overlaps(&cfg.subnet) {
-            let dev = match r.oif {
-                Some(i) => format!(" dev {}", rtnl.link_name(i).await?),
-                None => String::new(),
-            };
-            return Err(Error::network(
-                format!(
-                    "subnet {} overlaps the route {}{dev} (table {}) already on this host",
-                    cfg.subnet, r.dst, r.table
-                ),
-                "choose a free subnet for the VM network (e.g. --subnet 192.168.232.0/24); \
-                 boma-qvm never changes the host's own routes",
-            ));
-        }
-    }
-    Ok(())
+    let routes: Vec<Route> = rtnl
+        .routes_v4()
+        .await?
+        .into_iter()
+        .filter(|r| {
+            r.dst.prefix() != 0
+                && r.kind != RouteType::Multicast
+                && !(own.is_some() && r.oif == own)
+        })
+        .collect();
+    let Some(r) = routes.iter().find(|r| r.dst.overlaps(&cfg.subnet)) else {
+        return Ok(());
+    };
+    let dev = match r.oif {
+        Some(i) => format!(" dev {}", rtnl.link_name(i).await?),
+        None => String::new(),
+    };
+    let taken: Vec<Subnet> = routes.iter().map(|r| r.dst).collect();
+    let suggestion = match free_subnet(&taken) {
+        Some(s) => format!("e.g. --subnet {s}, which is free here"),
+        None => "e.g. an unused /24 inside 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16".to_string(),
+    };
+    Err(Error::network(
+        format!(
+            "subnet {} overlaps the route {}{dev} (table {}) already on this host",
+            cfg.subnet, r.dst, r.table
+        ),
+        format!(
+            "choose a free subnet for the VM network ({suggestion}); boma-qvm never changes the host's own routes"
+        ),
+    ))
+}
+
+/// The first /24 of a few private candidates that overlaps no route in `taken` and no reserved range.
+pub fn free_subnet(taken: &[Subnet]) -> Option<Subnet> {
+    let candidates = (231..=254u8)
+        .map(|b| Ipv4Addr::new(192, 168, b, 0))
+        .chain((16..=31u8).map(|b| Ipv4Addr::new(172, b, 231, 0)))
+        .chain((231..=254u8).map(|b| Ipv4Addr::new(10, b, 0, 0)));
+    candidates.map(|a| Subnet::containing(a, 24)).find(|c| {
+        let cfg = NetConfig {
+            subnet: *c,
+            ..NetConfig::default()
+        };
+        cfg.validate().is_ok() && !taken.iter().any(|t| t.overlaps(c))
+    })
 }
 
 /// Delete the bridge if it exists (only a bridge; anything else of that name is left alone).
@@ -133,6 +151,28 @@ pub async fn delete(rtnl: &Rtnl, name: &str) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_subnet_skips_taken_and_reserved() {
+        let sn = |s: &str| s.parse::<Subnet>().unwrap();
+        assert_eq!(free_subnet(&[]), Some(sn("192.168.231.0/24")));
+        assert_eq!(
+            free_subnet(&[sn("192.168.231.0/24")]),
+            Some(sn("192.168.232.0/24"))
+        );
+        assert_eq!(
+            free_subnet(&[sn("192.168.0.0/16")]),
+            Some(sn("172.16.231.0/24"))
+        );
+        assert_eq!(
+            free_subnet(&[sn("192.168.0.0/16"), sn("172.16.0.0/12")]),
+            Some(sn("10.231.0.0/24"))
+        );
+        assert_eq!(
+            free_subnet(&[sn("10.0.0.0/8"), sn("172.16.0.0/12"), sn("192.168.0.0/16")]),
+            None
+        );
+    }
 
     #[test]
     fn bridge_mac_is_local_unicast_and_stable() {

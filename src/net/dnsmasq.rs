@@ -161,12 +161,9 @@ pub fn stop(files: &NetFiles) -> Result<bool> {
         return Ok(false);
     };
     let _ = kill(pid, Signal::SIGTERM);
+    // dnsmasq daemonized, so it is not our child: nothing to reap, poll /proc instead.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while std::path::Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
-        // dnsmasq is not our child (it daemonized), so there is nothing to reap: poll /proc.
-        if is_zombie_or_gone(pid) {
-            break;
-        }
+    while !is_zombie_or_gone(pid) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
     if !is_zombie_or_gone(pid) {

@@ -20,6 +20,7 @@ pub mod registry;
 pub mod rtnl;
 pub mod status;
 pub mod subnet;
+pub mod sysctl;
 pub mod tap;
 pub mod tool;
 

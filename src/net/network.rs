@@ -10,8 +10,7 @@ use super::ident::{Mac, ip_for, mac_for};
 use super::registry::{self, VmNet};
 use super::rtnl::Rtnl;
 use super::status::{DnsmasqState, NetStatus};
-use super::{bridge, dnsmasq, lease, nft, tool};
-use crate::error::IoContext;
+use super::{bridge, dnsmasq, lease, nft, sysctl, tool};
 use crate::paths::Dirs;
 use crate::{Error, Result, error::show};
 
@@ -55,7 +54,7 @@ impl Network {
             cfg.gateway(),
             cfg.subnet.prefix()
         );
-        enable_ip_forward()?;
+        sysctl::enable_ip_forward()?;
 
         let vms = registry::load_all(files)?;
         let no_egress: Vec<Ipv4Addr> = vms.iter().filter(|v| !v.egress).map(|v| v.ip).collect();
@@ -73,14 +72,15 @@ impl Network {
         let had_pid_file = files.pid().exists();
         write_atomic(&files.dnsmasq_conf(), &conf)?;
         match dnsmasq::running_pid(files) {
-            Some(pid) if old.as_deref() == Some(conf.as_str()) => {
+            // A bridge created just now is a new interface: restart rather than trust old sockets.
+            Some(pid) if !created && old.as_deref() == Some(conf.as_str()) => {
                 dnsmasq::reload(files)?;
                 tracing::info!("dnsmasq already running (pid {pid}), reloaded");
             }
             Some(pid) => {
                 dnsmasq::stop(files)?;
                 let new = dnsmasq::start(files)?;
-                tracing::info!("dnsmasq config changed: restarted (pid {pid} -> {new})");
+                tracing::info!("dnsmasq restarted for a new config or bridge (pid {pid} -> {new})");
             }
             None => {
                 let pid = dnsmasq::start(files)?;
@@ -256,9 +256,7 @@ impl Network {
             None if self.files.pid().exists() => DnsmasqState::Died,
             None => DnsmasqState::Stopped,
         };
-        let forward = std::fs::read_to_string(IP_FORWARD)
-            .map(|s| s.trim() == "1")
-            .unwrap_or(false);
+        let forward = sysctl::ip_forward_on();
         Ok(NetStatus {
             bridge_name: self.cfg.bridge.clone(),
             bridge,
@@ -290,24 +288,6 @@ impl Network {
 
 fn on_off(b: bool) -> &'static str {
     if b { "on" } else { "off" }
-}
-
-const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
-
-/// Turn on IPv4 forwarding (the VMs' NAT needs it) and say so. Never turned off again: other
-/// things on the host (Docker, ...) may rely on it too.
-fn enable_ip_forward() -> Result<()> {
-    let now = std::fs::read_to_string(IP_FORWARD).ctx(|| format!("reading {IP_FORWARD}"))?;
-    if now.trim() == "1" {
-        tracing::info!("IPv4 forwarding (net.ipv4.ip_forward) already on");
-    } else {
-        std::fs::write(IP_FORWARD, "1")
-            .ctx(|| format!("writing 1 to {IP_FORWARD} (run as root)"))?;
-        tracing::info!(
-            "enabled IPv4 forwarding (net.ipv4.ip_forward=1) for the VMs' NAT; boma-qvm leaves it on"
-        );
-    }
-    Ok(())
 }
 
 /// Drop `mac`'s lines from the lease file (dnsmasq must not be running).
