@@ -8,6 +8,7 @@ pub mod console;
 pub mod error;
 pub mod events;
 pub mod guard;
+pub mod net;
 pub mod paths;
 pub mod power;
 pub mod procs;

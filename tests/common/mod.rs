@@ -3,6 +3,10 @@
 //! CLI under test.
 #![allow(dead_code)]
 
+pub mod lite;
+pub mod netns;
+pub mod world;
+
 use boma_qvm::accel::Accel;
 use boma_qvm::paths::Dirs;
 use boma_qvm::spec::{Boot, VmSpec};

@@ -1,0 +1,74 @@
+//! The network's files under `Dirs::net()`.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::IoContext;
+use crate::paths::Dirs;
+use crate::{Result, error::show};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetFiles {
+    pub dir: PathBuf,
+}
+
+impl NetFiles {
+    pub fn new(dirs: &Dirs) -> Self {
+        NetFiles { dir: dirs.net() }
+    }
+
+    /// The `NetConfig` of the last `up` (so `prune`/`status` in another process find the bridge).
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("config.json")
+    }
+    /// The rendered nftables ruleset last loaded.
+    pub fn ruleset(&self) -> PathBuf {
+        self.dir.join("boma_qvm.nft")
+    }
+    pub fn dnsmasq_conf(&self) -> PathBuf {
+        self.dir.join("dnsmasq.conf")
+    }
+    pub fn pid(&self) -> PathBuf {
+        self.dir.join("dnsmasq.pid")
+    }
+    /// dnsmasq's lease file (`wait_for_lease` reads it).
+    pub fn leases(&self) -> PathBuf {
+        self.dir.join("dnsmasq.leases")
+    }
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("dnsmasq.log")
+    }
+    /// `dhcp-hostsfile`: one `MAC,IP,name` static lease per VM (re-read on SIGHUP).
+    pub fn dhcp_hosts(&self) -> PathBuf {
+        self.dir.join("dhcp-hosts")
+    }
+    /// `addn-hosts`: local DNS answers, `IP name...` per VM (re-read on SIGHUP).
+    pub fn hosts(&self) -> PathBuf {
+        self.dir.join("hosts")
+    }
+    /// `servers-file`: upstream DNS servers, empty while egress is off (re-read on SIGHUP).
+    pub fn servers(&self) -> PathBuf {
+        self.dir.join("servers.conf")
+    }
+    /// One JSON file per registered VM: the source of truth the files above are rendered from.
+    pub fn vms(&self) -> PathBuf {
+        self.dir.join("vms")
+    }
+    pub fn vm(&self, name: &str) -> PathBuf {
+        self.vms().join(format!("{name}.json"))
+    }
+
+    pub fn create_dirs(&self) -> Result<()> {
+        std::fs::create_dir_all(self.vms()).ctx(|| format!("creating {}", show(&self.vms())))
+    }
+}
+
+/// Write `contents` to `path` atomically (temp file + rename), so dnsmasq never reads half a file.
+pub fn write_atomic(path: &Path, contents: &str) -> Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!("{name}.tmp"));
+    std::fs::write(&tmp, contents).ctx(|| format!("writing {}", show(&tmp)))?;
+    std::fs::rename(&tmp, path).ctx(|| format!("renaming {} to {}", show(&tmp), show(path)))
+}

@@ -1,0 +1,154 @@
+//! The whole VM network, end to end, in network namespaces: real dnsmasq, real nftables, a real
+//! DHCP client (busybox udhcpc), real traffic. See tests/common/world.rs for the world.
+
+mod common;
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use boma_qvm::net::{self, DnsmasqState, Network};
+use common::world::{OUTSIDE, UPLINK, World};
+
+#[test]
+fn vm_gets_its_lease_is_reachable_and_is_isolated() {
+    // Every call into boma-qvm's network code goes through `w.host.run`/`block_on` (inside the
+    // host namespace); the test thread itself stays in the test process's namespace.
+    let mut w = World::new();
+    let before = w.ruleset();
+    let unrelated = w.host.exec_ok("nft list table ip unrelated");
+    assert!(before.contains("table ip unrelated"), "{before}");
+    let init_forward = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
+
+    let network = w.host.block_on(|| Network::up(&w.dirs, &w.cfg)).unwrap();
+    assert_eq!(
+        w.host.exec_ok("cat /proc/sys/net/ipv4/ip_forward").trim(),
+        "1",
+        "up enables forwarding"
+    );
+    let status = w.host.block_on(|| network.status()).unwrap();
+    assert!(status.healthy(), "{status}");
+
+    // Register the VM before it boots: static lease + local DNS answer.
+    let vm_net = w
+        .host
+        .run(|| network.vm_net("boma-it-askari", vec!["askari.wingu.me".into()], true))
+        .unwrap();
+    w.host.run(|| network.register_vm(&vm_net)).unwrap();
+    let vm = w.add_vm("boma-it-askari");
+    assert_eq!(vm.mac, vm_net.mac);
+
+    // The real DHCP client gets the pinned address; the tool finds it in the lease file.
+    let got = vm.dhcp().unwrap();
+    assert_eq!(got, vm_net.ip);
+    let lease_file = network.lease_file();
+    let found = w
+        .host
+        .block_on(|| net::wait_for_lease(&lease_file, &vm_net.mac, Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(found, vm_net.ip);
+
+    // The host reaches the VM: ping and the (fake) SSH banner.
+    w.host
+        .exec_ok(&format!("busybox ping -c1 -W3 {}", vm_net.ip));
+    let banner = w
+        .host
+        .block_on(|| net::wait_for_ssh(vm_net.ip, Duration::from_secs(20)))
+        .unwrap();
+    assert_eq!(banner, "SSH-2.0-fake-vm");
+
+    // Nothing private is reachable from the VM, though each target is alive for the host:
+    // a LAN address local to the host (INPUT), a routed LAN and a routed mesh host (FORWARD),
+    // and a non-DHCP/DNS service on the host's bridge address.
+    let private = [
+        ("http://10.20.0.1:8081/", "http://10.20.0.1:8081/"),
+        ("http://172.16.9.2/", "http://172.16.9.2/"),
+        ("http://100.64.1.2/", "http://100.64.1.2/"),
+        ("http://192.168.231.1:8082/", "http://127.0.0.1:8082/"),
+    ];
+    for (url, host_url) in private {
+        assert!(
+            w.host_get(host_url).is_ok(),
+            "control: host cannot reach {host_url}"
+        );
+        let r = vm.get(url);
+        assert!(r.is_err(), "VM reached {url}: {r:?}");
+    }
+    // ... and it is our table doing it: without it the VM reaches every one of them.
+    w.host.exec_ok("nft delete table inet boma_qvm");
+    for (url, _) in private {
+        assert!(
+            vm.get(url).is_ok(),
+            "without boma-qvm's table the VM should reach {url}"
+        );
+    }
+    // `up` again repairs it (idempotent; dnsmasq kept, only reloaded).
+    let pid = w.host.block_on(|| network.status()).unwrap().dnsmasq;
+    w.host.block_on(|| Network::up(&w.dirs, &w.cfg)).unwrap();
+    assert_eq!(w.host.block_on(|| network.status()).unwrap().dnsmasq, pid);
+    for (url, _) in private {
+        assert!(vm.get(url).is_err(), "after re-up the VM reached {url}");
+    }
+
+    // Egress: masqueraded out, switched off and on again on the running VM.
+    let cgi = format!("http://{OUTSIDE}/cgi-bin/addr");
+    assert_eq!(
+        vm.get(&cgi).unwrap().trim(),
+        UPLINK,
+        "outside sees the masqueraded source"
+    );
+    w.host.run(|| network.set_egress(vm_net.ip, false)).unwrap();
+    assert!(vm.get(&cgi).is_err(), "egress off must block the VM");
+    w.host.run(|| network.set_egress(vm_net.ip, true)).unwrap();
+    assert_eq!(vm.get(&cgi).unwrap().trim(), UPLINK, "egress on again");
+
+    // DNS: the mirrored host's public name resolves to the VM; upstream only with egress on.
+    let gw = w.cfg.gateway();
+    assert_eq!(vm.lookup("askari.wingu.me", gw), vec![vm_net.ip]);
+    let outside_ip: Ipv4Addr = OUTSIDE.parse().unwrap();
+    assert_eq!(
+        vm.lookup("outside.test", gw),
+        vec![outside_ip],
+        "upstream DNS with egress on"
+    );
+    w.host.run(|| network.set_egress(vm_net.ip, false)).unwrap();
+    assert_eq!(
+        vm.lookup("outside.test", gw),
+        Vec::<Ipv4Addr>::new(),
+        "no upstream DNS with egress off"
+    );
+    assert_eq!(
+        vm.lookup("askari.wingu.me", gw),
+        vec![vm_net.ip],
+        "local answers stay"
+    );
+    w.host.run(|| network.set_egress(vm_net.ip, true)).unwrap();
+
+    // The unrelated table was never touched while we were up.
+    assert_eq!(w.host.exec_ok("nft list table ip unrelated"), unrelated);
+
+    // Unregister: static lease, lease-file entry and DNS answer are gone.
+    assert!(
+        w.host
+            .run(|| network.unregister_vm("boma-it-askari"))
+            .unwrap()
+    );
+    let leases = std::fs::read_to_string(network.lease_file()).unwrap_or_default();
+    assert!(
+        !leases.contains(&vm_net.mac.to_string()),
+        "lease left: {leases}"
+    );
+    assert_eq!(vm.lookup("askari.wingu.me", gw), Vec::<Ipv4Addr>::new());
+
+    // Down: nothing of ours left, every other table byte-for-byte as before.
+    w.host.block_on(|| network.clone().down()).unwrap();
+    let status = w.host.block_on(|| network.status()).unwrap();
+    assert!(status.is_down(), "{status}");
+    assert_eq!(status.dnsmasq, DnsmasqState::Stopped);
+    assert_eq!(w.ruleset(), before);
+    assert!(w.host.exec("ip link show boma-qvm0").status.code() != Some(0));
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap(),
+        init_forward,
+        "host untouched"
+    );
+}
