@@ -35,7 +35,11 @@ pub enum Error {
 
     /// A wait ran out of time. `detail` usually carries the console tail.
     #[error("timed out after {secs}s waiting for {what}{detail}")]
-    Timeout { what: String, secs: u64, detail: String },
+    Timeout {
+        what: String,
+        secs: u64,
+        detail: String,
+    },
 
     /// The guest showed a known failure on its console (kernel panic, emergency mode, ...).
     #[error("guest failure seen on the console: {pattern}\n{detail}")]
@@ -59,7 +63,11 @@ pub enum Error {
 
     /// An external command failed.
     #[error("`{cmd}` failed ({status}): {stderr}")]
-    Command { cmd: String, status: String, stderr: String },
+    Command {
+        cmd: String,
+        status: String,
+        stderr: String,
+    },
 
     #[error("{context}: {source}")]
     Io {
@@ -91,31 +99,53 @@ impl Error {
     }
 
     pub fn input(problem: impl Into<String>, fix: impl Into<String>) -> Self {
-        Error::Input { problem: problem.into(), fix: fix.into() }
+        Error::Input {
+            problem: problem.into(),
+            fix: fix.into(),
+        }
     }
 
     pub fn not_found(what: impl Into<String>, fix: impl Into<String>) -> Self {
-        Error::NotFound { what: what.into(), fix: fix.into() }
+        Error::NotFound {
+            what: what.into(),
+            fix: fix.into(),
+        }
     }
 
     pub fn qemu(problem: impl Into<String>, fix: impl Into<String>) -> Self {
-        Error::Qemu { problem: problem.into(), fix: fix.into() }
+        Error::Qemu {
+            problem: problem.into(),
+            fix: fix.into(),
+        }
     }
 
     pub fn network(problem: impl Into<String>, fix: impl Into<String>) -> Self {
-        Error::Network { problem: problem.into(), fix: fix.into() }
+        Error::Network {
+            problem: problem.into(),
+            fix: fix.into(),
+        }
     }
 
     pub fn image(problem: impl Into<String>, fix: impl Into<String>) -> Self {
-        Error::Image { problem: problem.into(), fix: fix.into() }
+        Error::Image {
+            problem: problem.into(),
+            fix: fix.into(),
+        }
     }
 
     pub fn ansible(problem: impl Into<String>, fix: impl Into<String>) -> Self {
-        Error::Ansible { problem: problem.into(), fix: fix.into() }
+        Error::Ansible {
+            problem: problem.into(),
+            fix: fix.into(),
+        }
     }
 
     pub fn timeout(what: impl Into<String>, secs: u64, detail: impl Into<String>) -> Self {
-        Error::Timeout { what: what.into(), secs, detail: detail.into() }
+        Error::Timeout {
+            what: what.into(),
+            secs,
+            detail: detail.into(),
+        }
     }
 }
 
@@ -126,7 +156,10 @@ pub trait IoContext<T> {
 
 impl<T> IoContext<T> for std::io::Result<T> {
     fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|source| Error::Io { context: context(), source })
+        self.map_err(|source| Error::Io {
+            context: context(),
+            source,
+        })
     }
 }
 

@@ -7,3 +7,6 @@ pub mod error;
 pub mod paths;
 
 pub use error::{Error, Result};
+pub mod image;
+pub mod seed;
+pub mod ssh;

@@ -20,21 +20,29 @@ pub struct Dirs {
 }
 
 fn home() -> PathBuf {
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"))
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
 }
 
 fn env_dir(var: &str) -> Option<PathBuf> {
-    std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from)
+    std::env::var_os(var)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
 }
 
 impl Dirs {
     /// Resolve from the environment (overrides, then XDG, then the home-directory defaults).
     pub fn from_env() -> Self {
         let state = env_dir("BOMA_QVM_STATE_DIR").unwrap_or_else(|| {
-            env_dir("XDG_STATE_HOME").unwrap_or_else(|| home().join(".local/state")).join("boma-qvm")
+            env_dir("XDG_STATE_HOME")
+                .unwrap_or_else(|| home().join(".local/state"))
+                .join("boma-qvm")
         });
         let cache = env_dir("BOMA_QVM_CACHE_DIR").unwrap_or_else(|| {
-            env_dir("XDG_CACHE_HOME").unwrap_or_else(|| home().join(".cache")).join("boma-qvm")
+            env_dir("XDG_CACHE_HOME")
+                .unwrap_or_else(|| home().join(".cache"))
+                .join("boma-qvm")
         });
         let runs = env_dir("BOMA_QVM_RUNS_DIR").unwrap_or_else(|| home().join("integration-runs"));
         Dirs { state, cache, runs }
@@ -42,7 +50,11 @@ impl Dirs {
 
     /// All three under one root (tests).
     pub fn under(root: &Path) -> Self {
-        Dirs { state: root.join("state"), cache: root.join("cache"), runs: root.join("runs") }
+        Dirs {
+            state: root.join("state"),
+            cache: root.join("cache"),
+            runs: root.join("runs"),
+        }
     }
 
     pub fn vms(&self) -> PathBuf {
