@@ -80,7 +80,7 @@ impl Default for BuildOptions {
     }
 }
 
-struct Stages(Vec<(String, f64)>);
+struct Stages(Vec<super::Stage>);
 
 impl Stages {
     fn done(&mut self, name: &str, since: Instant) {
@@ -90,7 +90,10 @@ impl Stages {
             secs = format!("{secs:.1}"),
             "build stage done"
         );
-        self.0.push((name.into(), (secs * 10.0).round() / 10.0));
+        self.0.push(super::Stage {
+            name: name.into(),
+            secs: (secs * 10.0).round() / 10.0,
+        });
     }
 }
 
@@ -230,12 +233,15 @@ pub async fn build(dirs: &Dirs, opts: &BuildOptions) -> Result<Image> {
     tokio::task::spawn_blocking(move || drop(guard))
         .await
         .map_err(|e| Error::image(format!("cleanup task failed: {e}"), "retry"))?;
+    stages.done("remove rootfs", t);
+
+    let t = Instant::now();
     let disk_sha256 = tool::sha256_file_async(&disk).await?;
     tool::set_readonly(&disk)?;
     let disk_bytes = std::fs::metadata(&disk)
         .ctx(|| format!("stat {}", show(&disk)))?
         .len();
-    stages.done("hash + cleanup", t);
+    stages.done("sha256", t);
 
     Manifest {
         name: opts.name.clone(),

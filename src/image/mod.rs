@@ -15,6 +15,7 @@
 //! Golden files are mode 0444 and are only ever used as a qcow2 backing file (see `overlay`).
 
 pub mod build;
+pub mod cli;
 pub mod overlay;
 mod progress;
 pub mod pull;
@@ -79,9 +80,16 @@ pub struct Manifest {
     /// Package -> version (offline builds: from `dpkg-query -W`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub packages: BTreeMap<String, String>,
-    /// Seconds per build stage (offline builds).
+    /// Seconds per build stage (offline builds) or for the download (pulls).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub stages: Vec<(String, f64)>,
+    pub stages: Vec<Stage>,
+}
+
+/// One timed stage of making an image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stage {
+    pub name: String,
+    pub secs: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -285,7 +293,10 @@ mod tests {
                 append: DEFAULT_APPEND.into(),
             },
             packages: [("docker.io".to_string(), "26.1.5".to_string())].into(),
-            stages: vec![("debootstrap".into(), 1.5)],
+            stages: vec![Stage {
+                name: "debootstrap".into(),
+                secs: 1.5,
+            }],
         };
         let json = serde_json::to_string(&m).unwrap();
         assert!(

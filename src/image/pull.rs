@@ -202,7 +202,10 @@ pub async fn pull_classified(dirs: &Dirs, opts: &PullOptions) -> Result<Pulled, 
         disk_bytes: bytes,
         boot: BootSpec::Disk,
         packages: Default::default(),
-        stages: vec![("download".into(), secs)],
+        stages: vec![super::Stage {
+            name: "download".into(),
+            secs: (secs * 10.0).round() / 10.0,
+        }],
     }
     .write(staged.path())?;
     let image = store::install(dirs, staged, &opts.name)?;
