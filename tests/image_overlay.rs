@@ -116,6 +116,18 @@ async fn import_list_rm_round_trip() {
         .unwrap();
     assert_eq!(by_name.disk, dirs.images().join("second/disk.qcow2"));
 
+    // An image backing a VM's overlay can be neither removed nor replaced.
+    let vm_disk = dirs.vm("boma-it-x").join("disk.qcow2");
+    std::fs::create_dir_all(vm_disk.parent().unwrap()).unwrap();
+    overlay::create(&img.disk, &vm_disk, None).unwrap();
+    let e = store::rm(&dirs, "my-host").await.unwrap_err();
+    assert!(
+        matches!(e, Error::Image { .. }) && e.to_string().contains("boma-it-x"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(&img.disk).unwrap(), bytes);
+    std::fs::remove_file(&vm_disk).unwrap();
+
     store::rm(&dirs, "my-host").await.unwrap();
     assert_eq!(cache_entries(&dirs.images()), ["second"]);
     let e = store::rm(&dirs, "my-host").await.unwrap_err();

@@ -48,7 +48,10 @@ fn assert_cached(dirs: &boma_qvm::paths::Dirs, bytes: &[u8]) {
 
 fn image_err(r: Result<pull::Pulled, Error>) -> String {
     match r {
-        Err(e @ Error::Image { .. }) => e.to_string(),
+        Err(e @ Error::Image { .. }) => {
+            eprintln!("pull error (as the user sees it): {e}");
+            e.to_string()
+        }
         Err(e) => panic!("expected Error::Image, got {e}"),
         Ok(p) => panic!("expected an error, pull gave {:?}", p.outcome),
     }
@@ -86,6 +89,18 @@ async fn a_new_upstream_image_replaces_the_old_one() {
     srv.publish(FILE, &b);
     let p = pull::pull(&dirs, &opts(&srv.base_url())).await.unwrap();
     assert!(matches!(p.outcome, Outcome::Downloaded { .. }));
+    assert_cached(&dirs, &b);
+
+    // While a VM's overlay is backed by the cached image, an update is refused (the overlay
+    // would otherwise read the new image's blocks) and nothing is downloaded.
+    let vm_disk = dirs.vm("boma-it-y").join("disk.qcow2");
+    std::fs::create_dir_all(vm_disk.parent().unwrap()).unwrap();
+    let golden = dirs.images().join(image::CLOUD).join("disk.qcow2");
+    boma_qvm::image::overlay::create(&golden, &vm_disk, None).unwrap();
+    srv.publish(FILE, &a);
+    let err = image_err(pull::pull(&dirs, &opts(&srv.base_url())).await);
+    assert!(err.contains("boma-it-y"), "{err}");
+    assert_eq!(srv.hits(FILE), 2);
     assert_cached(&dirs, &b);
 }
 

@@ -169,6 +169,7 @@ pub async fn build(dirs: &Dirs, opts: &BuildOptions) -> Result<Image> {
     store::validate_name(&opts.name)?;
     preflight()?;
     let _lock = store::lock(dirs).await?;
+    store::ensure_unused(dirs, &opts.name)?;
     let total = Instant::now();
     let debcache = dirs.cache.join("debootstrap");
     let logs = dirs.cache.join("logs");

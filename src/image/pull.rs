@@ -98,18 +98,22 @@ pub fn parse_sums(text: &str, file: &str) -> Option<String> {
     })
 }
 
-fn net_failure(url: &str, e: &reqwest::Error) -> PullFailure {
-    let unreachable = e.is_connect() || e.is_timeout();
+/// `e` and its sources, joined (reqwest's own message alone hides the cause).
+fn chain(e: &reqwest::Error) -> String {
     let mut cause = e.to_string();
     let mut src = std::error::Error::source(e);
     while let Some(s) = src {
         cause = format!("{cause}: {s}");
         src = s.source();
     }
+    cause
+}
+
+fn net_failure(url: &str, e: &reqwest::Error) -> PullFailure {
     PullFailure {
-        unreachable,
+        unreachable: e.is_connect() || e.is_timeout(),
         error: Error::image(
-            format!("cannot fetch {url}: {cause}"),
+            format!("cannot fetch {url}: {}", chain(e)),
             "check the network, point --base-url (or $BOMA_QVM_IMAGE_URL) at a reachable mirror of \
              Debian's cloud images, or build offline with `boma-qvm image build`",
         ),
@@ -169,6 +173,7 @@ pub async fn pull_classified(dirs: &Dirs, opts: &PullOptions) -> Result<Pulled, 
         });
     }
 
+    store::ensure_unused(dirs, &opts.name)?;
     let file_url = url(&opts.base_url, &opts.file);
     let staged = store::staging(dirs, "pull")?;
     let disk = staged.path().join(DISK);
@@ -242,16 +247,11 @@ async fn download(
             Err(e) => {
                 progress.finish(done);
                 let of = total.map(|t| format!(" of {t}")).unwrap_or_default();
-                let mut f = net_failure(url, &e);
-                f.unreachable = false;
-                f.error = Error::image(
-                    format!(
-                        "transfer of {url} broke off after {done}{of} bytes: {}",
-                        f.error
-                    ),
-                    "pull again; the cached image (if any) is unchanged",
-                );
-                return Err(f);
+                return Err(Error::image(
+                    format!("transfer of {url} broke off after {done}{of} bytes: {}", chain(&e)),
+                    "pull again (the cached image, if any, is unchanged); if it keeps failing, try another mirror",
+                )
+                .into());
             }
         };
         h512.update(&chunk);

@@ -110,6 +110,7 @@ pub fn install(dirs: &Dirs, staged: TempDir, name: &str) -> Result<Image> {
     std::fs::set_permissions(&stage, std::fs::Permissions::from_mode(0o755))
         .ctx(|| format!("chmod {}", show(&stage)))?;
     if target.exists() {
+        ensure_unused(dirs, name)?;
         let cwd = nix::fcntl::AT_FDCWD;
         nix::fcntl::renameat2(
             cwd,
@@ -127,6 +128,48 @@ pub fn install(dirs: &Dirs, staged: TempDir, name: &str) -> Result<Image> {
             .ctx(|| format!("renaming {} to {}", show(&kept), show(&target)))?;
     }
     Image::load(&target)
+}
+
+/// VMs (run directories under `Dirs::vms()`) holding a qcow2 overlay backed by image `name`.
+pub fn users(dirs: &Dirs, name: &str) -> Vec<String> {
+    let disk = dirs.images().join(name).join(DISK);
+    let disk = std::fs::canonicalize(&disk).unwrap_or(disk);
+    let Ok(vms) = std::fs::read_dir(dirs.vms()) else {
+        return vec![];
+    };
+    let mut out: Vec<String> = vms
+        .flatten()
+        .filter(|vm| {
+            std::fs::read_dir(vm.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|f| {
+                    f.path().extension().is_some_and(|e| e == "qcow2")
+                        && super::overlay::info(&f.path())
+                            .is_ok_and(|i| i.backing.as_deref() == Some(disk.as_path()))
+                })
+        })
+        .map(|vm| vm.file_name().to_string_lossy().into_owned())
+        .collect();
+    out.sort();
+    out
+}
+
+/// Refuse to replace or delete an image that backs VM overlays: they would read another
+/// image's blocks through their backing path (silent corruption).
+pub fn ensure_unused(dirs: &Dirs, name: &str) -> Result<()> {
+    let vms = users(dirs, name);
+    if vms.is_empty() {
+        return Ok(());
+    }
+    Err(Error::image(
+        format!(
+            "golden image `{name}` backs the overlays of VM(s) {}",
+            vms.join(", ")
+        ),
+        "remove those VMs first (`boma-qvm down NAME`), or use another --name",
+    ))
 }
 
 /// The cached image `name`, or `None` if there is no such directory.
@@ -181,6 +224,7 @@ pub async fn rm(dirs: &Dirs, name: &str) -> Result<()> {
             "see `boma-qvm image list`",
         ));
     }
+    ensure_unused(dirs, name)?;
     std::fs::remove_dir_all(&dir).ctx(|| format!("removing {}", show(&dir)))?;
     tracing::info!(image = %name, "removed");
     Ok(())
