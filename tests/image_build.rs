@@ -5,7 +5,7 @@
 mod common;
 
 use boma_qvm::Error;
-use boma_qvm::image::{self, build, store};
+use boma_qvm::image::{self, build, import, store};
 use common::*;
 
 #[tokio::test]
@@ -13,7 +13,7 @@ async fn a_failed_build_keeps_the_previous_image_and_leaves_no_junk() {
     let (t, dirs) = tmp_dirs();
     let src = t.path().join("prev.qcow2");
     let prev = make_qcow2(&src, 64, 1, 0x11);
-    store::import(&dirs, &src, Some(image::BUILT))
+    import::import(&dirs, &src, Some(image::BUILT))
         .await
         .unwrap();
 
@@ -48,7 +48,7 @@ async fn auto_prefers_a_cached_cloud_image_then_a_built_one_without_network() {
     let (t, dirs) = tmp_dirs();
     let src = t.path().join("x.qcow2");
     make_qcow2(&src, 64, 0, 0);
-    store::import(&dirs, &src, Some(image::BUILT))
+    import::import(&dirs, &src, Some(image::BUILT))
         .await
         .unwrap();
     let auto = image::ImageChoice::Auto;
@@ -56,7 +56,7 @@ async fn auto_prefers_a_cached_cloud_image_then_a_built_one_without_network() {
         image::ensure(&dirs, &auto).await.unwrap().name,
         image::BUILT
     );
-    store::import(&dirs, &src, Some(image::CLOUD))
+    import::import(&dirs, &src, Some(image::CLOUD))
         .await
         .unwrap();
     assert_eq!(

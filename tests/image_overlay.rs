@@ -5,7 +5,7 @@ mod common;
 use std::process::Command;
 
 use boma_qvm::Error;
-use boma_qvm::image::{self, Boot, Source, overlay, store};
+use boma_qvm::image::{self, Boot, Source, import, overlay, store};
 use common::*;
 
 fn qemu_io(img: &std::path::Path, cmd: &str) -> std::process::Output {
@@ -80,7 +80,7 @@ async fn import_list_rm_round_trip() {
     let src = t.path().join("My-Host.Disk.qcow2");
     let bytes = make_qcow2(&src, 64, 1, 0x5a);
 
-    let img = store::import(&dirs, &src, None).await.unwrap();
+    let img = import::import(&dirs, &src, None).await.unwrap();
     assert_eq!(img.name, "my-host");
     assert_eq!(img.boot, Boot::Disk);
     assert_eq!(std::fs::read(&img.disk).unwrap(), bytes);
@@ -91,20 +91,20 @@ async fn import_list_rm_round_trip() {
     );
     assert_eq!(cache_entries(&dirs.images()), ["my-host"]);
 
-    let e = store::import(&dirs, &src, Some("my-host"))
+    let e = import::import(&dirs, &src, Some("my-host"))
         .await
         .unwrap_err();
     assert!(matches!(e, Error::AlreadyExists { .. }), "{e}");
     let raw = t.path().join("raw.img");
     std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
-    let e = store::import(&dirs, &raw, Some("raw")).await.unwrap_err();
+    let e = import::import(&dirs, &raw, Some("raw")).await.unwrap_err();
     assert!(matches!(e, Error::Input { .. }), "{e}");
-    let e = store::import(&dirs, &t.path().join("nope.qcow2"), None)
+    let e = import::import(&dirs, &t.path().join("nope.qcow2"), None)
         .await
         .unwrap_err();
     assert!(matches!(e, Error::NotFound { .. }), "{e}");
 
-    store::import(&dirs, &src, Some("second")).await.unwrap();
+    import::import(&dirs, &src, Some("second")).await.unwrap();
     let names: Vec<String> = store::list(&dirs)
         .unwrap()
         .into_iter()

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Subcommand;
 
-use super::{Boot, Image, build, pull, store};
+use super::{Boot, Image, build, import, pull, store};
 use crate::error::Result;
 use crate::paths::Dirs;
 
@@ -117,7 +117,7 @@ pub async fn run(dirs: &Dirs, cmd: ImageCmd) -> Result<()> {
             println!("{}", img.dir.display());
         }
         ImageCmd::Import { path, name } => {
-            let img = store::import(dirs, &path, name.as_deref()).await?;
+            let img = import::import(dirs, &path, name.as_deref()).await?;
             println!("{}", img.dir.display());
         }
         ImageCmd::List => {

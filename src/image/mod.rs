@@ -16,6 +16,7 @@
 
 pub mod build;
 pub mod cli;
+pub mod import;
 pub mod overlay;
 mod progress;
 pub mod pull;
