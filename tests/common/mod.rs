@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
@@ -237,8 +237,4 @@ pub fn tmp_dirs() -> (tempfile::TempDir, boma_qvm::paths::Dirs) {
     let t = tempfile::tempdir().unwrap();
     let d = boma_qvm::paths::Dirs::under(t.path());
     (t, d)
-}
-
-pub fn pathbuf(s: &str) -> PathBuf {
-    PathBuf::from(s)
 }
