@@ -21,3 +21,6 @@ pub mod supervisor;
 pub mod vm;
 
 pub use error::{Error, Result};
+pub mod image;
+pub mod seed;
+pub mod ssh;

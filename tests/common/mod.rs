@@ -3,6 +3,7 @@
 //! CLI under test.
 #![allow(dead_code)]
 
+pub mod http;
 pub mod lite;
 pub mod netns;
 pub mod world;

@@ -1,0 +1,309 @@
+//! Golden images: what one is (`Image`, its `manifest.json`), and `ensure`, the lazy resolver
+//! `up`/`cycle` call to get one.
+//!
+//! Cache layout, under `Dirs::images()` (e.g. `~/.cache/boma-qvm/images/`), one directory per image:
+//! - `debian-13-built/`        the offline debootstrap build (`image build`): `disk.qcow2`,
+//!   `vmlinuz`, `initrd.img`, `manifest.json`; boots by direct kernel boot.
+//! - `debian-13-genericcloud/` Debian's cloud image (`image pull`): `disk.qcow2`, `manifest.json`;
+//!   boots from disk (SeaBIOS + GRUB).
+//! - `<name>/`                 an imported qcow2 (`image import`); boots from disk.
+//! - `.lock`                   serialises every image operation (pull, build, import, rm).
+//! - `.tmp-*`                  staging directories; a finished operation renames its staging
+//!   directory into place, so a half-done one never looks like an image. Stale ones (from a
+//!   killed process) are removed by the next operation, under the lock.
+//!
+//! Golden files are mode 0444 and are only ever used as a qcow2 backing file (see `overlay`).
+
+pub mod build;
+pub mod cli;
+pub mod import;
+pub mod overlay;
+mod progress;
+pub mod pull;
+mod rootfs;
+pub mod store;
+pub mod tool;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, IoContext, Result, show};
+use crate::paths::Dirs;
+
+/// The offline build's image name.
+pub const BUILT: &str = "debian-13-built";
+/// The pulled Debian cloud image's name.
+pub const CLOUD: &str = "debian-13-genericcloud";
+pub const DISK: &str = "disk.qcow2";
+pub const KERNEL: &str = "vmlinuz";
+pub const INITRD: &str = "initrd.img";
+pub const MANIFEST: &str = "manifest.json";
+/// Kernel command line for direct kernel boot: the overlay is the first virtio disk (`/dev/vda`,
+/// a whole-disk ext4), the seed the second (`/dev/vdb`); the console on the first serial port.
+pub const DEFAULT_APPEND: &str = "root=/dev/vda rw console=ttyS0";
+
+/// How QEMU boots an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Boot {
+    /// A bootable disk (SeaBIOS -> GRUB on the disk).
+    Disk,
+    /// Direct kernel boot (`-kernel`, `-initrd`, `-append`).
+    Kernel {
+        kernel: PathBuf,
+        initrd: PathBuf,
+        append: String,
+    },
+}
+
+/// A cached golden image, ready to back an overlay.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Image {
+    pub name: String,
+    pub dir: PathBuf,
+    /// The read-only golden qcow2.
+    pub disk: PathBuf,
+    pub boot: Boot,
+    pub manifest: Manifest,
+}
+
+/// `manifest.json`, written beside every golden image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub name: String,
+    pub source: Source,
+    /// When the image entered the cache (RFC 3339, UTC).
+    pub created: String,
+    pub disk_sha256: String,
+    pub disk_bytes: u64,
+    pub boot: BootSpec,
+    /// Package -> version (offline builds: from `dpkg-query -W`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub packages: BTreeMap<String, String>,
+    /// Seconds per build stage (offline builds) or for the download (pulls).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<Stage>,
+}
+
+/// One timed stage of making an image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stage {
+    pub name: String,
+    pub secs: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Source {
+    /// Downloaded from `url`, verified against the published `sha512`.
+    Pull { url: String, sha512: String },
+    /// Built offline with debootstrap.
+    Build {
+        suite: String,
+        mirror: String,
+        kernel_version: String,
+    },
+    /// Copied from a file the user had.
+    Import { from: String },
+}
+
+/// Boot mode as stored in the manifest (file names relative to the image directory).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum BootSpec {
+    Disk,
+    Kernel {
+        kernel: String,
+        initrd: String,
+        append: String,
+    },
+}
+
+impl Manifest {
+    pub fn read(dir: &Path) -> Result<Self> {
+        let p = dir.join(MANIFEST);
+        let text = std::fs::read_to_string(&p).ctx(|| format!("reading {}", show(&p)))?;
+        serde_json::from_str(&text).map_err(|e| {
+            Error::image(
+                format!("{} does not parse: {e}", show(&p)),
+                format!(
+                    "remove the image with `boma-qvm image rm {}` and pull/build it again",
+                    dir_name(dir)
+                ),
+            )
+        })
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let p = dir.join(MANIFEST);
+        let text = serde_json::to_string_pretty(self).expect("manifest serialises");
+        std::fs::write(&p, text + "\n").ctx(|| format!("writing {}", show(&p)))
+    }
+}
+
+fn dir_name(dir: &Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+impl Image {
+    /// Load the image in `dir` and check its files are there.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let manifest = Manifest::read(dir)?;
+        let name = dir_name(dir);
+        let disk = dir.join(DISK);
+        let boot = match &manifest.boot {
+            BootSpec::Disk => Boot::Disk,
+            BootSpec::Kernel {
+                kernel,
+                initrd,
+                append,
+            } => Boot::Kernel {
+                kernel: dir.join(kernel),
+                initrd: dir.join(initrd),
+                append: append.clone(),
+            },
+        };
+        let mut files = vec![disk.clone()];
+        if let Boot::Kernel { kernel, initrd, .. } = &boot {
+            files.extend([kernel.clone(), initrd.clone()]);
+        }
+        if let Some(missing) = files.iter().find(|f| !f.is_file()) {
+            return Err(Error::image(
+                format!("image `{name}` is incomplete: {} is missing", show(missing)),
+                format!("run `boma-qvm image rm {name}` and pull/build/import it again"),
+            ));
+        }
+        Ok(Image {
+            name,
+            dir: dir.to_path_buf(),
+            disk,
+            boot,
+            manifest,
+        })
+    }
+}
+
+/// Which golden image a VM should use.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ImageChoice {
+    /// Use a cached image: `debian-13-genericcloud` if present (what real hosts boot), else
+    /// `debian-13-built`. With neither, pull the cloud image; if the pull cannot reach the server
+    /// (connection refused, DNS, timeout — not a 404 or a bad checksum), build offline instead.
+    #[default]
+    Auto,
+    /// The pulled Debian cloud image (pulled if missing).
+    Cloud(pull::PullOptions),
+    /// The offline debootstrap build (built if missing).
+    Built(build::BuildOptions),
+    /// An image already in the cache (e.g. imported); never fetched.
+    Named(String),
+}
+
+impl std::str::FromStr for ImageChoice {
+    type Err = Error;
+    /// `auto`, `cloud` (or `pull`, `debian-13-genericcloud`), `built` (or `build`,
+    /// `debian-13-built`), or the name of a cached image.
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "auto" => ImageChoice::Auto,
+            "cloud" | "pull" | CLOUD => ImageChoice::Cloud(Default::default()),
+            "built" | "build" | BUILT => ImageChoice::Built(Default::default()),
+            other => {
+                store::validate_name(other)?;
+                ImageChoice::Named(other.to_string())
+            }
+        })
+    }
+}
+
+/// Resolve `choice` to a cached image, pulling or building it first if needed (see
+/// [`ImageChoice`] for what `Auto` does). Cheap when the image is cached.
+pub async fn ensure(dirs: &Dirs, choice: &ImageChoice) -> Result<Image> {
+    match choice {
+        ImageChoice::Named(name) => store::get(dirs, name),
+        ImageChoice::Cloud(opts) => match store::find(dirs, &opts.name)? {
+            Some(img) => Ok(img),
+            None => Ok(pull::pull(dirs, opts).await?.image),
+        },
+        ImageChoice::Built(opts) => match store::find(dirs, &opts.name)? {
+            Some(img) => Ok(img),
+            None => build::build(dirs, opts).await,
+        },
+        ImageChoice::Auto => {
+            for name in [CLOUD, BUILT] {
+                if let Some(img) = store::find(dirs, name)? {
+                    tracing::info!(image = %name, "using cached golden image");
+                    return Ok(img);
+                }
+            }
+            match pull::pull_classified(dirs, &pull::PullOptions::default()).await {
+                Ok(p) => Ok(p.image),
+                Err(f) if f.unreachable => {
+                    tracing::warn!(
+                        "cannot reach the cloud image server ({}); building offline",
+                        f.error
+                    );
+                    build::build(dirs, &build::BuildOptions::default()).await
+                }
+                Err(f) => Err(f.error),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn choice_parses_aliases_and_names() {
+        assert_eq!("auto".parse::<ImageChoice>().unwrap(), ImageChoice::Auto);
+        assert!(matches!(
+            "pull".parse::<ImageChoice>().unwrap(),
+            ImageChoice::Cloud(_)
+        ));
+        assert!(matches!(
+            BUILT.parse::<ImageChoice>().unwrap(),
+            ImageChoice::Built(_)
+        ));
+        assert_eq!(
+            "mine".parse::<ImageChoice>().unwrap(),
+            ImageChoice::Named("mine".into())
+        );
+        assert!("../etc".parse::<ImageChoice>().is_err());
+    }
+
+    #[test]
+    fn manifest_round_trips_with_kernel_boot() {
+        let m = Manifest {
+            name: BUILT.into(),
+            source: Source::Build {
+                suite: "trixie".into(),
+                mirror: "m".into(),
+                kernel_version: "6.12".into(),
+            },
+            created: tool::utc_now(),
+            disk_sha256: "ab".into(),
+            disk_bytes: 1,
+            boot: BootSpec::Kernel {
+                kernel: KERNEL.into(),
+                initrd: INITRD.into(),
+                append: DEFAULT_APPEND.into(),
+            },
+            packages: [("docker.io".to_string(), "26.1.5".to_string())].into(),
+            stages: vec![Stage {
+                name: "debootstrap".into(),
+                secs: 1.5,
+            }],
+        };
+        let json = serde_json::to_string(&m).unwrap();
+        assert!(
+            json.contains(r#""mode":"kernel""#) && json.contains(r#""kind":"build""#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<Manifest>(&json).unwrap(), m);
+    }
+}

@@ -1,0 +1,247 @@
+//! The image cache: the lock, staging directories and their atomic install, list/get/rm, and
+//! which VMs use an image.
+
+use std::fs::File;
+use std::path::Path;
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+use tempfile::TempDir;
+
+use super::{DISK, Image, MANIFEST};
+use crate::error::{Error, IoContext, Result, show};
+use crate::paths::Dirs;
+
+/// Image names are directory names: `[a-z0-9][a-z0-9._-]*`, at most 64 characters.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::input(
+            format!("`{name}` is not a valid image name"),
+            "use lower-case letters, digits, '.', '_' and '-', starting with a letter or digit",
+        ))
+    }
+}
+
+/// Held while an image operation runs; dropping it releases `images/.lock`.
+#[derive(Debug)]
+pub struct Lock {
+    _flock: Flock<File>,
+}
+
+/// Take the image-cache lock, waiting (and saying so) if another boma-qvm holds it. Stale staging
+/// directories left by a killed process are removed once the lock is held.
+pub async fn lock(dirs: &Dirs) -> Result<Lock> {
+    let images = dirs.images();
+    std::fs::create_dir_all(&images).ctx(|| format!("creating {}", show(&images)))?;
+    let path = images.join(".lock");
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .ctx(|| format!("opening {}", show(&path)))?;
+    let flock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(f) => f,
+        Err((file, Errno::EWOULDBLOCK)) => {
+            tracing::info!(
+                "another boma-qvm image operation holds {}; waiting",
+                show(&path)
+            );
+            tokio::task::spawn_blocking(move || Flock::lock(file, FlockArg::LockExclusive))
+                .await
+                .map_err(|e| Error::image(format!("lock task failed: {e}"), "retry"))?
+                .map_err(|(_, e)| lock_err(&path, e))?
+        }
+        Err((_, e)) => return Err(lock_err(&path, e)),
+    };
+    clean_stale(&images);
+    Ok(Lock { _flock: flock })
+}
+
+fn lock_err(path: &Path, e: Errno) -> Error {
+    Error::image(
+        format!("cannot lock {}: {e}", show(path)),
+        "check the cache directory is writable",
+    )
+}
+
+/// Remove `.tmp-*` staging directories. Only call with the lock held.
+fn clean_stale(images: &Path) {
+    let Ok(entries) = std::fs::read_dir(images) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with(".tmp-") {
+            tracing::info!("removing stale staging directory {}", show(&e.path()));
+            if let Err(err) = super::rootfs::remove_tree(&e.path()) {
+                tracing::warn!("{err}");
+            }
+        }
+    }
+}
+
+/// A fresh staging directory inside the cache (same filesystem, so installing is a rename).
+/// It is deleted on drop unless installed.
+pub fn staging(dirs: &Dirs, what: &str) -> Result<TempDir> {
+    let images = dirs.images();
+    std::fs::create_dir_all(&images).ctx(|| format!("creating {}", show(&images)))?;
+    tempfile::Builder::new()
+        .prefix(&format!(".tmp-{what}-"))
+        .tempdir_in(&images)
+        .ctx(|| format!("creating a staging directory in {}", show(&images)))
+}
+
+/// Atomically put the staged image in place as `images/<name>`. An existing image of that name is
+/// swapped out in one `renameat2(RENAME_EXCHANGE)` and then deleted, so at every instant the name
+/// holds either the old complete image or the new complete one.
+pub fn install(dirs: &Dirs, staged: TempDir, name: &str) -> Result<Image> {
+    use std::os::unix::fs::PermissionsExt;
+    validate_name(name)?;
+    let target = dirs.images().join(name);
+    let stage = staged.path().to_path_buf();
+    Image::load(&stage)?; // complete before it can replace anything
+    std::fs::set_permissions(&stage, std::fs::Permissions::from_mode(0o755))
+        .ctx(|| format!("chmod {}", show(&stage)))?;
+    if target.exists() {
+        ensure_unused(dirs, name)?;
+        let cwd = nix::fcntl::AT_FDCWD;
+        nix::fcntl::renameat2(
+            cwd,
+            &stage,
+            cwd,
+            &target,
+            nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+        )
+        .map_err(|e| Error::image(format!("cannot swap in {}: {e}", show(&target)), "retry"))?;
+        // `staged` now holds the previous image; dropping it deletes that.
+        drop(staged);
+    } else {
+        let kept = staged.keep();
+        std::fs::rename(&kept, &target)
+            .ctx(|| format!("renaming {} to {}", show(&kept), show(&target)))?;
+    }
+    Image::load(&target)
+}
+
+/// VMs (run directories under `Dirs::vms()`) holding a qcow2 overlay backed by image `name`.
+pub fn users(dirs: &Dirs, name: &str) -> Vec<String> {
+    let disk = dirs.images().join(name).join(DISK);
+    let disk = std::fs::canonicalize(&disk).unwrap_or(disk);
+    let Ok(vms) = std::fs::read_dir(dirs.vms()) else {
+        return vec![];
+    };
+    let mut out: Vec<String> = vms
+        .flatten()
+        .filter(|vm| {
+            std::fs::read_dir(vm.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|f| {
+                    f.path().extension().is_some_and(|e| e == "qcow2")
+                        && super::overlay::info(&f.path())
+                            .is_ok_and(|i| i.backing.as_deref() == Some(disk.as_path()))
+                })
+        })
+        .map(|vm| vm.file_name().to_string_lossy().into_owned())
+        .collect();
+    out.sort();
+    out
+}
+
+/// Refuse to replace or delete an image that backs VM overlays: they would read another
+/// image's blocks through their backing path (silent corruption).
+pub fn ensure_unused(dirs: &Dirs, name: &str) -> Result<()> {
+    let vms = users(dirs, name);
+    if vms.is_empty() {
+        return Ok(());
+    }
+    Err(Error::image(
+        format!(
+            "golden image `{name}` backs the overlays of VM(s) {}",
+            vms.join(", ")
+        ),
+        "remove those VMs first (`boma-qvm down NAME`), or use another --name",
+    ))
+}
+
+/// The cached image `name`, or `None` if there is no such directory.
+pub fn find(dirs: &Dirs, name: &str) -> Result<Option<Image>> {
+    validate_name(name)?;
+    let dir = dirs.images().join(name);
+    if !dir.join(MANIFEST).exists() {
+        return Ok(None);
+    }
+    Image::load(&dir).map(Some)
+}
+
+/// The cached image `name`, or `Error::NotFound` saying how to get one.
+pub fn get(dirs: &Dirs, name: &str) -> Result<Image> {
+    find(dirs, name)?.ok_or_else(|| {
+        Error::not_found(
+            format!("golden image `{name}` (in {})", show(&dirs.images())),
+            "see `boma-qvm image list`; get one with `boma-qvm image pull`, `image build` or `image import PATH`",
+        )
+    })
+}
+
+/// Every cached image, sorted by name. Broken entries are logged and skipped.
+pub fn list(dirs: &Dirs) -> Result<Vec<Image>> {
+    let images = dirs.images();
+    let Ok(entries) = std::fs::read_dir(&images) else {
+        return Ok(vec![]);
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || !e.path().is_dir() {
+            continue;
+        }
+        match Image::load(&e.path()) {
+            Ok(img) => out.push(img),
+            Err(err) => tracing::warn!("skipping {}: {err}", show(&e.path())),
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// Delete the cached image `name`. Overlays backed by it stop working, so remove VMs first.
+pub async fn rm(dirs: &Dirs, name: &str) -> Result<()> {
+    validate_name(name)?;
+    let _lock = lock(dirs).await?;
+    let dir = dirs.images().join(name);
+    if !dir.is_dir() {
+        return Err(Error::not_found(
+            format!("golden image `{name}`"),
+            "see `boma-qvm image list`",
+        ));
+    }
+    ensure_unused(dirs, name)?;
+    std::fs::remove_dir_all(&dir).ctx(|| format!("removing {}", show(&dir)))?;
+    tracing::info!(image = %name, "removed");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        for good in ["debian-13-built", "a", "x1.2_y"] {
+            validate_name(good).unwrap();
+        }
+        for bad in ["", ".lock", "../x", "A", "a/b", "-x", &"a".repeat(65)] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! Small helpers the image, seed and ssh modules share: run an external tool with a clear error,
+//! check a tool is installed, hash a file, make a file read-only, format a UTC timestamp.
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use sha2::Digest;
+
+use crate::error::{Error, IoContext, Result, show};
+
+/// Fail with `Error::MissingTool` unless `program` is on PATH.
+pub fn require(program: &str, fix: &str) -> Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .ok_or_else(|| Error::MissingTool {
+            program: program.into(),
+            fix: fix.into(),
+        })
+}
+
+/// The last `max` bytes of a tool's output, as text (for error messages).
+pub fn tail(bytes: &[u8], max: usize) -> String {
+    let start = bytes.len().saturating_sub(max);
+    String::from_utf8_lossy(&bytes[start..]).trim().to_string()
+}
+
+fn describe(cmd: &std::process::Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+fn check(cmd: String, out: Output) -> Result<Output> {
+    if out.status.success() {
+        return Ok(out);
+    }
+    let mut stderr = tail(&out.stderr, 2000);
+    if stderr.is_empty() {
+        stderr = tail(&out.stdout, 2000);
+    }
+    Err(Error::Command {
+        cmd,
+        status: out.status.to_string(),
+        stderr,
+    })
+}
+
+/// Run a short tool to completion (blocking); a non-zero exit becomes `Error::Command`.
+pub fn run(cmd: &mut std::process::Command) -> Result<Output> {
+    let desc = describe(cmd);
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .ctx(|| format!("running `{desc}`"))?;
+    check(desc, out)
+}
+
+/// Async twin of [`run`] for long tools (debootstrap, mkfs, qemu-img convert).
+pub async fn run_async(cmd: &mut tokio::process::Command) -> Result<Output> {
+    let desc = describe(cmd.as_std());
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .ctx(|| format!("running `{desc}`"))?;
+    check(desc, out)
+}
+
+fn hash_file<D: Digest>(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).ctx(|| format!("opening {}", show(path)))?;
+    let mut h = D::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).ctx(|| format!("reading {}", show(path)))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Lower-case hex sha256 of a file (streamed, blocking).
+pub fn sha256_file(path: &Path) -> Result<String> {
+    hash_file::<sha2::Sha256>(path)
+}
+
+/// Lower-case hex sha512 of a file (streamed, blocking).
+pub fn sha512_file(path: &Path) -> Result<String> {
+    hash_file::<sha2::Sha512>(path)
+}
+
+/// sha256 on a blocking thread, for async callers hashing large images.
+pub async fn sha256_file_async(path: &Path) -> Result<String> {
+    let p = path.to_path_buf();
+    tokio::task::spawn_blocking(move || sha256_file(&p))
+        .await
+        .map_err(|e| Error::image(format!("hashing task failed: {e}"), "retry"))?
+}
+
+/// chmod 0444: golden files are never written, and a stray `qemu-img` or QEMU without an
+/// overlay then fails with "Permission denied" instead of silently changing the image.
+pub fn set_readonly(path: &Path) -> Result<()> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444))
+        .ctx(|| format!("making {} read-only", show(path)))
+}
+
+/// The current UTC time as RFC 3339 (`2026-11-26T05:04:42Z`), without a date crate.
+pub fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    utc_rfc3339(secs)
+}
+
+/// RFC 3339 for seconds since the epoch (Howard Hinnant's civil-from-days).
+pub fn utc_rfc3339(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let (h, mi, s) = (rem / 3600, (rem % 3600) / 60, rem % 60);
+    format!("{y:04}-{m:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_known_dates() {
+        assert_eq!(utc_rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc_rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc_rfc3339(1_795_669_482), "2026-11-26T05:04:42Z");
+    }
+
+    #[test]
+    fn run_reports_failing_command_and_stderr() {
+        let err = run(std::process::Command::new("sh").args(["-c", "echo boom >&2; exit 3"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sh -c") && err.contains("boom"), "{err}");
+    }
+
+    #[test]
+    fn require_names_the_missing_program() {
+        let err = require("no-such-tool-boma", "apt-get install x").unwrap_err();
+        assert!(matches!(err, Error::MissingTool { .. }));
+        assert!(require("sh", "").is_ok());
+    }
+}
