@@ -177,6 +177,22 @@ impl Tail {
     }
 }
 
+/// Resolves with the first failure record (console failure, QEMU exit) `tail` sees; for racing
+/// a wait that does not watch events itself.
+pub async fn first_failure(mut tail: Tail) -> Error {
+    loop {
+        match tail.poll() {
+            Ok(recs) => {
+                if let Some(e) = recs.iter().find_map(|r| fail_fast(r).err()) {
+                    return e;
+                }
+            }
+            Err(e) => return e,
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The records that end any wait: the guest failed on its console, or QEMU is gone.
 pub fn fail_fast(r: &Record) -> Result<()> {
     if r.is(names::CONSOLE_FAILURE) {

@@ -12,11 +12,13 @@ pub mod net;
 pub mod paths;
 pub mod power;
 pub mod procs;
+pub mod provision;
 pub mod prune;
 pub mod qemu;
 pub mod qmp;
 pub mod rundir;
 pub mod spec;
+pub mod stage;
 pub mod supervisor;
 pub mod vm;
 

@@ -90,8 +90,6 @@ fn remove_runtime_files(run: &RunDir) {
 /// The supervisor's main. Runs until QEMU exits (or SIGTERM asks it to stop QEMU).
 pub async fn run(run: RunDir, tap: Option<OwnedFd>) -> Result<()> {
     let spec = run.read_spec()?;
-    std::fs::write(run.supervisor_pid(), std::process::id().to_string())
-        .ctx(|| "writing supervisor.pid".into())?;
     for p in [run.qmp_sock(), run.ctl_sock()] {
         let _ = std::fs::remove_file(p);
     }
@@ -119,12 +117,9 @@ pub async fn run(run: RunDir, tap: Option<OwnedFd>) -> Result<()> {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(|e| {
-        remove_runtime_files(&run);
-        Error::MissingTool {
+    let mut child = cmd.spawn().map_err(|e| Error::MissingTool {
             program: spec.qemu_binary().display().to_string(),
             fix: format!("install QEMU (apt-get install qemu-system-x86), or the role roles/integration_test ({e})"),
-        }
     })?;
     // The tap now lives in QEMU; our copy goes so the tap vanishes when QEMU exits.
     drop(tap);
@@ -148,15 +143,6 @@ pub async fn run(run: RunDir, tap: Option<OwnedFd>) -> Result<()> {
         Ok(parts) => parts,
         Err(e) => {
             procs::terminate(pid, QUIT_GRACE).await;
-            record(
-                &run,
-                Record::new(
-                    Source::Boma,
-                    names::QEMU_EXITED,
-                    json!({"status": "failed to start", "error": e.to_string()}),
-                ),
-            );
-            remove_runtime_files(&run);
             return Err(e);
         }
     };
@@ -252,22 +238,32 @@ pub async fn run(run: RunDir, tap: Option<OwnedFd>) -> Result<()> {
     Ok(())
 }
 
-/// `boma-qvm __supervise RUN_DIR`: open the VM's tap if it has a NIC, then `run`.
+/// `boma-qvm __supervise RUN_DIR`: write the pid file first (so the starter can watch this
+/// process), open the VM's tap if it has a NIC, then `run`. Errors go to supervisor.log and into
+/// events.jsonl as a `QEMU_EXITED` record, which is what the starter waits on.
 pub async fn main(run: RunDir) -> Result<()> {
-    let spec = run.read_spec()?;
-    if spec.nic.is_some() {
-        return Err(Error::network(
-            "this build cannot attach a NIC yet",
-            "run without a network",
-        ));
+    std::fs::write(run.supervisor_pid(), std::process::id().to_string())
+        .ctx(|| "writing supervisor.pid".into())?;
+    let r = async {
+        let spec = run.read_spec()?;
+        let tap = match &spec.nic {
+            Some(nic) => Some(crate::net::open_tap(&nic.tap, &nic.bridge).await?),
+            None => None,
+        };
+        self::run(run.clone(), tap).await
     }
-    run_supervised(run, None).await
-}
-
-async fn run_supervised(run: RunDir, tap: Option<OwnedFd>) -> Result<()> {
-    let r = self::run(run.clone(), tap).await;
+    .await;
     if let Err(e) = &r {
         tracing::error!("supervisor: {e}");
+        record(
+            &run,
+            Record::new(
+                Source::Boma,
+                names::QEMU_EXITED,
+                json!({"status": "failed to start", "error": e.to_string()}),
+            ),
+        );
+        remove_runtime_files(&run);
     }
     r
 }

@@ -171,34 +171,59 @@ impl Vm {
         )?;
         let slot = guard::acquire_slot(&self.dirs, opts.max_vms, &self.name)?;
         let mut tail = self.tail();
+        let _ = std::fs::remove_file(self.run.supervisor_pid());
         supervisor::spawn_detached(&opts.exe, &self.run, &[slot.lock.as_raw_fd()])?;
         drop(slot);
-        let started = tail
-            .wait_for("QEMU to start", opts.timeout, |r| {
+        let started = tokio::select! {
+            r = tail.wait_for("QEMU to start", opts.timeout, |r| {
                 r.is(names::QEMU_STARTED) || r.is(names::QEMU_EXITED)
-            })
-            .await;
-        match started {
+            }) => r,
+            e = self.supervisor_gone() => Err(e),
+        };
+        let why = match started {
             Ok(r) if r.is(names::QEMU_STARTED) => {
                 tracing::info!("{} running (QEMU pid {})", self.name, r.data["pid"]);
-                Ok(())
+                return Ok(());
             }
-            Ok(r) => Err(Error::qemu(
-                format!(
-                    "{} did not start: {}",
-                    self.name,
-                    r.data["error"].as_str().unwrap_or("QEMU exited")
-                ),
-                format!("see {}", self.run.qemu_log().display()),
-            )),
-            Err(e) => Err(Error::qemu(
-                format!(
-                    "{} did not start: {e}\n{}",
-                    self.name,
-                    console::tail(&self.run.supervisor_log(), 10)
-                ),
-                format!("see {}", self.run.supervisor_log().display()),
-            )),
+            Ok(r) => r.data["error"]
+                .as_str()
+                .unwrap_or("QEMU exited")
+                .to_string(),
+            Err(e) => e.to_string(),
+        };
+        Err(Error::qemu(
+            format!("{} did not start: {why}", self.name),
+            format!(
+                "see {} and {}",
+                self.run.supervisor_log().display(),
+                self.run.qemu_log().display()
+            ),
+        ))
+    }
+
+    /// Resolves if the supervisor never shows up or dies (crashed before recording anything).
+    async fn supervisor_gone(&self) -> Error {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            match RunDir::read_pid(&self.run.supervisor_pid()) {
+                Some(pid) if procs::alive(pid) => {}
+                Some(_) => {
+                    // Give a final QEMU_EXITED record a moment to land before calling it a crash.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    return Error::qemu(
+                        "the supervisor exited".to_string(),
+                        console::tail(&self.run.supervisor_log(), 5),
+                    );
+                }
+                None if std::time::Instant::now() > deadline => {
+                    return Error::qemu(
+                        "the supervisor never started".to_string(),
+                        console::tail(&self.run.supervisor_log(), 5),
+                    );
+                }
+                None => {}
+            }
         }
     }
 

@@ -1,6 +1,7 @@
 //! Command-line parsing and dispatch. Each subcommand's work lives in the library; this only maps
 //! flags to calls and results to output.
 
+mod net_cmds;
 mod vm_cmds;
 
 use boma_qvm::Result;
@@ -46,8 +47,19 @@ enum Cmd {
     Reboot(vm_cmds::RebootArgs),
     /// Clean shutdown over QMP; QEMU is stopped if the guest does not power off in time.
     Shutdown(vm_cmds::ShutdownArgs),
-    /// Reap every boma-it-* leftover: QEMU processes, supervisors, sockets, run dirs, overlays.
+    /// Reap every boma-it-* leftover: QEMU processes, supervisors, sockets, run dirs, overlays,
+    /// and the network (dnsmasq, our nft table, bridge, taps).
     Prune,
+    /// Open a shell on the VM (as `ansible`, with the run's key), or run a command: `ssh VM -- CMD`.
+    Ssh(vm_cmds::SshArgs),
+    /// Golden images: pull, build, import, list, rm.
+    #[command(subcommand)]
+    Image(boma_qvm::image::cli::ImageCmd),
+    /// The isolated network: up, down, status.
+    #[command(subcommand)]
+    Net(net_cmds::NetCmd),
+    /// Check the host: KVM, tools, and firewall tables that would eat the VMs' traffic.
+    Doctor(net_cmds::DoctorArgs),
     /// Internal: the per-VM supervisor process.
     #[command(name = "__supervise", hide = true)]
     Supervise {
@@ -128,6 +140,10 @@ async fn dispatch(cmd: Cmd, dirs: &Dirs) -> Result<()> {
         Cmd::Reboot(a) => vm_cmds::reboot(dirs, a).await,
         Cmd::Shutdown(a) => vm_cmds::shutdown(dirs, a).await,
         Cmd::Prune => vm_cmds::prune(dirs).await,
+        Cmd::Ssh(a) => vm_cmds::ssh(dirs, a),
+        Cmd::Image(c) => boma_qvm::image::cli::run(dirs, c).await,
+        Cmd::Net(c) => net_cmds::net(dirs, c).await,
+        Cmd::Doctor(a) => net_cmds::doctor(dirs, a).await,
         Cmd::Supervise { .. } => unreachable!("handled before the runtime"),
     }
 }

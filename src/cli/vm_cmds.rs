@@ -1,9 +1,11 @@
 //! VM lifecycle subcommands: up, start, down, status, list, console, reboot, shutdown, prune.
 
 use boma_qvm::accel::{self, AccelChoice, KvmProbe};
+use boma_qvm::net::NetConfig;
 use boma_qvm::paths::Dirs;
 use boma_qvm::power::{self, RebootMode, ShutdownOutcome};
-use boma_qvm::spec::{self, Boot, VmSpec};
+use boma_qvm::provision::{self, OsSource, UpRequest};
+use boma_qvm::stage::Stages;
 use boma_qvm::vm::{self, StartOptions, State, Vm};
 use boma_qvm::{Error, Result, console, prune as prune_mod};
 use clap::Args;
@@ -26,7 +28,11 @@ pub struct OptVmArg {
 pub struct UpArgs {
     /// The host this VM mirrors; the VM is named boma-it-HOST.
     pub host: String,
-    /// Direct kernel boot: the kernel.
+    /// Golden image: auto (cached cloud image, else cached offline build, else pull, else build),
+    /// cloud, built, or the name of an imported image.
+    #[arg(long, default_value = "auto", conflicts_with = "kernel")]
+    pub image: String,
+    /// Direct kernel boot of a kernel/initrd with no disk image or seed (test guests).
     #[arg(long)]
     pub kernel: Option<PathBuf>,
     /// Direct kernel boot: the initrd.
@@ -35,12 +41,27 @@ pub struct UpArgs {
     /// Direct kernel boot: the kernel command line.
     #[arg(long, requires = "kernel", default_value = "console=ttyS0")]
     pub append: String,
+    #[command(flatten)]
+    pub machine: MachineArgs,
+    #[command(flatten)]
+    pub net: NetArgs,
+    /// Do not wait for SSH (a lease is still awaited when there is a network).
+    #[arg(long)]
+    pub no_wait_ssh: bool,
+}
+
+/// The machine's size and accelerator.
+#[derive(Args, Debug, Clone)]
+pub struct MachineArgs {
     /// vCPUs.
     #[arg(long, default_value_t = 2)]
     pub cpus: u32,
     /// Guest RAM in MiB.
     #[arg(long, default_value_t = 3072)]
     pub memory: u32,
+    /// Virtual size of the VM's disk (thin overlay), GiB.
+    #[arg(long, default_value_t = 20)]
+    pub disk_gib: u64,
     #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
     pub accel: AccelChoice,
     /// With --accel kvm: use KVM even when the check says it is not usable.
@@ -58,6 +79,64 @@ pub struct UpArgs {
     /// Cap TCG's translation cache (MiB); about halves QEMU's memory under TCG.
     #[arg(long)]
     pub tb_size: Option<u32>,
+}
+
+/// The isolated network.
+#[derive(Args, Debug, Clone)]
+pub struct NetArgs {
+    /// No NIC at all.
+    #[arg(long)]
+    pub no_net: bool,
+    /// Start with outbound NAT off (the "egress lost" scenario); `boma-qvm fault VM egress-on` restores it.
+    #[arg(long)]
+    pub no_egress: bool,
+    /// The bridge.
+    #[arg(long, default_value = boma_qvm::net::config::DEFAULT_BRIDGE)]
+    pub bridge: String,
+    /// The VMs' subnet (the bridge takes .1).
+    #[arg(long, default_value = boma_qvm::net::config::DEFAULT_SUBNET)]
+    pub subnet: String,
+    /// A name the VM's DNS resolves to the VM itself (repeatable), e.g. askari.wingu.me.
+    #[arg(long = "dns-name")]
+    pub dns_names: Vec<String>,
+}
+
+impl NetArgs {
+    pub fn config(&self) -> Result<Option<NetConfig>> {
+        if self.no_net {
+            return Ok(None);
+        }
+        let subnet = self.subnet.parse()?;
+        Ok(Some(NetConfig {
+            bridge: self.bridge.clone(),
+            subnet,
+            upstream_dns: None,
+        }))
+    }
+}
+
+/// Resolve the accelerator, printing the one-line fallback warning.
+pub fn resolve_accel(m: &MachineArgs) -> Result<boma_qvm::accel::Accel> {
+    let (accel, warning) = accel::resolve(m.accel, &KvmProbe::read(), m.force_accel)?;
+    if let Some(w) = warning {
+        eprintln!("{w}");
+    }
+    Ok(accel)
+}
+
+/// An `UpRequest` from the shared flags.
+pub fn request(host: &str, os: OsSource, m: &MachineArgs, n: &NetArgs) -> Result<UpRequest> {
+    let mut req = UpRequest::new(host, os, resolve_accel(m)?);
+    req.cpus = m.cpus;
+    req.memory_mib = m.memory;
+    req.disk_gib = m.disk_gib;
+    req.console_patterns = m.console_patterns.clone();
+    req.tcg_tb_size_mib = m.tb_size;
+    req.start = start_options(m.min_free_mib, m.max_vms);
+    req.net = n.config()?;
+    req.egress = !n.no_egress;
+    req.dns_names = n.dns_names.clone();
+    Ok(req)
 }
 
 #[derive(Args, Debug)]
@@ -99,44 +178,35 @@ fn start_options(min_free_mib: Option<u64>, max_vms: usize) -> StartOptions {
 }
 
 pub async fn up(dirs: &Dirs, a: UpArgs) -> Result<()> {
-    let name = spec::vm_name(&a.host)?;
-    let (accel, warning) = accel::resolve(a.accel, &KvmProbe::read(), a.force_accel)?;
-    if let Some(w) = warning {
-        eprintln!("{w}");
-    }
-    let boot = match a.kernel {
+    let os = match a.kernel {
         Some(kernel) => {
             for p in std::iter::once(&kernel).chain(a.initrd.iter()) {
                 if !p.exists() {
                     return Err(Error::not_found(
-                        format!("{}", p.display()),
+                        p.display().to_string(),
                         "give an existing kernel/initrd path",
                     ));
                 }
             }
-            Boot::Kernel {
+            OsSource::Kernel {
                 kernel,
                 initrd: a.initrd,
                 append: a.append,
             }
         }
-        None => Boot::Disk,
+        None => OsSource::Image(a.image.parse()?),
     };
-    let mut spec = VmSpec::new(&name, accel, boot);
-    spec.host = Some(a.host.clone());
-    spec.cpus = a.cpus;
-    spec.memory_mib = a.memory;
-    spec.console_patterns = a.console_patterns;
-    spec.tcg_tb_size_mib = a.tb_size;
-    let vm = Vm::create(dirs, &spec)?;
-    if let Err(e) = vm.start(&start_options(a.min_free_mib, a.max_vms)).await {
-        // Nothing half-made stays behind when it never ran.
-        let _ = vm.destroy().await;
-        return Err(e);
-    }
+    let mut req = request(&a.host, os, &a.machine, &a.net)?;
+    req.wait_ssh &= !a.no_wait_ssh;
+    let mut stages = Stages::new();
+    let up = provision::up(dirs, &req, &mut stages).await?;
+    let ip = up.ip.map(|ip| format!(" at {ip}")).unwrap_or_default();
     println!(
-        "{name} is up ({} accel); console: `boma-qvm console {}`",
-        accel.as_str(),
+        "{} is up{ip} ({} accel, {:.0}s); `boma-qvm ssh {}`, `boma-qvm console {}`",
+        up.vm.name,
+        req.accel.as_str(),
+        stages.total_seconds(),
+        a.host,
         a.host
     );
     Ok(())
@@ -144,7 +214,7 @@ pub async fn up(dirs: &Dirs, a: UpArgs) -> Result<()> {
 
 pub async fn start(dirs: &Dirs, a: VmArg) -> Result<()> {
     let vm = Vm::resolve(dirs, Some(&a.vm))?;
-    vm.start(&StartOptions::default()).await?;
+    provision::start(dirs, &vm, &StartOptions::default()).await?;
     println!("{} is running", vm.name);
     Ok(())
 }
@@ -152,7 +222,7 @@ pub async fn start(dirs: &Dirs, a: VmArg) -> Result<()> {
 pub async fn down(dirs: &Dirs, a: VmArg) -> Result<()> {
     let vm = Vm::resolve(dirs, Some(&a.vm))?;
     let name = vm.name.clone();
-    vm.destroy().await?;
+    provision::teardown(vm).await?;
     println!("{name} destroyed");
     Ok(())
 }
@@ -173,6 +243,9 @@ fn describe(vm: &Vm) -> Result<String> {
         if let Ok(pty) = std::fs::read_to_string(vm.run.console_pty()) {
             s.push_str(&format!("  console={pty}"));
         }
+    }
+    if let Ok(ip) = provision::vm_ip(&vm.dirs, vm) {
+        s.push_str(&format!("  ip={ip}"));
     }
     if let Some(last) = vm.events()?.last() {
         s.push_str(&format!("  last-event={}", last.event));
@@ -266,14 +339,28 @@ pub async fn shutdown(dirs: &Dirs, a: ShutdownArgs) -> Result<()> {
 
 pub async fn prune(dirs: &Dirs) -> Result<()> {
     let r = prune_mod::prune(dirs).await?;
-    println!(
-        "pruned {} VM(s){}",
-        r.vms.len(),
-        if r.processes.is_empty() {
-            String::new()
-        } else {
-            format!(", {} stray process(es)", r.processes.len())
-        }
-    );
+    let stray = if r.processes.is_empty() {
+        String::new()
+    } else {
+        format!(", {} stray process(es)", r.processes.len())
+    };
+    println!("pruned {} VM(s){stray}", r.vms.len());
+    let n = boma_qvm::net::prune(dirs).await?;
+    println!("{n}");
     Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct SshArgs {
+    pub vm: Option<String>,
+    /// A command to run instead of a shell.
+    #[arg(last = true)]
+    pub cmd: Vec<String>,
+}
+
+pub fn ssh(dirs: &Dirs, a: SshArgs) -> Result<()> {
+    let vm = Vm::resolve(dirs, a.vm.as_deref())?;
+    let conn = provision::ssh_conn(dirs, &vm)?;
+    let cmd = (!a.cmd.is_empty()).then_some(a.cmd.as_slice());
+    match boma_qvm::ssh::exec_shell(&conn, cmd)? {}
 }

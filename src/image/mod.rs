@@ -44,18 +44,8 @@ pub const MANIFEST: &str = "manifest.json";
 /// a whole-disk ext4), the seed the second (`/dev/vdb`); the console on the first serial port.
 pub const DEFAULT_APPEND: &str = "root=/dev/vda rw console=ttyS0";
 
-/// How QEMU boots an image.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Boot {
-    /// A bootable disk (SeaBIOS -> GRUB on the disk).
-    Disk,
-    /// Direct kernel boot (`-kernel`, `-initrd`, `-append`).
-    Kernel {
-        kernel: PathBuf,
-        initrd: PathBuf,
-        append: String,
-    },
-}
+/// How QEMU boots an image: the VM spec's boot mode.
+pub use crate::spec::Boot;
 
 /// A cached golden image, ready to back an overlay.
 #[derive(Debug, Clone, PartialEq)]
@@ -162,13 +152,14 @@ impl Image {
                 append,
             } => Boot::Kernel {
                 kernel: dir.join(kernel),
-                initrd: dir.join(initrd),
+                initrd: Some(dir.join(initrd)),
                 append: append.clone(),
             },
         };
         let mut files = vec![disk.clone()];
         if let Boot::Kernel { kernel, initrd, .. } = &boot {
-            files.extend([kernel.clone(), initrd.clone()]);
+            files.push(kernel.clone());
+            files.extend(initrd.clone());
         }
         if let Some(missing) = files.iter().find(|f| !f.is_file()) {
             return Err(Error::image(

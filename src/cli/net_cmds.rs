@@ -1,0 +1,106 @@
+//! Network and host-check subcommands: `net up|down|status`, `doctor`.
+
+use boma_qvm::accel::KvmProbe;
+use boma_qvm::net::{self, NetConfig, Network};
+use boma_qvm::paths::Dirs;
+use boma_qvm::provision::saved_net_config;
+use boma_qvm::{Error, Result, vm};
+use clap::{Args, Subcommand};
+
+#[derive(Subcommand, Debug)]
+pub enum NetCmd {
+    /// Build (or repair) the isolated network: bridge, nft table, dnsmasq.
+    Up {
+        #[arg(long, default_value = net::config::DEFAULT_BRIDGE)]
+        bridge: String,
+        #[arg(long, default_value = net::config::DEFAULT_SUBNET)]
+        subnet: String,
+    },
+    /// Remove dnsmasq, our nft table and the bridge (refused while VMs exist).
+    Down,
+    /// Show the network's health.
+    Status,
+}
+
+pub async fn net(dirs: &Dirs, cmd: NetCmd) -> Result<()> {
+    match cmd {
+        NetCmd::Up { bridge, subnet } => {
+            let cfg = NetConfig {
+                bridge,
+                subnet: subnet.parse()?,
+                upstream_dns: None,
+            };
+            let n = Network::up(dirs, &cfg).await?;
+            println!("{}", n.status().await?);
+        }
+        NetCmd::Down => {
+            let vms = vm::list(dirs);
+            if !vms.is_empty() {
+                return Err(Error::input(
+                    format!("VMs still exist: {}", vms.join(", ")),
+                    "`boma-qvm down` them first (or `boma-qvm prune`)",
+                ));
+            }
+            Network::attach(dirs, &saved_net_config(dirs))
+                .down()
+                .await?;
+            println!("network down");
+        }
+        NetCmd::Status => {
+            let n = Network::attach(dirs, &saved_net_config(dirs));
+            println!("{}", n.status().await?);
+        }
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct DoctorArgs {}
+
+/// Print warnings with their fixes; exit non-zero when there are any.
+pub async fn doctor(dirs: &Dirs, _a: DoctorArgs) -> Result<()> {
+    let mut problems = 0;
+    let probe = KvmProbe::read();
+    if probe.usable() {
+        println!("ok: KVM is usable");
+    } else {
+        println!(
+            "note: {}; VMs run under TCG (slower, still correct)",
+            probe.reason()
+        );
+    }
+    for tool in [
+        "qemu-system-x86_64",
+        "qemu-img",
+        "dnsmasq",
+        "nft",
+        "genisoimage",
+        "ssh",
+        "ansible-playbook",
+    ] {
+        if which(tool) {
+            println!("ok: {tool}");
+        } else {
+            problems += 1;
+            println!("MISSING: {tool} (install with the integration_test role: `make setup`)");
+        }
+    }
+    for w in net::doctor(&saved_net_config(dirs))? {
+        problems += 1;
+        println!("WARNING: {}\n  fix: {}", w.problem, w.fix);
+    }
+    if problems > 0 {
+        return Err(Error::input(
+            format!("doctor found {problems} problem(s)"),
+            "apply the fixes printed above",
+        ));
+    }
+    println!("doctor: all good");
+    Ok(())
+}
+
+fn which(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+}

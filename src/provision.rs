@@ -1,0 +1,303 @@
+//! Bringing a VM up end to end: golden image -> overlay -> cloud-init seed -> isolated network ->
+//! boot -> DHCP lease -> SSH; and tearing it down again (VM, its network registration, and the
+//! network itself once no VM is left on it). Every stage is timed and logged.
+
+use crate::accel::Accel;
+use crate::events;
+use crate::image::{self, ImageChoice};
+use crate::net::{self, NetConfig, Network};
+use crate::paths::Dirs;
+use crate::spec::{self, Boot, NicSpec, VmSpec};
+use crate::stage::Stages;
+use crate::vm::{StartOptions, Vm};
+use crate::{Error, Result, seed, ssh};
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// What the VM boots.
+#[derive(Debug, Clone)]
+pub enum OsSource {
+    /// A golden image (overlay + cloud-init seed + SSH key).
+    Image(ImageChoice),
+    /// A kernel/initrd with no disk image and no seed (the busybox test guest).
+    Kernel {
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        append: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct UpRequest {
+    pub host: String,
+    pub os: OsSource,
+    pub accel: Accel,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    /// Virtual size of the overlay (the guest grows its root filesystem to it).
+    pub disk_gib: u64,
+    /// The isolated network, or `None` for a VM without a NIC.
+    pub net: Option<NetConfig>,
+    pub egress: bool,
+    /// Names the VM's DNS answers with the VM's own address (the mirrored host's public names).
+    pub dns_names: Vec<String>,
+    pub console_patterns: Vec<String>,
+    pub tcg_tb_size_mib: Option<u32>,
+    /// Wait for SSH login with the run's key (images only).
+    pub wait_ssh: bool,
+    pub start: StartOptions,
+}
+
+impl UpRequest {
+    /// The design's defaults: 2 vCPU, 3 GiB, 20 GiB thin overlay, default network with egress.
+    pub fn new(host: &str, os: OsSource, accel: Accel) -> Self {
+        let wait_ssh = matches!(os, OsSource::Image(_));
+        UpRequest {
+            host: host.to_string(),
+            os,
+            accel,
+            cpus: 2,
+            memory_mib: 3072,
+            disk_gib: 20,
+            net: Some(NetConfig::default()),
+            egress: true,
+            dns_names: Vec::new(),
+            console_patterns: Vec::new(),
+            tcg_tb_size_mib: None,
+            wait_ssh,
+            start: StartOptions::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Provisioned {
+    pub vm: Vm,
+    pub ip: Option<Ipv4Addr>,
+}
+
+/// The network config saved by the last `Network::up`, else the default.
+pub fn saved_net_config(dirs: &Dirs) -> NetConfig {
+    let path = net::files::NetFiles::new(dirs).config();
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default()
+}
+
+/// Run `fut`, but fail fast when the VM's console shows a failure or QEMU exits; a timeout
+/// gets the console tail appended.
+pub async fn watched<T>(vm: &Vm, fut: impl Future<Output = Result<T>>) -> Result<T> {
+    let r = tokio::select! {
+        r = fut => r,
+        e = events::first_failure(vm.tail()) => Err(e),
+    };
+    r.map_err(|e| match e {
+        Error::Timeout { what, secs, detail } if detail.is_empty() => Error::timeout(
+            what,
+            secs,
+            format!(
+                "\n--- console tail ({}) ---\n{}",
+                vm.run.console_log().display(),
+                vm.console_tail(25)
+            ),
+        ),
+        other => other,
+    })
+}
+
+/// Create and boot a VM, returning once it has its lease (and SSH, when asked).
+pub async fn up(dirs: &Dirs, req: &UpRequest, stages: &mut Stages) -> Result<Provisioned> {
+    let name = spec::vm_name(&req.host)?;
+    if dirs.vm(&name).exists() {
+        return Err(Error::AlreadyExists {
+            what: format!("VM {name}"),
+            fix: format!(
+                "remove it with `boma-qvm down {}` (or keep using it)",
+                req.host
+            ),
+        });
+    }
+    let image = match &req.os {
+        OsSource::Image(choice) => Some(
+            stages
+                .run("golden image", image::ensure(dirs, choice))
+                .await?,
+        ),
+        OsSource::Kernel { .. } => None,
+    };
+    let network = match &req.net {
+        Some(cfg) => Some(stages.run("network", Network::up(dirs, cfg)).await?),
+        None => None,
+    };
+    let boot = match (&image, &req.os) {
+        (Some(img), _) => img.boot.clone(),
+        (
+            None,
+            OsSource::Kernel {
+                kernel,
+                initrd,
+                append,
+            },
+        ) => Boot::Kernel {
+            kernel: kernel.clone(),
+            initrd: initrd.clone(),
+            append: append.clone(),
+        },
+        (None, OsSource::Image(_)) => unreachable!("an image source always resolves an image"),
+    };
+    let mut spec = VmSpec::new(&name, req.accel, boot);
+    spec.host = Some(req.host.clone());
+    spec.cpus = req.cpus;
+    spec.memory_mib = req.memory_mib;
+    spec.console_patterns = req.console_patterns.clone();
+    spec.tcg_tb_size_mib = req.tcg_tb_size_mib;
+    let vm_net = match &network {
+        Some(n) => Some(n.vm_net(&name, req.dns_names.clone(), req.egress)?),
+        None => None,
+    };
+    if let (Some(n), Some(v)) = (&network, &vm_net) {
+        spec.nic = Some(NicSpec {
+            mac: v.mac.to_string(),
+            tap: net::tap_name_for(&name),
+            bridge: n.config().bridge.clone(),
+        });
+    }
+    let vm = Vm::create(dirs, &spec)?;
+    let made = async {
+        if let Some(img) = &image {
+            let overlay = vm.run.overlay();
+            stages
+                .run("overlay", async {
+                    image::overlay::create(&img.disk, &overlay, Some(req.disk_gib << 30))
+                })
+                .await?;
+            let seed_iso = stages
+                .run("cloud-init seed", async {
+                    write_seed(&vm, &req.host, vm_net.as_ref())
+                })
+                .await?;
+            spec.disk = Some(overlay);
+            spec.seed = Some(seed_iso);
+            vm.run.write_spec(&spec)?;
+        }
+        if let (Some(n), Some(v)) = (&network, &vm_net) {
+            n.register_vm(v)?;
+        }
+        Ok::<(), Error>(())
+    }
+    .await;
+    if let Err(e) = made {
+        let _ = teardown(vm).await;
+        return Err(e);
+    }
+    if let Err(e) = stages.run("boot", vm.start(&req.start)).await {
+        let _ = teardown(vm).await;
+        return Err(e);
+    }
+    // From here on the VM is kept on failure: its console and events explain what went wrong.
+    let kept = |e: Error| keep_note(&vm, e);
+    let ip = match (&network, &vm_net) {
+        (Some(n), Some(v)) => {
+            let lease = n.lease_file();
+            let t = req.accel.scale(Duration::from_secs(60));
+            Some(
+                stages
+                    .run(
+                        "dhcp lease",
+                        watched(&vm, net::wait_for_lease(&lease, &v.mac, t)),
+                    )
+                    .await
+                    .map_err(kept)?,
+            )
+        }
+        _ => None,
+    };
+    if let (true, Some(ip)) = (req.wait_ssh, ip) {
+        let t = req.accel.scale(Duration::from_secs(90));
+        let conn = ssh::Conn::new(ip.to_string(), vm.run.ssh_key());
+        stages
+            .run(
+                "ssh",
+                watched(&vm, async {
+                    net::wait_for_ssh(ip, t).await?;
+                    ssh::wait_for_login(&conn, t).await
+                }),
+            )
+            .await
+            .map_err(kept)?;
+    }
+    Ok(Provisioned { vm, ip })
+}
+
+fn keep_note(vm: &Vm, e: Error) -> Error {
+    tracing::warn!(
+        "{} is kept for inspection: `boma-qvm console {0} --log`, `boma-qvm status {0}`; remove it with `boma-qvm down {0}`",
+        vm.name
+    );
+    e
+}
+
+fn write_seed(vm: &Vm, host: &str, vm_net: Option<&net::VmNet>) -> Result<PathBuf> {
+    let key = ssh::keygen(&vm.run.dir)?;
+    let instance = format!("{}-{}", vm.name, events::now() as u64);
+    let mut s = seed::SeedSpec::new(&instance, host, &key.public_key);
+    s.mac = vm_net.map(|v| v.mac.to_string());
+    seed::write(&vm.run.dir, &s)
+}
+
+/// The VM's address on the isolated network (from its registration).
+pub fn vm_ip(dirs: &Dirs, vm: &Vm) -> Result<Ipv4Addr> {
+    let network = Network::attach(dirs, &saved_net_config(dirs));
+    network
+        .vms()?
+        .into_iter()
+        .find(|v| v.name == vm.name)
+        .map(|v| v.ip)
+        .ok_or_else(|| {
+            Error::network(
+                format!("{} has no address on the isolated network", vm.name),
+                "it was started without a network",
+            )
+        })
+}
+
+/// SSH to the VM as `ansible` with the run's key.
+pub fn ssh_conn(dirs: &Dirs, vm: &Vm) -> Result<ssh::Conn> {
+    if !vm.run.ssh_key().exists() {
+        return Err(Error::not_found(
+            format!("an SSH key for {}", vm.name),
+            "only VMs booted from an image get a key",
+        ));
+    }
+    Ok(ssh::Conn::new(
+        vm_ip(dirs, vm)?.to_string(),
+        vm.run.ssh_key(),
+    ))
+}
+
+/// Power on an existing VM (its network is brought back first if it has a NIC).
+pub async fn start(dirs: &Dirs, vm: &Vm, opts: &StartOptions) -> Result<()> {
+    if vm.spec()?.nic.is_some() {
+        Network::up(dirs, &saved_net_config(dirs)).await?;
+    }
+    vm.start(opts).await
+}
+
+/// Destroy the VM and its network registration; take the network down when it was the last VM.
+pub async fn teardown(vm: Vm) -> Result<()> {
+    let dirs = vm.dirs.clone();
+    let name = vm.name.clone();
+    let had_nic = vm.spec().map(|s| s.nic.is_some()).unwrap_or(false);
+    vm.destroy().await?;
+    if had_nic {
+        let network = Network::attach(&dirs, &saved_net_config(&dirs));
+        network.unregister_vm(&name)?;
+        if network.vms()?.is_empty() {
+            network.down().await?;
+        }
+    }
+    Ok(())
+}

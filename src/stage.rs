@@ -1,0 +1,87 @@
+//! Every stage is timed and logged: `Stages::run` prints the stage as it starts and ends, with
+//! its duration and the running total, and keeps a record for report.json.
+
+use crate::Result;
+use crate::events::now;
+use serde::{Deserialize, Serialize};
+use std::future::Future;
+use std::time::Instant;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageRecord {
+    pub name: String,
+    /// Seconds since the Unix epoch.
+    pub started: f64,
+    pub seconds: f64,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Stages {
+    pub records: Vec<StageRecord>,
+    t0: Instant,
+}
+
+impl Default for Stages {
+    fn default() -> Self {
+        Stages {
+            records: Vec::new(),
+            t0: Instant::now(),
+        }
+    }
+}
+
+impl Stages {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Run one stage, timing and logging it.
+    pub async fn run<T>(&mut self, name: &str, fut: impl Future<Output = Result<T>>) -> Result<T> {
+        let started = now();
+        let t = Instant::now();
+        tracing::info!("==> {name}");
+        let r = fut.await;
+        let seconds = t.elapsed().as_secs_f64();
+        let total = self.t0.elapsed().as_secs_f64();
+        match &r {
+            Ok(_) => tracing::info!("<== {name}: ok in {seconds:.1}s (total {total:.0}s)"),
+            Err(_) => tracing::error!("<== {name}: FAILED after {seconds:.1}s (total {total:.0}s)"),
+        }
+        let error = r.as_ref().err().map(|e| e.to_string());
+        self.records.push(StageRecord {
+            name: name.to_string(),
+            started,
+            seconds,
+            ok: r.is_ok(),
+            error,
+        });
+        r
+    }
+
+    pub fn total_seconds(&self) -> f64 {
+        self.t0.elapsed().as_secs_f64()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Error;
+
+    #[tokio::test]
+    async fn stages_record_outcome_and_duration() {
+        let mut s = Stages::new();
+        assert_eq!(s.run("one", async { Ok(1) }).await.unwrap(), 1);
+        let e = s
+            .run("two", async { Err::<(), _>(Error::input("bad", "fix")) })
+            .await;
+        assert!(e.is_err());
+        assert_eq!(s.records.len(), 2);
+        assert!(s.records[0].ok && !s.records[1].ok);
+        assert!(s.records[1].error.as_deref().unwrap().contains("bad"));
+        assert!(s.records[0].seconds >= 0.0);
+    }
+}
