@@ -32,7 +32,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Create a VM and power it on.
-    Up(vm_cmds::UpArgs),
+    Up(Box<vm_cmds::UpArgs>),
     /// Power on an existing VM (after a shutdown or power cut), reusing its overlay.
     Start(vm_cmds::VmArg),
     /// Destroy a VM: stop QEMU, remove its run directory and overlay.
@@ -131,7 +131,7 @@ fn supervise(run_dir: PathBuf) -> Result<()> {
 
 async fn dispatch(cmd: Cmd, dirs: &Dirs) -> Result<()> {
     match cmd {
-        Cmd::Up(a) => vm_cmds::up(dirs, a).await,
+        Cmd::Up(a) => vm_cmds::up(dirs, *a).await,
         Cmd::Start(a) => vm_cmds::start(dirs, a).await,
         Cmd::Down(a) => vm_cmds::down(dirs, a).await,
         Cmd::Status(a) => vm_cmds::status(dirs, a),
