@@ -5,8 +5,8 @@
 use crate::error::IoContext;
 use crate::paths::Dirs;
 use crate::{Error, Result};
-use nix::fcntl::{Flock, FlockArg};
 use std::io::{Read, Seek, Write};
+use std::os::fd::AsRawFd;
 
 /// Headroom on top of the guest's RAM: QEMU itself and, under TCG, its translation cache.
 pub const HEADROOM_MIB: u64 = 1024;
@@ -44,10 +44,18 @@ pub fn check_memory(available_mib: u64, guest_mib: u64, explicit: Option<u64>) -
     )))
 }
 
-/// A held VM slot. Dropping it releases the slot unless the fd was handed to a supervisor.
+/// A held VM slot: an open file with an exclusive flock. The lock belongs to the open file
+/// description, so a supervisor that inherited the fd keeps the slot after this handle is
+/// dropped (closing our copy does not unlock), and the slot frees itself when the last holder
+/// exits, however it exits.
 pub struct Slot {
-    pub lock: Flock<std::fs::File>,
+    pub lock: std::fs::File,
     pub index: usize,
+}
+
+fn try_lock(file: &std::fs::File) -> bool {
+    // SAFETY: flock on a valid open fd.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
 }
 
 /// Take one of `max` slots for VM `name`, or say which VMs hold them.
@@ -64,20 +72,17 @@ pub fn acquire_slot(dirs: &Dirs, max: usize, name: &str) -> Result<Slot> {
             .truncate(false)
             .open(&path)
             .ctx(|| format!("opening {}", path.display()))?;
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(mut lock) => {
-                lock.set_len(0).ctx(|| "truncating slot".into())?;
-                lock.rewind().ctx(|| "rewinding slot".into())?;
-                lock.write_all(name.as_bytes())
-                    .ctx(|| "writing slot".into())?;
-                return Ok(Slot { lock, index });
-            }
-            Err((mut file, _)) => {
-                let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
-                holders.push(holder);
-            }
+        let mut lock = file;
+        if try_lock(&lock) {
+            lock.set_len(0).ctx(|| "truncating slot".into())?;
+            lock.rewind().ctx(|| "rewinding slot".into())?;
+            lock.write_all(name.as_bytes())
+                .ctx(|| "writing slot".into())?;
+            return Ok(Slot { lock, index });
         }
+        let mut holder = String::new();
+        let _ = lock.read_to_string(&mut holder);
+        holders.push(holder);
     }
     Err(Error::AlreadyExists {
         what: format!("a running VM ({}; at most {max} at a time)", holders.join(", ")),
@@ -108,6 +113,21 @@ mod tests {
         );
         assert!(check_memory(2000, 256, Some(1000)).is_ok());
         assert!(check_memory(2000, 256, Some(3000)).is_err());
+    }
+
+    #[test]
+    fn a_slot_stays_held_by_an_inheriting_process_after_our_handle_drops() {
+        let d = tempfile::tempdir().unwrap();
+        let dirs = Dirs::under(d.path());
+        let slot = acquire_slot(&dirs, 1, "boma-it-a").unwrap();
+        let held_elsewhere = slot.lock.try_clone().unwrap(); // stands in for the supervisor's copy
+        drop(slot);
+        assert!(
+            acquire_slot(&dirs, 1, "boma-it-b").is_err(),
+            "dropping our handle must not unlock"
+        );
+        drop(held_elsewhere);
+        assert!(acquire_slot(&dirs, 1, "boma-it-b").is_ok());
     }
 
     #[test]

@@ -164,6 +164,7 @@ impl Vm {
             });
         }
         let spec = self.spec()?;
+        crate::qemu::find_binary(&spec.qemu_binary())?;
         guard::check_memory(
             guard::mem_available_mib()?,
             spec.memory_mib as u64,
