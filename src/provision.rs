@@ -228,8 +228,33 @@ pub async fn up(dirs: &Dirs, req: &UpRequest, stages: &mut Stages) -> Result<Pro
             )
             .await
             .map_err(kept)?;
+        // cloud-init restarts sshd (new host keys) and writes users late in the first boot:
+        // the VM is ready when it is done, not when sshd first answers.
+        stages
+            .run("cloud-init", watched(&vm, cloud_init_done(&conn, t)))
+            .await
+            .map_err(kept)?;
     }
     Ok(Provisioned { vm, ip })
+}
+
+/// Wait for `cloud-init status --wait`: exit 0 is done, 2 is done with recoverable errors
+/// (logged), anything else fails with cloud-init's own account.
+pub async fn cloud_init_done(conn: &ssh::Conn, timeout: Duration) -> Result<()> {
+    let out = ssh::run_retrying(conn, "cloud-init status --wait --long", timeout, timeout).await?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    match out.status.code() {
+        Some(0) => Ok(()),
+        Some(2) => {
+            tracing::warn!("cloud-init finished with recoverable errors:\n{text}");
+            Ok(())
+        }
+        _ => Err(Error::Command {
+            cmd: "cloud-init status --wait --long".into(),
+            status: out.status.to_string(),
+            stderr: format!("{text}{}", String::from_utf8_lossy(&out.stderr)),
+        }),
+    }
 }
 
 fn keep_note(vm: &Vm, e: Error) -> Error {

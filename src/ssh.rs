@@ -174,23 +174,21 @@ pub async fn run_ok(conn: &Conn, cmd: &str, timeout: Duration) -> Result<String>
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Retry a trivial login until it works or `timeout` passes; the timeout error carries ssh's
-/// last complaint.
-pub async fn wait_for_login(conn: &Conn, timeout: Duration) -> Result<()> {
+/// Run `cmd`, retrying while ssh itself fails (exit 255: refused, reset, sshd restarting) until
+/// `timeout`; returns the output of the first attempt in which the remote command ran, whatever
+/// its exit status. The timeout error carries ssh's last complaint.
+pub async fn run_retrying(
+    conn: &Conn,
+    cmd: &str,
+    per_try: Duration,
+    timeout: Duration,
+) -> Result<Output> {
     let start = Instant::now();
     let mut last = String::from("no attempt finished");
-    let per_try = conn.connect_timeout + Duration::from_secs(20);
     while start.elapsed() < timeout {
         let left = timeout.saturating_sub(start.elapsed());
-        match run(conn, "true", per_try.min(left)).await {
-            Ok(out) if out.status.success() => {
-                tracing::info!(
-                    secs = format!("{:.1}", start.elapsed().as_secs_f64()),
-                    "SSH login to {} works",
-                    conn.target()
-                );
-                return Ok(());
-            }
+        match run(conn, cmd, per_try.min(left)).await {
+            Ok(out) if out.status.code() != Some(255) => return Ok(out),
             Ok(out) => last = tool::tail(&out.stderr, 500),
             Err(e) => last = e.to_string(),
         }
@@ -198,10 +196,30 @@ pub async fn wait_for_login(conn: &Conn, timeout: Duration) -> Result<()> {
             .await;
     }
     Err(Error::timeout(
-        format!("SSH login as {}", conn.target()),
+        format!("`{cmd}` over ssh as {}", conn.target()),
         timeout.as_secs(),
         format!("\n  last ssh error: {last}"),
     ))
+}
+
+/// Retry a trivial login until it works or `timeout` passes.
+pub async fn wait_for_login(conn: &Conn, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    let per_try = conn.connect_timeout + Duration::from_secs(20);
+    let out = run_retrying(conn, "true", per_try, timeout).await?;
+    if !out.status.success() {
+        return Err(Error::Command {
+            cmd: format!("ssh {} -- true", conn.target()),
+            status: out.status.to_string(),
+            stderr: tool::tail(&out.stderr, 500),
+        });
+    }
+    tracing::info!(
+        secs = format!("{:.1}", start.elapsed().as_secs_f64()),
+        "SSH login to {} works",
+        conn.target()
+    );
+    Ok(())
 }
 
 /// Replace this process with an interactive `ssh` (a shell, or `cmd` when given; a TTY is
