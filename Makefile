@@ -1,4 +1,10 @@
-# boma-qvm. `make setup` makes this machine a control node; `make setup-check` proves it.
+# boma-qvm.
+#   make setup                      make this machine a control node (build + the integration_test role)
+#   make setup-check                prove it: a second apply changes nothing, then read-only checks
+#   make test                       the test suite (real QEMU under TCG, real dnsmasq/nftables/Ansible)
+#   make test-integration HOST=askari [CERTS=internal] [KEEP=1] [FIX=1] [REPO=dir]
+#                                   the main job: boma-qvm cycle on the bundled example repo
+#   make test-integration-clean     reap every boma-it-* leftover (boma-qvm prune)
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 
@@ -13,7 +19,17 @@ SETUP_LOG ?= target/setup-check.log
 PLAYBOOK = ANSIBLE_NOCOLOR=1 $(ANSIBLE_PLAYBOOK) -i localhost, -c local \
 	-e integration_test_binary_src=$(abspath $(BIN)) $(SETUP_ARGS)
 
-.PHONY: setup setup-check
+# The main job's knobs. FIX=1 turns on the docker_host container-forward drop-in (the fix).
+HOST ?= askari
+REPO ?= tests/fixtures/boma
+CERTS ?= internal
+KEEP ?=
+FIX ?=
+BOMA_QVM ?= $(if $(wildcard $(BIN)),$(BIN),boma-qvm)
+CYCLE_ARGS = --repo $(REPO) --certs $(CERTS) $(if $(KEEP),--keep) \
+	$(if $(FIX),-e docker_host_container_forward=true)
+
+.PHONY: setup setup-check test test-integration test-integration-clean
 
 setup:
 	$(CARGO_BUILD)
@@ -28,3 +44,12 @@ setup-check:
 	@echo "setup-check: re-apply changed nothing"
 	$(PLAYBOOK) roles/integration_test/tests/verify.yml
 	@echo "setup-check: OK"
+
+test:
+	cargo nextest run --no-fail-fast
+
+test-integration:
+	$(BOMA_QVM) cycle $(HOST) $(CYCLE_ARGS)
+
+test-integration-clean:
+	$(BOMA_QVM) prune
