@@ -1,0 +1,70 @@
+//! `provision::up` on the isolated network (inside a namespace this test creates).
+
+mod common;
+
+use boma_qvm::Error;
+use boma_qvm::accel::Accel;
+use boma_qvm::provision::{self, OsSource, UpRequest};
+use boma_qvm::stage::Stages;
+use common::netns::Netns;
+use common::*;
+
+fn guest_request(host: &str, append: &str) -> UpRequest {
+    let (kernel, initrd) = test_guest();
+    let os = OsSource::Kernel {
+        kernel,
+        initrd: Some(initrd),
+        append: format!("console=ttyS0 {append}"),
+    };
+    let mut req = UpRequest::new(host, os, Accel::Tcg);
+    req.cpus = 1;
+    req.memory_mib = 256;
+    req.start = start_options();
+    req
+}
+
+#[test]
+fn a_first_boot_kernel_panic_is_retried_once_then_reported() {
+    let env = Env::new();
+    let ns = Netns::new("panic");
+    let req = guest_request("panicky", "boma.net=1 boma.panic=1");
+    let mut stages = Stages::new();
+    let err = ns
+        .block_on(|| provision::up(&env.dirs, &req, &mut stages))
+        .unwrap_err();
+    assert!(matches!(err, Error::GuestFailure { .. }), "{err}");
+    let boots = stages.records.iter().filter(|s| s.name == "boot").count();
+    assert_eq!(boots, 2, "booted twice: the retry happened");
+    let kept: Vec<_> = std::fs::read_dir(env.dirs.state.join("panics"))
+        .unwrap()
+        .collect();
+    assert_eq!(kept.len(), 1, "the first panicked console is kept");
+    let text = std::fs::read_to_string(kept[0].as_ref().unwrap().path()).unwrap();
+    assert!(text.contains("Kernel panic"), "{text}");
+}
+
+#[test]
+fn up_gets_a_lease_and_teardown_leaves_no_network_behind() {
+    let env = Env::new();
+    let ns = Netns::new("up");
+    let req = guest_request("leased", "boma.net=1");
+    let up = ns.block_on(|| async {
+        let mut stages = Stages::new();
+        provision::up(&env.dirs, &req, &mut stages).await.unwrap()
+    });
+    let ip = up.ip.expect("a lease");
+    let echoed = ns.exec_ok(&format!(
+        "echo 'echo $((6*7))' | timeout 10 busybox nc {ip} 7000"
+    ));
+    assert_eq!(
+        echoed.trim(),
+        "42",
+        "the host reaches the VM on its lease address"
+    );
+    ns.block_on(|| provision::teardown(up.vm)).unwrap();
+    let left = ns.exec_ok("ip -o link show; nft list tables; pgrep -a dnsmasq || true");
+    assert!(
+        !left.contains("boma-qvm0") && !left.contains("boma_qvm") && !left.contains("bq-"),
+        "{left}"
+    );
+}
