@@ -1,0 +1,73 @@
+//! The post-mortem a failed run leaves in its run directory, so someone who was not there can see
+//! why: the console (the automated Hetzner console), events.jsonl, and the guest's own view
+//! (`nft list ruleset`, `docker ps -a`, `ss -tlnp`, `journalctl -b`,
+//! `systemd-analyze critical-chain`) when SSH still answers.
+
+use crate::error::IoContext;
+use crate::ssh;
+use crate::vm::Vm;
+use crate::Result;
+use std::path::Path;
+use std::time::Duration;
+
+/// File name and the guest command that fills it.
+pub const GUEST_COMMANDS: &[(&str, &str)] = &[
+    ("nft-ruleset.txt", "sudo -n nft list ruleset"),
+    ("docker-ps.txt", "sudo -n docker ps -a"),
+    ("ss-tlnp.txt", "sudo -n ss -tlnp"),
+    ("journal.txt", "sudo -n journalctl -b --no-pager"),
+    ("critical-chain.txt", "systemd-analyze critical-chain --no-pager"),
+    ("systemctl-failed.txt", "systemctl --failed --no-pager"),
+];
+
+/// Copy the console log and events, and capture the guest commands if SSH answers. Returns the
+/// list of files written. Never fails the run further: a capture that fails is noted in its file.
+pub async fn collect(vm: &Vm, conn: Option<&ssh::Conn>, out: &Path) -> Result<Vec<String>> {
+    std::fs::create_dir_all(out).ctx(|| format!("creating {}", out.display()))?;
+    let mut written = Vec::new();
+    for (src, name) in [(vm.run.console_log(), "console.log"), (vm.run.events(), "events.jsonl")] {
+        if std::fs::copy(&src, out.join(name)).is_ok() {
+            written.push(name.to_string());
+        }
+    }
+    let tail = vm.console_tail(80);
+    std::fs::write(out.join("console-tail.txt"), &tail).ctx(|| "writing console-tail.txt".into())?;
+    written.push("console-tail.txt".into());
+    let reachable = match conn {
+        Some(c) => ssh::run(c, "true", Duration::from_secs(20)).await.map(|o| o.status.success()).unwrap_or(false),
+        None => false,
+    };
+    for (file, cmd) in GUEST_COMMANDS {
+        let text = match (reachable, conn) {
+            (true, Some(c)) => match ssh::run(c, cmd, Duration::from_secs(60)).await {
+                Ok(o) => format!(
+                    "$ {cmd}\n{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+                Err(e) => format!("$ {cmd}\n(capture failed: {e})\n"),
+            },
+            _ => format!(
+                "$ {cmd}\n(not captured: the guest does not answer SSH; see console.log and console-tail.txt)\n"
+            ),
+        };
+        std::fs::write(out.join(file), text).ctx(|| format!("writing {file}"))?;
+        written.push(file.to_string());
+    }
+    Ok(written)
+}
+
+/// How to look at a kept VM, for INSPECT.txt and the terminal.
+pub fn inspect_text(host: &str, run_dir: &Path) -> String {
+    format!(
+        "The VM boma-it-{host} was kept for inspection.\n\
+         \n  boma-qvm console {host}          attach to its serial console (Ctrl-] detaches)\
+         \n  boma-qvm console {host} --log    the captured console\
+         \n  boma-qvm ssh {host}              a shell as `ansible` (sudo works)\
+         \n  boma-qvm status {host}           state, address, last event\
+         \n  boma-qvm assert {host}           re-run the verify playbook\
+         \n  boma-qvm down {host}             destroy it (or `make test-integration-clean`)\
+         \n\nEvidence: {}\n",
+        run_dir.display()
+    )
+}
