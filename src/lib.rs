@@ -3,6 +3,7 @@
 //! The crate is a library plus a thin CLI (`src/main.rs`), so tests drive VMs directly.
 //! One module per concern; see the README's "Code map".
 
+pub mod ansible;
 pub mod error;
 pub mod paths;
 
