@@ -263,3 +263,36 @@ async fn a_hung_playbook_is_killed_at_the_timeout() {
         .unwrap();
     assert!(ps.stdout.is_empty(), "ansible-playbook still running: {}", String::from_utf8_lossy(&ps.stdout));
 }
+
+#[tokio::test]
+async fn verify_sees_the_vars_the_apply_saw() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let check = "    - assert: { that: [\"marker == 'verify-dir'\", \"far == 'repo-root'\"] }\n";
+    tiny_repo(&repo, "    - debug: msg=\"{{ marker }}\"\n", check);
+    write(&repo, "group_vars/servers.yml", "marker: repo-root\nfar: repo-root\n");
+    // Vars next to verify.yml itself load too, and win, as when running it in place.
+    write(&repo, "tests/integration/group_vars/servers.yml", "marker: verify-dir\n");
+    let s = Session::new(Profile::load(&repo, "askari").unwrap(), config(tmp.path(), VM)).unwrap();
+    let out = s.run_playbook(Playbook::Verify, &opts(tmp.path(), "verify.log", 120)).await.unwrap();
+    assert!(out.success, "{}", out.summary());
+    // And the check saw one host only, through both inventory sources.
+    assert_eq!(out.scope.address, VM);
+}
+
+#[tokio::test]
+async fn an_unreachable_vm_is_reported_as_the_incident_signature() {
+    // Nothing listens on 127.0.0.1:1: ssh is refused at once, without leaving this machine.
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    tiny_repo(&repo, "    - debug: msg=ok\n", "    - command: \"true\"\n");
+    let mut cfg = config(tmp.path(), Ipv4Addr::LOCALHOST);
+    cfg.subnet = "127.0.0.0/8".parse().unwrap();
+    cfg.target.port = 1;
+    let s = Session::new(Profile::load(&repo, "askari").unwrap(), cfg).unwrap();
+    let out = s.run_playbook(Playbook::Verify, &opts(tmp.path(), "verify.log", 120)).await.unwrap();
+    assert_eq!(out.recap.unwrap().unreachable, 1);
+    let e = out.into_result().unwrap_err();
+    assert!(matches!(e, Error::VerifyFailed(_)), "{e}");
+    assert!(e.to_string().contains("unreachable over SSH"), "{e}");
+}

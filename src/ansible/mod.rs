@@ -14,18 +14,21 @@
 
 pub mod certs;
 pub mod inventory;
+mod outcome;
 pub mod output;
 pub mod profile;
 pub mod run;
 pub mod safety;
+mod scope;
 mod tee;
 pub mod vars;
 
 pub use certs::{CertOptions, CertPlan, CertTier, Secret};
 pub use inventory::{InventoryExport, TransientInventory};
+pub use outcome::{Playbook, PlaybookOutcome, RunOptions};
 pub use output::{Recap, TaskFailure};
 pub use profile::Profile;
-pub use run::{Playbook, PlaybookOutcome, RunOptions, Session, SessionConfig};
+pub use run::{Session, SessionConfig};
 pub use safety::{ScopeReport, Subnet};
 pub use vars::Connection;
 

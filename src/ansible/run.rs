@@ -4,48 +4,23 @@
 //! - `inventory/hosts.json` (+ `group_vars`/`host_vars` links): the transient inventory
 //! - `certs.json`, `connection.json`: extra-vars files (see `vars` for the layering order)
 //! - `secrets.json`: only while a playbook runs, mode 0600
-//! - `verify/verify.yml`: a wrapper that imports the repo's verify playbook, next to links to the
-//!   repo's playbook-level `group_vars`/`host_vars`, so verify sees the vars the apply saw
-//!   (Ansible loads playbook-adjacent vars from the top playbook's directory only, and
-//!   `tests/integration/` is not the repo root).
+//! - `site-vars/site-vars.json` (+ links to the `group_vars`/`host_vars` next to site.yml): a
+//!   host-less inventory source added AFTER the transient inventory for verify runs only, so
+//!   verify sees the playbook-level vars the apply saw. Ansible loads playbook-adjacent vars from
+//!   the running playbook's own directory (`tests/integration/`), also through `import_playbook`
+//!   (measured); as the last inventory source they keep winning over the real inventory's vars.
 
 use super::certs::CertPlan;
 use super::inventory::{self, TransientInventory};
-use super::output::{Recap, TaskFailure, parse_failures, parse_recap};
-use super::safety::{self, ScopeReport, Subnet};
+use super::outcome::{Playbook, PlaybookOutcome, RunOptions};
+use super::output::{parse_failures, parse_recap};
+use super::safety::Subnet;
 use super::vars::Connection;
 use super::{Profile, base_env, find_tool, tee};
-use crate::error::{Error, IoContext, Result, show};
-use std::collections::BTreeMap;
+use crate::error::{IoContext, Result, show};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Playbook {
-    /// The repo's `site.yml`: the real apply.
-    Site,
-    /// The repo's `tests/integration/verify.yml`: the outcome checks.
-    Verify,
-}
-
-impl Playbook {
-    pub fn name(self) -> &'static str {
-        match self {
-            Playbook::Site => "site.yml",
-            Playbook::Verify => "verify.yml",
-        }
-    }
-
-    /// Generous under TCG: an apply is minutes, a verify after boot up to ~5 (it waits for boot).
-    pub fn default_timeout(self) -> Duration {
-        match self {
-            Playbook::Site => Duration::from_secs(30 * 60),
-            Playbook::Verify => Duration::from_secs(10 * 60),
-        }
-    }
-}
+use std::time::Instant;
 
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -62,81 +37,12 @@ pub struct SessionConfig {
     pub netns: Option<String>,
 }
 
-#[derive(Debug, Clone)]
-pub struct RunOptions {
-    /// The log file (Ansible's output, colour stripped, secrets scrubbed).
-    pub log: PathBuf,
-    pub timeout: Duration,
-    /// Also stream the output to this process's stdout.
-    pub echo: bool,
-}
-
-/// How one playbook run ended.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct PlaybookOutcome {
-    pub playbook: Playbook,
-    pub success: bool,
-    pub exit_code: Option<i32>,
-    pub recap: Option<Recap>,
-    pub failures: Vec<TaskFailure>,
-    pub log: PathBuf,
-    pub elapsed: Duration,
-    pub scope: ScopeReport,
-}
-
-impl PlaybookOutcome {
-    /// One line per failure, for the terminal and the report.
-    pub fn summary(&self) -> String {
-        if self.success {
-            return format!("{} passed in {:.0}s", self.playbook.name(), self.elapsed.as_secs_f64());
-        }
-        let mut s = format!(
-            "{} failed (exit {:?}) after {:.0}s",
-            self.playbook.name(),
-            self.exit_code,
-            self.elapsed.as_secs_f64()
-        );
-        for f in &self.failures {
-            s.push_str(&format!("\n  - [{}] {}", f.task, f.message));
-        }
-        s.push_str(&format!("\n  log: {}", show(&self.log)));
-        s
-    }
-
-    /// `Ok(self)` on success; a failed verify is `Error::VerifyFailed`, a failed apply `Error::Ansible`.
-    pub fn into_result(self) -> Result<Self> {
-        if self.success {
-            return Ok(self);
-        }
-        let host = &self.scope.host;
-        if self.failures.iter().any(|f| f.unreachable) || self.recap.is_some_and(|r| r.unreachable > 0) {
-            let what = format!(
-                "`{host}` ({}) became unreachable over SSH during {}: after a reboot this is the \
-                 incident signature (no SSH after reboot); read the console log\n{}",
-                self.scope.address,
-                self.playbook.name(),
-                self.summary()
-            );
-            return Err(match self.playbook {
-                Playbook::Verify => Error::VerifyFailed(what),
-                Playbook::Site => Error::ansible(what, "inspect the kept VM's console (boma-qvm console)"),
-            });
-        }
-        Err(match self.playbook {
-            Playbook::Verify => Error::VerifyFailed(self.summary()),
-            Playbook::Site => Error::ansible(
-                self.summary(),
-                format!("the VM is kept: inspect it (boma-qvm ssh {host}), fix the role, re-run the apply"),
-            ),
-        })
-    }
-}
-
 pub struct Session {
-    profile: Profile,
-    cfg: SessionConfig,
-    inventory: TransientInventory,
-    verify_wrapper: PathBuf,
+    pub(super) profile: Profile,
+    pub(super) cfg: SessionConfig,
+    pub(super) inventory: TransientInventory,
+    /// The extra inventory source that carries site.yml's playbook-level vars into verify runs.
+    site_vars: Option<PathBuf>,
 }
 
 impl Session {
@@ -150,8 +56,8 @@ impl Session {
         }
         write_json(&cfg.dir.join("certs.json"), &serde_json::Value::Object(cfg.certs.vars.clone()))?;
         write_json(&cfg.dir.join("connection.json"), &serde_json::Value::Object(cfg.target.extra_vars()))?;
-        let verify_wrapper = write_verify_wrapper(&cfg.dir.join("verify"), &profile)?;
-        Ok(Session { profile, cfg, inventory, verify_wrapper })
+        let site_vars = write_site_vars_source(&cfg.dir.join("site-vars"), &profile)?;
+        Ok(Session { profile, cfg, inventory, site_vars })
     }
 
     pub fn profile(&self) -> &Profile {
@@ -168,14 +74,23 @@ impl Session {
         self.cfg.certs.accepted_risk.as_deref()
     }
 
-    fn playbook(&self, pb: Playbook) -> (PathBuf, PathBuf) {
-        match pb {
-            Playbook::Site => {
-                let dir = self.profile.site.parent().map(Path::to_path_buf).unwrap_or_default();
-                (self.profile.site.clone(), dir)
-            }
-            Playbook::Verify => (self.verify_wrapper.clone(), self.cfg.dir.join("verify")),
+    /// The playbook file and its directory.
+    pub(super) fn playbook(&self, pb: Playbook) -> (PathBuf, PathBuf) {
+        let path = match pb {
+            Playbook::Site => self.profile.site.clone(),
+            Playbook::Verify => self.profile.verify.clone(),
+        };
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        (path, dir)
+    }
+
+    /// `-i` arguments: the transient inventory, plus site.yml's vars for verify runs.
+    pub fn inventory_args(&self, pb: Playbook) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec!["-i".into(), self.inventory.path.clone().into()];
+        if let (Playbook::Verify, Some(src)) = (pb, &self.site_vars) {
+            args.extend(["-i".into(), src.clone().into()]);
         }
+        args
     }
 
     fn secrets_path(&self) -> PathBuf {
@@ -206,13 +121,14 @@ impl Session {
     /// `ansible-playbook` arguments for `pb` (no secret is ever on it: the credential is a file).
     pub fn playbook_args(&self, pb: Playbook) -> Vec<OsString> {
         let (path, _) = self.playbook(pb);
-        let mut args: Vec<OsString> = vec![path.into(), "-i".into(), self.inventory.path.clone().into()];
+        let mut args: Vec<OsString> = vec![path.into()];
+        args.extend(self.inventory_args(pb));
         args.extend(["--limit".into(), self.profile.host.clone().into()]);
         args.extend(self.extra_var_args());
         args
     }
 
-    fn command(&self, program: &str, args: &[OsString], pb: Playbook) -> Result<tokio::process::Command> {
+    pub(super) fn command(&self, program: &str, args: &[OsString]) -> Result<tokio::process::Command> {
         let prog = find_tool(program)?;
         let mut cmd = match &self.cfg.netns {
             Some(ns) => {
@@ -223,76 +139,7 @@ impl Session {
             None => tokio::process::Command::new(&prog),
         };
         cmd.args(args).current_dir(&self.profile.repo).envs(base_env());
-        if pb == Playbook::Verify {
-            // Also load vars next to the repo's verify playbook (the wrapper is the top one).
-            cmd.env("ANSIBLE_PLAYBOOK_VARS_ROOT", "all");
-        }
         Ok(cmd)
-    }
-
-    /// Ask Ansible who is in scope and where it would connect; refuse unless it is exactly HOST,
-    /// over ssh, at an address inside the isolated subnet.
-    pub async fn check_scope(&self, pb: Playbook) -> Result<ScopeReport> {
-        let _secret = self.write_secret()?;
-        self.scope(pb).await
-    }
-
-    async fn scope(&self, pb: Playbook) -> Result<ScopeReport> {
-        let (path, pbdir) = self.playbook(pb);
-        let tree = tempfile::Builder::new()
-            .prefix("scope-")
-            .tempdir_in(&self.cfg.dir)
-            .ctx(|| "creating a scope dir".into())?;
-        let mut args: Vec<OsString> = vec!["all".into(), "-i".into(), self.inventory.path.clone().into()];
-        args.extend(["--playbook-dir".into(), pbdir.into()]);
-        args.extend(self.extra_var_args());
-        args.extend(["-m".into(), "ansible.builtin.debug".into(), "-a".into(), safety::PROBE_MSG.into()]);
-        args.extend(["--tree".into(), tree.path().into()]);
-        self.quick("ansible", &args, pb).await?;
-        let mut results = BTreeMap::new();
-        for entry in std::fs::read_dir(tree.path()).ctx(|| "reading the scope results".into())? {
-            let entry = entry.ctx(|| "reading the scope results".into())?;
-            let text =
-                std::fs::read_to_string(entry.path()).ctx(|| format!("reading {}", show(&entry.path())))?;
-            let value = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
-            results.insert(entry.file_name().to_string_lossy().into_owned(), value);
-        }
-        let (address, connection) = safety::judge_inventory(&results, &self.profile.host, self.cfg.subnet)?;
-
-        let mut args = self.playbook_args(pb);
-        args.push("--list-hosts".into());
-        let listed = self.quick("ansible-playbook", &args, pb).await?;
-        safety::judge_playbook(&safety::parse_list_hosts(&listed), &self.profile.host, &show(&path))?;
-        let report = ScopeReport {
-            host: self.profile.host.clone(),
-            address,
-            connection,
-            subnet: self.cfg.subnet.to_string(),
-            playbook: show(&path),
-        };
-        tracing::info!(host = %report.host, address = %report.address, subnet = %report.subnet, "scope checked: one host, on the isolated subnet");
-        Ok(report)
-    }
-
-    /// A short Ansible command whose stdout we need; failure is an error.
-    async fn quick(&self, program: &str, args: &[OsString], pb: Playbook) -> Result<String> {
-        let mut cmd = self.command(program, args, pb)?;
-        cmd.env("ANSIBLE_NOCOLOR", "1").stdin(std::process::Stdio::null()).kill_on_drop(true);
-        let out = tokio::time::timeout(Duration::from_secs(180), cmd.output())
-            .await
-            .map_err(|_| Error::timeout(format!("`{program}` (scope check)"), 180, ""))?
-            .ctx(|| format!("running {program}"))?;
-        if !out.status.success() {
-            return Err(Error::ansible(
-                format!(
-                    "`{program}` failed while checking the scope: {}{}",
-                    String::from_utf8_lossy(&out.stderr).trim(),
-                    String::from_utf8_lossy(&out.stdout).trim()
-                ),
-                format!("check the transient inventory {} and the overlay", show(&self.inventory.path)),
-            ));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Check the scope, then run `pb` limited to HOST, streaming to the terminal and `opts.log`.
@@ -306,7 +153,7 @@ impl Session {
             .tempdir_in("/tmp")
             .ctx(|| "creating an ssh control dir".into())?;
         let args = self.playbook_args(pb);
-        let mut cmd = self.command("ansible-playbook", &args, pb)?;
+        let mut cmd = self.command("ansible-playbook", &args)?;
         cmd.env("ANSIBLE_FORCE_COLOR", "1")
             .env("ANSIBLE_STDOUT_CALLBACK", "default")
             .env("ANSIBLE_PIPELINING", "True")
@@ -349,7 +196,7 @@ impl Session {
     }
 
     /// The credential file for the duration of a run (0600, removed when the guard drops).
-    fn write_secret(&self) -> Result<Option<SecretFile>> {
+    pub(super) fn write_secret(&self) -> Result<Option<SecretFile>> {
         let Some(secret) = &self.cfg.certs.secret else {
             return Ok(None);
         };
@@ -370,7 +217,7 @@ impl Session {
 }
 
 /// Removes the credential file on drop.
-struct SecretFile(PathBuf);
+pub(super) struct SecretFile(PathBuf);
 
 impl Drop for SecretFile {
     fn drop(&mut self) {
@@ -383,26 +230,26 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     std::fs::write(path, text + "\n").ctx(|| format!("writing {}", show(path)))
 }
 
-fn write_verify_wrapper(dir: &Path, profile: &Profile) -> Result<PathBuf> {
+/// A host-less inventory source whose adjacent dirs are site.yml's `group_vars`/`host_vars`,
+/// or `None` when verify.yml sits next to site.yml (its vars then load by themselves).
+fn write_site_vars_source(dir: &Path, profile: &Profile) -> Result<Option<PathBuf>> {
     if dir.exists() {
         std::fs::remove_dir_all(dir).ctx(|| format!("removing {}", show(dir)))?;
     }
-    std::fs::create_dir_all(dir).ctx(|| format!("creating {}", show(dir)))?;
     let site_dir = profile.site.parent().unwrap_or(&profile.repo);
-    for sub in ["group_vars", "host_vars"] {
-        let target = site_dir.join(sub);
-        if target.is_dir() {
-            std::os::unix::fs::symlink(&target, dir.join(sub))
-                .ctx(|| format!("linking {}", show(&target)))?;
-        }
+    let subs: Vec<&str> =
+        ["group_vars", "host_vars"].into_iter().filter(|s| site_dir.join(s).is_dir()).collect();
+    if profile.verify.parent() == Some(site_dir) || subs.is_empty() {
+        return Ok(None);
     }
-    let path = dir.join("verify.yml");
-    let body = format!(
-        "# Written by boma-qvm: the repo's verify playbook, with the vars the apply saw.\n- import_playbook: {}\n",
-        serde_json::Value::String(show(&profile.verify))
-    );
-    std::fs::write(&path, body).ctx(|| format!("writing {}", show(&path)))?;
-    Ok(path)
+    std::fs::create_dir_all(dir).ctx(|| format!("creating {}", show(dir)))?;
+    for sub in subs {
+        let target = site_dir.join(sub);
+        std::os::unix::fs::symlink(&target, dir.join(sub)).ctx(|| format!("linking {}", show(&target)))?;
+    }
+    let path = dir.join("site-vars.json");
+    std::fs::write(&path, "{\"all\": {}}\n").ctx(|| format!("writing {}", show(&path)))?;
+    Ok(Some(path))
 }
 
 /// End the ssh ControlPersist masters a run left (they would otherwise linger up to a minute).
