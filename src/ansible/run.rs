@@ -37,6 +37,8 @@ pub struct SessionConfig {
     pub netns: Option<String>,
 }
 
+/// One profile mirrored onto one VM: the transient inventory and vars files on disk, and the
+/// playbook runs against it. Every run is preceded by the scope check (`check_scope`).
 pub struct Session {
     pub(super) profile: Profile,
     pub(super) cfg: SessionConfig,
