@@ -4,10 +4,12 @@
 //! One module per concern; see the README's "Code map".
 
 pub mod accel;
+pub mod ansible;
 pub mod console;
 pub mod error;
 pub mod events;
 pub mod guard;
+pub mod image;
 pub mod net;
 pub mod paths;
 pub mod power;
@@ -17,12 +19,11 @@ pub mod prune;
 pub mod qemu;
 pub mod qmp;
 pub mod rundir;
+pub mod seed;
 pub mod spec;
+pub mod ssh;
 pub mod stage;
 pub mod supervisor;
 pub mod vm;
 
 pub use error::{Error, Result};
-pub mod image;
-pub mod seed;
-pub mod ssh;
