@@ -6,6 +6,7 @@
 pub mod accel;
 pub mod ansible;
 pub mod console;
+pub mod cycle;
 pub mod error;
 pub mod events;
 pub mod guard;

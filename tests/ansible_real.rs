@@ -4,7 +4,9 @@
 
 use boma_qvm::Error;
 use boma_qvm::ansible::certs::{CertOptions, CertPlan, CertTier};
-use boma_qvm::ansible::{Connection, Playbook, Profile, RunOptions, Session, SessionConfig, Subnet};
+use boma_qvm::ansible::{
+    Connection, Playbook, Profile, RunOptions, Session, SessionConfig, Subnet,
+};
 use serde_json::Value;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -60,11 +62,23 @@ fn effective(s: &Session, var: &str) -> Value {
         .arg(tree.path())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
-    let hosts: Vec<_> = std::fs::read_dir(tree.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(hosts, ["askari"], "only askari is in the transient inventory");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let hosts: Vec<_> = std::fs::read_dir(tree.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        hosts,
+        ["askari"],
+        "only askari is in the transient inventory"
+    );
     let v: Value =
-        serde_json::from_str(&std::fs::read_to_string(tree.path().join("askari")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(tree.path().join("askari")).unwrap())
+            .unwrap();
     v[var].clone()
 }
 
@@ -73,8 +87,19 @@ fn profile_loads_the_example_repo() {
     let p = Profile::load(&fixture(), "askari").unwrap();
     let mut groups = p.groups();
     groups.sort();
-    assert_eq!(groups, ["coordinators", "docker_hosts", "mesh_peers", "reverse_proxies"]);
-    assert!(p.overlay.ends_with("tests/integration/overrides/askari.yml"));
+    assert_eq!(
+        groups,
+        [
+            "coordinators",
+            "docker_hosts",
+            "mesh_peers",
+            "reverse_proxies"
+        ]
+    );
+    assert!(
+        p.overlay
+            .ends_with("tests/integration/overrides/askari.yml")
+    );
     assert!(p.inventories[0].ends_with("inventory/hosts.yml"));
 }
 
@@ -83,7 +108,10 @@ fn profile_errors_name_the_missing_piece_and_the_fix() {
     let e = Profile::load(&fixture(), "twiga").unwrap_err();
     assert!(matches!(e, Error::NotFound { .. }), "{e}");
     assert!(e.to_string().contains("askari, kiboko"), "{e}");
-    assert!(matches!(Profile::load(&fixture(), "askari,kiboko"), Err(Error::Input { .. })));
+    assert!(matches!(
+        Profile::load(&fixture(), "askari,kiboko"),
+        Err(Error::Input { .. })
+    ));
     // kiboko is in the inventory but has no overlay.
     let e = Profile::load(&fixture(), "kiboko").unwrap_err();
     assert!(e.to_string().contains("overrides/kiboko.yml"), "{e}");
@@ -92,32 +120,52 @@ fn profile_errors_name_the_missing_piece_and_the_fix() {
     copy_dir(&fixture(), tmp.path());
     std::fs::remove_file(tmp.path().join("tests/integration/verify.yml")).unwrap();
     let e = Profile::load(tmp.path(), "askari").unwrap_err();
-    assert!(matches!(e, Error::NotFound { .. }) && e.to_string().contains("verify.yml"), "{e}");
+    assert!(
+        matches!(e, Error::NotFound { .. }) && e.to_string().contains("verify.yml"),
+        "{e}"
+    );
 
     write(tmp.path(), "tests/integration/verify.yml", "- hosts: all\n");
-    write(tmp.path(), "ansible.cfg", "[defaults]\ninventory = nowhere.yml\n");
+    write(
+        tmp.path(),
+        "ansible.cfg",
+        "[defaults]\ninventory = nowhere.yml\n",
+    );
     let e = Profile::load(tmp.path(), "askari").unwrap_err();
     assert!(e.to_string().contains("nowhere.yml"), "{e}");
 
     let e = Profile::load(&tmp.path().join("absent"), "askari").unwrap_err();
-    assert!(matches!(e, Error::NotFound { .. }) && e.to_string().contains("--repo"), "{e}");
+    assert!(
+        matches!(e, Error::NotFound { .. }) && e.to_string().contains("--repo"),
+        "{e}"
+    );
 }
 
 #[test]
 fn transient_inventory_applies_the_real_vars_and_the_layers_in_order() {
     let tmp = tempfile::tempdir().unwrap();
-    let s = Session::new(Profile::load(&fixture(), "askari").unwrap(), config(tmp.path(), VM)).unwrap();
+    let s = Session::new(
+        Profile::load(&fixture(), "askari").unwrap(),
+        config(tmp.path(), VM),
+    )
+    .unwrap();
     // Connection: the VM, whatever host_vars/askari.yml and inventory group_vars/all.yml say.
     assert_eq!(effective(&s, "ansible_host"), "192.168.231.20");
     assert_eq!(effective(&s, "ansible_user"), "ansible");
     // Group depth precedence survived (reverse_proxies beats servers).
-    assert_eq!(effective(&s, "base_firewall_tcp_ports"), serde_json::json!([22, 80, 443, 8080]));
+    assert_eq!(
+        effective(&s, "base_firewall_tcp_ports"),
+        serde_json::json!([22, 80, 443, 8080])
+    );
     // Inventory-adjacent group_vars apply.
     assert_eq!(effective(&s, "boma_domain"), "wingu.me");
     // Playbook-adjacent host_vars apply.
     assert_eq!(effective(&s, "reverse_proxy_site_name"), "askari.wingu.me");
     // The overlay beats group_vars; the cert tier beats the overlay's placeholder.
-    assert_eq!(effective(&s, "netbird_management_url"), "http://127.0.0.1:33073");
+    assert_eq!(
+        effective(&s, "netbird_management_url"),
+        "http://127.0.0.1:33073"
+    );
     assert_eq!(effective(&s, "reverse_proxy_tls_mode"), "internal");
     // The real inventory was not touched.
     let real = std::fs::read_to_string(fixture().join("inventory/hosts.yml")).unwrap();
@@ -128,11 +176,17 @@ fn transient_inventory_applies_the_real_vars_and_the_layers_in_order() {
 async fn scope_check_accepts_the_vm_even_when_the_repo_and_the_user_name_the_real_address() {
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = config(tmp.path(), VM);
-    cfg.extra_vars = vec!["ansible_host=203.0.113.10".into(), "ansible_ssh_host=203.0.113.10".into()];
+    cfg.extra_vars = vec![
+        "ansible_host=203.0.113.10".into(),
+        "ansible_ssh_host=203.0.113.10".into(),
+    ];
     let s = Session::new(Profile::load(&fixture(), "askari").unwrap(), cfg).unwrap();
     for pb in [Playbook::Site, Playbook::Verify] {
         let r = s.check_scope(pb).await.unwrap();
-        assert_eq!((r.host.as_str(), r.address, r.connection.as_str()), ("askari", VM, "ssh"));
+        assert_eq!(
+            (r.host.as_str(), r.address, r.connection.as_str()),
+            ("askari", VM, "ssh")
+        );
     }
 }
 
@@ -146,13 +200,21 @@ async fn scope_check_refuses_an_address_outside_the_subnet() {
     .unwrap();
     let e = s.check_scope(Playbook::Site).await.unwrap_err();
     assert!(matches!(e, Error::Ansible { .. }), "{e}");
-    assert!(e.to_string().contains("10.9.9.9, outside the isolated subnet"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("10.9.9.9, outside the isolated subnet"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
 async fn scope_check_refuses_a_second_host() {
     let tmp = tempfile::tempdir().unwrap();
-    let s = Session::new(Profile::load(&fixture(), "askari").unwrap(), config(tmp.path(), VM)).unwrap();
+    let s = Session::new(
+        Profile::load(&fixture(), "askari").unwrap(),
+        config(tmp.path(), VM),
+    )
+    .unwrap();
     // Tamper with the transient inventory the way a bug would: a second host in a group.
     let text = std::fs::read_to_string(s.inventory()).unwrap();
     let mut doc: Value = serde_json::from_str(&text).unwrap();
@@ -160,7 +222,11 @@ async fn scope_check_refuses_a_second_host() {
         serde_json::json!({"ansible_host": "192.168.231.21"});
     std::fs::write(s.inventory(), doc.to_string()).unwrap();
     let e = s.check_scope(Playbook::Site).await.unwrap_err();
-    assert!(e.to_string().contains("exactly one host, `askari`, but Ansible sees 2 (askari, kiboko)"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("exactly one host, `askari`, but Ansible sees 2 (askari, kiboko)"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -168,10 +234,22 @@ async fn scope_check_refuses_a_local_connection_set_by_the_repo() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = tmp.path().join("repo");
     copy_dir(&fixture(), &repo);
-    write(&repo, "host_vars/askari.yml", "ansible_host: 203.0.113.10\nansible_connection: local\n");
-    let s = Session::new(Profile::load(&repo, "askari").unwrap(), config(tmp.path(), VM)).unwrap();
+    write(
+        &repo,
+        "host_vars/askari.yml",
+        "ansible_host: 203.0.113.10\nansible_connection: local\n",
+    );
+    let s = Session::new(
+        Profile::load(&repo, "askari").unwrap(),
+        config(tmp.path(), VM),
+    )
+    .unwrap();
     let e = s.check_scope(Playbook::Site).await.unwrap_err();
-    assert!(e.to_string().contains("effective ansible_connection is `local`"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("effective ansible_connection is `local`"),
+        "{e}"
+    );
 }
 
 /// A minimal repo whose playbooks never connect to the host.
@@ -184,11 +262,19 @@ fn tiny_repo(root: &Path, site_tasks: &str, verify_tasks: &str) {
     let play = |tasks: &str| format!("- hosts: servers\n  gather_facts: false\n  tasks:\n{tasks}");
     write(root, "site.yml", &play(site_tasks));
     write(root, "tests/integration/verify.yml", &play(verify_tasks));
-    write(root, "tests/integration/overrides/askari.yml", "stub: true\n");
+    write(
+        root,
+        "tests/integration/overrides/askari.yml",
+        "stub: true\n",
+    );
 }
 
 fn opts(dir: &Path, name: &str, secs: u64) -> RunOptions {
-    RunOptions { log: dir.join(name), timeout: Duration::from_secs(secs), echo: false }
+    RunOptions {
+        log: dir.join(name),
+        timeout: Duration::from_secs(secs),
+        echo: false,
+    }
 }
 
 #[tokio::test]
@@ -200,21 +286,37 @@ async fn playbook_runs_report_success_failure_and_the_recap() {
         "    - debug: msg=\"apply {{ stub }}\"\n",
         "    - fail: msg=\"published port 8080 is dead\"\n",
     );
-    let s = Session::new(Profile::load(&repo, "askari").unwrap(), config(tmp.path(), VM)).unwrap();
+    let s = Session::new(
+        Profile::load(&repo, "askari").unwrap(),
+        config(tmp.path(), VM),
+    )
+    .unwrap();
 
-    let ok = s.run_playbook(Playbook::Site, &opts(tmp.path(), "apply.log", 120)).await.unwrap();
+    let ok = s
+        .run_playbook(Playbook::Site, &opts(tmp.path(), "apply.log", 120))
+        .await
+        .unwrap();
     assert!(ok.success, "{}", ok.summary());
     assert_eq!(ok.recap.unwrap().ok, 1);
     let log = std::fs::read_to_string(tmp.path().join("apply.log")).unwrap();
-    assert!(log.contains("apply True") && log.contains("--limit askari") && !log.contains('\u{1b}'), "{log}");
+    assert!(
+        log.contains("apply True") && log.contains("--limit askari") && !log.contains('\u{1b}'),
+        "{log}"
+    );
     ok.into_result().unwrap();
 
-    let bad = s.run_playbook(Playbook::Verify, &opts(tmp.path(), "verify.log", 120)).await.unwrap();
+    let bad = s
+        .run_playbook(Playbook::Verify, &opts(tmp.path(), "verify.log", 120))
+        .await
+        .unwrap();
     assert!(!bad.success);
     assert_eq!(bad.recap.unwrap().failed, 1);
     assert_eq!(bad.failures[0].message, "published port 8080 is dead");
     let e = bad.into_result().unwrap_err();
-    assert!(matches!(e, Error::VerifyFailed(_)) && e.to_string().contains("8080 is dead"), "{e}");
+    assert!(
+        matches!(e, Error::VerifyFailed(_)) && e.to_string().contains("8080 is dead"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -222,26 +324,48 @@ async fn a_failed_apply_is_an_ansible_error() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = tmp.path().join("repo");
     tiny_repo(&repo, "    - fail: msg=boom\n", "    - debug: msg=ok\n");
-    let s = Session::new(Profile::load(&repo, "askari").unwrap(), config(tmp.path(), VM)).unwrap();
-    let out = s.run_playbook(Playbook::Site, &opts(tmp.path(), "apply.log", 120)).await.unwrap();
+    let s = Session::new(
+        Profile::load(&repo, "askari").unwrap(),
+        config(tmp.path(), VM),
+    )
+    .unwrap();
+    let out = s
+        .run_playbook(Playbook::Site, &opts(tmp.path(), "apply.log", 120))
+        .await
+        .unwrap();
     let e = out.into_result().unwrap_err();
-    assert!(matches!(e, Error::Ansible { .. }) && e.to_string().contains("boom"), "{e}");
+    assert!(
+        matches!(e, Error::Ansible { .. }) && e.to_string().contains("boom"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
 async fn the_credential_reaches_ansible_but_never_the_log_and_its_file_is_removed() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = tmp.path().join("repo");
-    tiny_repo(&repo, "    - debug: msg=\"key is {{ gandi_api_key }}\"\n", "    - debug: msg=ok\n");
+    tiny_repo(
+        &repo,
+        "    - debug: msg=\"key is {{ gandi_api_key }}\"\n",
+        "    - debug: msg=ok\n",
+    );
     let mut cfg = config(tmp.path(), VM);
     cfg.certs = CertTier::LeStaging
-        .plan(&CertOptions::default(), |v| (v == "GANDI_API_KEY").then(|| "s3cr3t-4pi-k3y".into()))
+        .plan(&CertOptions::default(), |v| {
+            (v == "GANDI_API_KEY").then(|| "s3cr3t-4pi-k3y".into())
+        })
         .unwrap();
     let s = Session::new(Profile::load(&repo, "askari").unwrap(), cfg).unwrap();
-    let out = s.run_playbook(Playbook::Site, &opts(tmp.path(), "apply.log", 120)).await.unwrap();
+    let out = s
+        .run_playbook(Playbook::Site, &opts(tmp.path(), "apply.log", 120))
+        .await
+        .unwrap();
     assert!(out.success, "{}", out.summary());
     let log = std::fs::read_to_string(tmp.path().join("apply.log")).unwrap();
-    assert!(log.contains("key is ********") && !log.contains("s3cr3t-4pi-k3y"), "{log}");
+    assert!(
+        log.contains("key is ********") && !log.contains("s3cr3t-4pi-k3y"),
+        "{log}"
+    );
     assert!(!tmp.path().join("ansible/secrets.json").exists());
     for f in ["certs.json", "connection.json", "inventory/hosts.json"] {
         let text = std::fs::read_to_string(tmp.path().join("ansible").join(f)).unwrap();
@@ -254,14 +378,25 @@ async fn a_hung_playbook_is_killed_at_the_timeout() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = tmp.path().join("repo");
     tiny_repo(&repo, "    - pause: seconds=120\n", "    - debug: msg=ok\n");
-    let s = Session::new(Profile::load(&repo, "askari").unwrap(), config(tmp.path(), VM)).unwrap();
-    let e = s.run_playbook(Playbook::Site, &opts(tmp.path(), "apply.log", 8)).await.unwrap_err();
+    let s = Session::new(
+        Profile::load(&repo, "askari").unwrap(),
+        config(tmp.path(), VM),
+    )
+    .unwrap();
+    let e = s
+        .run_playbook(Playbook::Site, &opts(tmp.path(), "apply.log", 8))
+        .await
+        .unwrap_err();
     assert!(matches!(e, Error::Timeout { secs: 8, .. }), "{e}");
     let ps = std::process::Command::new("pgrep")
         .args(["-f", &repo.join("site.yml").display().to_string()])
         .output()
         .unwrap();
-    assert!(ps.stdout.is_empty(), "ansible-playbook still running: {}", String::from_utf8_lossy(&ps.stdout));
+    assert!(
+        ps.stdout.is_empty(),
+        "ansible-playbook still running: {}",
+        String::from_utf8_lossy(&ps.stdout)
+    );
 }
 
 #[tokio::test]
@@ -270,11 +405,26 @@ async fn verify_sees_the_vars_the_apply_saw() {
     let repo = tmp.path().join("repo");
     let check = "    - assert: { that: [\"marker == 'verify-dir'\", \"far == 'repo-root'\"] }\n";
     tiny_repo(&repo, "    - debug: msg=\"{{ marker }}\"\n", check);
-    write(&repo, "group_vars/servers.yml", "marker: repo-root\nfar: repo-root\n");
+    write(
+        &repo,
+        "group_vars/servers.yml",
+        "marker: repo-root\nfar: repo-root\n",
+    );
     // Vars next to verify.yml itself load too, and win, as when running it in place.
-    write(&repo, "tests/integration/group_vars/servers.yml", "marker: verify-dir\n");
-    let s = Session::new(Profile::load(&repo, "askari").unwrap(), config(tmp.path(), VM)).unwrap();
-    let out = s.run_playbook(Playbook::Verify, &opts(tmp.path(), "verify.log", 120)).await.unwrap();
+    write(
+        &repo,
+        "tests/integration/group_vars/servers.yml",
+        "marker: verify-dir\n",
+    );
+    let s = Session::new(
+        Profile::load(&repo, "askari").unwrap(),
+        config(tmp.path(), VM),
+    )
+    .unwrap();
+    let out = s
+        .run_playbook(Playbook::Verify, &opts(tmp.path(), "verify.log", 120))
+        .await
+        .unwrap();
     assert!(out.success, "{}", out.summary());
     // And the check saw one host only, through both inventory sources.
     assert_eq!(out.scope.address, VM);
@@ -290,7 +440,10 @@ async fn an_unreachable_vm_is_reported_as_the_incident_signature() {
     cfg.subnet = "127.0.0.0/8".parse().unwrap();
     cfg.target.port = 1;
     let s = Session::new(Profile::load(&repo, "askari").unwrap(), cfg).unwrap();
-    let out = s.run_playbook(Playbook::Verify, &opts(tmp.path(), "verify.log", 120)).await.unwrap();
+    let out = s
+        .run_playbook(Playbook::Verify, &opts(tmp.path(), "verify.log", 120))
+        .await
+        .unwrap();
     assert_eq!(out.recap.unwrap().unreachable, 1);
     let e = out.into_result().unwrap_err();
     assert!(matches!(e, Error::VerifyFailed(_)), "{e}");

@@ -38,7 +38,11 @@ pub enum CertTier {
 }
 
 impl CertTier {
-    pub const ALL: [CertTier; 3] = [CertTier::Internal, CertTier::LeStaging, CertTier::LeProdWildcard];
+    pub const ALL: [CertTier; 3] = [
+        CertTier::Internal,
+        CertTier::LeStaging,
+        CertTier::LeProdWildcard,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -55,10 +59,16 @@ impl CertTier {
 
     /// The vars for this tier, or a clear refusal. `env` reads the environment (a closure so
     /// tests need not touch the process environment).
-    pub fn plan(self, opts: &CertOptions, env: impl Fn(&str) -> Option<String>) -> Result<CertPlan> {
+    pub fn plan(
+        self,
+        opts: &CertOptions,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<CertPlan> {
         if self.needs_egress() && !opts.egress {
             return Err(Error::input(
-                format!("--certs {self} needs egress (ACME and the Gandi API), but this run has no egress"),
+                format!(
+                    "--certs {self} needs egress (ACME and the Gandi API), but this run has no egress"
+                ),
                 "drop --no-egress, or use --certs internal (a no-egress run always uses internal certs)",
             ));
         }
@@ -77,7 +87,10 @@ impl CertTier {
                     format!("export {CREDENTIAL_ENV}=... in this shell (never pass it on the command line)"),
                 )
             })?;
-            Some(Secret { var: CREDENTIAL_VAR.to_string(), value })
+            Some(Secret {
+                var: CREDENTIAL_VAR.to_string(),
+                value,
+            })
         } else {
             None
         };
@@ -105,7 +118,8 @@ impl CertTier {
                 "caddy_tls_directive": dns01(LE_PROD_CA),
             }),
         };
-        let accepted_risk = (self == CertTier::LeProdWildcard).then(|| PROD_ACCEPTED_RISK.to_string());
+        let accepted_risk =
+            (self == CertTier::LeProdWildcard).then(|| PROD_ACCEPTED_RISK.to_string());
         Ok(CertPlan {
             tier: self,
             vars: vars.as_object().cloned().unwrap_or_default(),
@@ -124,12 +138,15 @@ impl fmt::Display for CertTier {
 impl FromStr for CertTier {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        CertTier::ALL.into_iter().find(|t| t.as_str() == s).ok_or_else(|| {
-            Error::input(
-                format!("unknown cert tier `{s}`"),
-                "use --certs internal, le-staging or le-prod-wildcard",
-            )
-        })
+        CertTier::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| {
+                Error::input(
+                    format!("unknown cert tier `{s}`"),
+                    "use --certs internal, le-staging or le-prod-wildcard",
+                )
+            })
     }
 }
 
@@ -146,7 +163,11 @@ pub struct CertOptions {
 
 impl Default for CertOptions {
     fn default() -> Self {
-        CertOptions { egress: true, prod_opt_in: false, wildcard: DEFAULT_WILDCARD.to_string() }
+        CertOptions {
+            egress: true,
+            prod_opt_in: false,
+            wildcard: DEFAULT_WILDCARD.to_string(),
+        }
     }
 }
 
@@ -165,7 +186,9 @@ pub struct CertPlan {
 impl CertPlan {
     /// The default tier: no egress, no credential.
     pub fn internal() -> CertPlan {
-        CertTier::Internal.plan(&CertOptions::default(), |_| None).expect("internal always plans")
+        CertTier::Internal
+            .plan(&CertOptions::default(), |_| None)
+            .expect("internal always plans")
     }
 }
 

@@ -55,14 +55,23 @@ impl InventoryExport {
     }
 
     fn group(&self, name: &str) -> Option<&Map<String, Value>> {
-        if name == "_meta" { None } else { self.root.get(name).and_then(Value::as_object) }
+        if name == "_meta" {
+            None
+        } else {
+            self.root.get(name).and_then(Value::as_object)
+        }
     }
 
     fn names(&self, group: &str, key: &str) -> Vec<String> {
         self.group(group)
             .and_then(|g| g.get(key))
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_str).map(String::from).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(String::from)
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -72,8 +81,14 @@ impl InventoryExport {
 
     /// Every host the inventory defines.
     pub fn hosts(&self) -> BTreeSet<String> {
-        let mut hosts: BTreeSet<String> = self.groups().flat_map(|g| self.names(g, "hosts")).collect();
-        if let Some(hv) = self.root.get("_meta").and_then(|m| m.get("hostvars")).and_then(Value::as_object) {
+        let mut hosts: BTreeSet<String> =
+            self.groups().flat_map(|g| self.names(g, "hosts")).collect();
+        if let Some(hv) = self
+            .root
+            .get("_meta")
+            .and_then(|m| m.get("hostvars"))
+            .and_then(Value::as_object)
+        {
             hosts.extend(hv.keys().cloned());
         }
         hosts
@@ -81,7 +96,10 @@ impl InventoryExport {
 
     /// Groups that list `host` directly.
     pub fn direct_groups(&self, host: &str) -> Vec<String> {
-        self.groups().filter(|g| self.names(g, "hosts").iter().any(|h| h == host)).cloned().collect()
+        self.groups()
+            .filter(|g| self.names(g, "hosts").iter().any(|h| h == host))
+            .cloned()
+            .collect()
     }
 
     fn parents(&self) -> BTreeMap<String, Vec<String>> {
@@ -108,7 +126,11 @@ impl InventoryExport {
     }
 
     fn vars_of_group(&self, group: &str) -> Map<String, Value> {
-        self.group(group).and_then(|g| g.get("vars")).and_then(Value::as_object).cloned().unwrap_or_default()
+        self.group(group)
+            .and_then(|g| g.get("vars"))
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default()
     }
 
     fn vars_of_host(&self, host: &str) -> Map<String, Value> {
@@ -130,7 +152,11 @@ pub struct Transient {
     pub stripped: Vec<String>,
 }
 
-fn strip(mut vars: Map<String, Value>, owner: &str, stripped: &mut Vec<String>) -> Map<String, Value> {
+fn strip(
+    mut vars: Map<String, Value>,
+    owner: &str,
+    stripped: &mut Vec<String>,
+) -> Map<String, Value> {
     for key in CONNECTION_VARS {
         if vars.remove(*key).is_some() {
             stripped.push(format!("{owner}:{key}"));
@@ -140,7 +166,11 @@ fn strip(mut vars: Map<String, Value>, owner: &str, stripped: &mut Vec<String>) 
 }
 
 /// Build the document: only `host`, in its real groups, with `vm_vars` as its connection vars.
-pub fn build(export: &InventoryExport, host: &str, vm_vars: &Map<String, Value>) -> Result<Transient> {
+pub fn build(
+    export: &InventoryExport,
+    host: &str,
+    vm_vars: &Map<String, Value>,
+) -> Result<Transient> {
     if !export.hosts().contains(host) {
         return Err(Error::not_found(
             format!("host `{host}` in the inventory"),
@@ -160,7 +190,10 @@ pub fn build(export: &InventoryExport, host: &str, vm_vars: &Map<String, Value>)
         stripped,
     };
     let all = b.group("all");
-    Ok(Transient { doc: Value::Object(Map::from_iter([("all".to_string(), all)])), stripped: b.stripped })
+    Ok(Transient {
+        doc: Value::Object(Map::from_iter([("all".to_string(), all)])),
+        stripped: b.stripped,
+    })
 }
 
 struct Builder<'a> {
@@ -184,7 +217,12 @@ impl Builder<'_> {
         if !vars.is_empty() {
             def.insert("vars".into(), Value::Object(vars));
         }
-        if self.export.names(name, "hosts").iter().any(|h| h == self.host) {
+        if self
+            .export
+            .names(name, "hosts")
+            .iter()
+            .any(|h| h == self.host)
+        {
             let hv = self.host_vars.take().unwrap_or_default();
             def.insert(
                 "hosts".into(),
@@ -233,12 +271,16 @@ pub fn write(dir: &Path, t: &Transient, sources: &[PathBuf]) -> Result<Transient
     if with_vars.len() > 1 {
         let list: Vec<String> = with_vars.iter().map(|d| show(d)).collect();
         return Err(Error::input(
-            format!("several inventory sources have their own group_vars/host_vars: {}", list.join(", ")),
+            format!(
+                "several inventory sources have their own group_vars/host_vars: {}",
+                list.join(", ")
+            ),
             "keep inventory-adjacent vars in one inventory directory (or next to site.yml)",
         ));
     }
     if dir.exists() {
-        std::fs::remove_dir_all(dir).ctx(|| format!("removing the old transient inventory {}", show(dir)))?;
+        std::fs::remove_dir_all(dir)
+            .ctx(|| format!("removing the old transient inventory {}", show(dir)))?;
     }
     std::fs::create_dir_all(dir).ctx(|| format!("creating {}", show(dir)))?;
     let path = dir.join("hosts.json");
@@ -253,5 +295,8 @@ pub fn write(dir: &Path, t: &Transient, sources: &[PathBuf]) -> Result<Transient
             }
         }
     }
-    Ok(TransientInventory { path, stripped: t.stripped.clone() })
+    Ok(TransientInventory {
+        path,
+        stripped: t.stripped.clone(),
+    })
 }

@@ -48,12 +48,17 @@ pub fn find_tool(program: &str) -> Result<PathBuf> {
             return Ok(candidate);
         }
     }
-    Err(Error::MissingTool { program: program.to_string(), fix: INSTALL_FIX.to_string() })
+    Err(Error::MissingTool {
+        program: program.to_string(),
+        fix: INSTALL_FIX.to_string(),
+    })
 }
 
 fn is_executable(p: &std::path::Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+    std::fs::metadata(p)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
 }
 
 /// Environment every Ansible invocation gets: no host key prompts (each VM has a new key), no

@@ -58,7 +58,11 @@ impl PlaybookOutcome {
     /// One line per failure, for the terminal and the report.
     pub fn summary(&self) -> String {
         if self.success {
-            return format!("{} passed in {:.0}s", self.playbook.name(), self.elapsed.as_secs_f64());
+            return format!(
+                "{} passed in {:.0}s",
+                self.playbook.name(),
+                self.elapsed.as_secs_f64()
+            );
         }
         let mut s = format!(
             "{} failed (exit {:?}) after {:.0}s",
@@ -79,7 +83,9 @@ impl PlaybookOutcome {
             return Ok(self);
         }
         let host = &self.scope.host;
-        if self.failures.iter().any(|f| f.unreachable) || self.recap.is_some_and(|r| r.unreachable > 0) {
+        if self.failures.iter().any(|f| f.unreachable)
+            || self.recap.is_some_and(|r| r.unreachable > 0)
+        {
             let what = format!(
                 "`{host}` ({}) became unreachable over SSH during {}: after a reboot this is the \
                  incident signature (no SSH after reboot); read the console log\n{}",
@@ -89,14 +95,18 @@ impl PlaybookOutcome {
             );
             return Err(match self.playbook {
                 Playbook::Verify => Error::VerifyFailed(what),
-                Playbook::Site => Error::ansible(what, "inspect the kept VM's console (boma-qvm console)"),
+                Playbook::Site => {
+                    Error::ansible(what, "inspect the kept VM's console (boma-qvm console)")
+                }
             });
         }
         Err(match self.playbook {
             Playbook::Verify => Error::VerifyFailed(self.summary()),
             Playbook::Site => Error::ansible(
                 self.summary(),
-                format!("the VM is kept: inspect it (boma-qvm ssh {host}), fix the role, re-run the apply"),
+                format!(
+                    "the VM is kept: inspect it (boma-qvm ssh {host}), fix the role, re-run the apply"
+                ),
             ),
         })
     }

@@ -28,7 +28,10 @@ pub fn strip_ansi(s: &str) -> String {
 
 /// Replace every secret value in `line` (empty values are ignored).
 pub fn redact(line: &str, secrets: &[String]) -> String {
-    secrets.iter().filter(|s| !s.is_empty()).fold(line.to_string(), |l, s| l.replace(s.as_str(), "********"))
+    secrets
+        .iter()
+        .filter(|s| !s.is_empty())
+        .fold(line.to_string(), |l, s| l.replace(s.as_str(), "********"))
 }
 
 /// One host's `PLAY RECAP` line.
@@ -86,8 +89,14 @@ pub fn parse_failures(lines: &[String]) -> Vec<TaskFailure> {
     let mut i = 0;
     while i < lines.len() {
         let line = &lines[i];
-        if let Some(rest) = line.strip_prefix("TASK [").or_else(|| line.strip_prefix("RUNNING HANDLER [")) {
-            task = rest.rsplit_once(']').map(|(t, _)| t.to_string()).unwrap_or_default();
+        if let Some(rest) = line
+            .strip_prefix("TASK [")
+            .or_else(|| line.strip_prefix("RUNNING HANDLER ["))
+        {
+            task = rest
+                .rsplit_once(']')
+                .map(|(t, _)| t.to_string())
+                .unwrap_or_default();
         }
         let is_failure = line.starts_with("fatal: [") || line.starts_with("failed: [");
         let Some((head, body)) = line.split_once(" => ").filter(|_| is_failure) else {
@@ -126,7 +135,11 @@ fn message_of(json: &str) -> String {
         Ok(v) => match v.get("msg") {
             Some(Value::String(s)) => s.clone(),
             Some(other) => other.to_string(),
-            None => v.get("stderr").and_then(Value::as_str).map(String::from).unwrap_or_else(|| short(json)),
+            None => v
+                .get("stderr")
+                .and_then(Value::as_str)
+                .map(String::from)
+                .unwrap_or_else(|| short(json)),
         },
         Err(_) => short(json),
     }

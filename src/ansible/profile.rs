@@ -11,8 +11,15 @@ pub const VERIFY: &str = "tests/integration/verify.yml";
 pub const OVERRIDES_DIR: &str = "tests/integration/overrides";
 
 /// Inventory locations tried when `ansible.cfg` names none (first that exists wins).
-const INVENTORY_CANDIDATES: &[&str] =
-    &["inventory", "inventory.yml", "inventory.yaml", "inventory.ini", "hosts.yml", "hosts.yaml", "hosts"];
+const INVENTORY_CANDIDATES: &[&str] = &[
+    "inventory",
+    "inventory.yml",
+    "inventory.yaml",
+    "inventory.ini",
+    "hosts.yml",
+    "hosts.yaml",
+    "hosts",
+];
 
 #[derive(Debug, Clone)]
 pub struct Profile {
@@ -43,10 +50,17 @@ impl Profile {
             ));
         }
         let repo = repo.canonicalize().map_err(|e| {
-            Error::input(format!("cannot resolve {}: {e}", show(repo)), "pass a readable directory")
+            Error::input(
+                format!("cannot resolve {}: {e}", show(repo)),
+                "pass a readable directory",
+            )
         })?;
         let inventories = find_inventories(&repo)?;
-        let site = require_file(&repo, SITE, "the playbook boma-qvm applies (`ansible-playbook site.yml`)")?;
+        let site = require_file(
+            &repo,
+            SITE,
+            "the playbook boma-qvm applies (`ansible-playbook site.yml`)",
+        )?;
         let verify = require_file(
             &repo,
             VERIFY,
@@ -57,7 +71,10 @@ impl Profile {
         if !known.contains(host) {
             let list: Vec<&str> = known.iter().map(String::as_str).collect();
             return Err(Error::not_found(
-                format!("host `{host}` in the inventory ({})", show_all(&inventories)),
+                format!(
+                    "host `{host}` in the inventory ({})",
+                    show_all(&inventories)
+                ),
                 format!("pass one of its hosts: {}", list.join(", ")),
             ));
         }
@@ -67,7 +84,15 @@ impl Profile {
             "the explicit stubs for this host (cert tier, in-VM coordinator, local names); \
              copy tests/fixtures/boma/tests/integration/overrides/askari.yml and adapt it",
         )?;
-        Ok(Profile { repo, host: host.to_string(), inventories, site, verify, overlay, export })
+        Ok(Profile {
+            repo,
+            host: host.to_string(),
+            inventories,
+            site,
+            verify,
+            overlay,
+            export,
+        })
     }
 
     /// The real inventory's groups that hold `self.host` directly.
@@ -79,7 +104,9 @@ impl Profile {
 /// A host name usable as an exact `--limit` pattern: no pattern syntax, no special names.
 pub fn validate_host_name(host: &str) -> Result<()> {
     let ok_chars = !host.is_empty()
-        && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         && !host.starts_with(['-', '.']);
     if !ok_chars || matches!(host, "all" | "localhost" | "ungrouped") {
         return Err(Error::input(
@@ -95,7 +122,10 @@ fn require_file(repo: &Path, rel: &str, what: &str) -> Result<PathBuf> {
     if p.is_file() {
         Ok(p)
     } else {
-        Err(Error::not_found(format!("{} in {}", rel, show(repo)), format!("create {}: {what}", show(&p))))
+        Err(Error::not_found(
+            format!("{} in {}", rel, show(repo)),
+            format!("create {}: {what}", show(&p)),
+        ))
     }
 }
 
@@ -107,10 +137,16 @@ fn show_all(paths: &[PathBuf]) -> String {
 /// conventional location that exists.
 pub fn find_inventories(repo: &Path) -> Result<Vec<PathBuf>> {
     let cfg = repo.join("ansible.cfg");
-    let configured = std::fs::read_to_string(&cfg).ok().and_then(|t| ini_value(&t, "defaults", "inventory"));
+    let configured = std::fs::read_to_string(&cfg)
+        .ok()
+        .and_then(|t| ini_value(&t, "defaults", "inventory"));
     if let Some(value) = configured {
-        let sources: Vec<PathBuf> =
-            value.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| repo.join(s)).collect();
+        let sources: Vec<PathBuf> = value
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| repo.join(s))
+            .collect();
         for s in &sources {
             if !s.exists() {
                 return Err(Error::not_found(
@@ -123,15 +159,20 @@ pub fn find_inventories(repo: &Path) -> Result<Vec<PathBuf>> {
             return Ok(sources);
         }
     }
-    INVENTORY_CANDIDATES.iter().map(|c| repo.join(c)).find(|p| p.exists()).map(|p| vec![p]).ok_or_else(|| {
-        Error::not_found(
-            format!("an inventory in {}", show(repo)),
-            format!(
-                "add `inventory = <path>` to ansible.cfg's [defaults], or create one of: {}",
-                INVENTORY_CANDIDATES.join(", ")
-            ),
-        )
-    })
+    INVENTORY_CANDIDATES
+        .iter()
+        .map(|c| repo.join(c))
+        .find(|p| p.exists())
+        .map(|p| vec![p])
+        .ok_or_else(|| {
+            Error::not_found(
+                format!("an inventory in {}", show(repo)),
+                format!(
+                    "add `inventory = <path>` to ansible.cfg's [defaults], or create one of: {}",
+                    INVENTORY_CANDIDATES.join(", ")
+                ),
+            )
+        })
 }
 
 /// `key = value` from `[section]` of an INI file (Ansible's ansible.cfg dialect: `#`/`;` comments).
@@ -161,13 +202,17 @@ pub fn ini_value(text: &str, section: &str, key: &str) -> Option<String> {
 fn read_inventory(repo: &Path, inventories: &[PathBuf]) -> Result<InventoryExport> {
     let program = find_tool("ansible-inventory")?;
     let mut cmd = std::process::Command::new(&program);
-    cmd.current_dir(repo).envs(base_env()).env("ANSIBLE_NOCOLOR", "1");
+    cmd.current_dir(repo)
+        .envs(base_env())
+        .env("ANSIBLE_NOCOLOR", "1");
     for inv in inventories {
         cmd.arg("-i").arg(inv);
     }
     cmd.args(["--list", "--export"]);
-    let out =
-        cmd.output().map_err(|e| Error::Io { context: format!("running {}", show(&program)), source: e })?;
+    let out = cmd.output().map_err(|e| Error::Io {
+        context: format!("running {}", show(&program)),
+        source: e,
+    })?;
     if !out.status.success() {
         return Err(Error::ansible(
             format!(

@@ -56,10 +56,21 @@ impl Session {
         if !inventory.stripped.is_empty() {
             tracing::info!(stripped = ?inventory.stripped, "connection vars of the real host left out of the transient inventory");
         }
-        write_json(&cfg.dir.join("certs.json"), &serde_json::Value::Object(cfg.certs.vars.clone()))?;
-        write_json(&cfg.dir.join("connection.json"), &serde_json::Value::Object(cfg.target.extra_vars()))?;
+        write_json(
+            &cfg.dir.join("certs.json"),
+            &serde_json::Value::Object(cfg.certs.vars.clone()),
+        )?;
+        write_json(
+            &cfg.dir.join("connection.json"),
+            &serde_json::Value::Object(cfg.target.extra_vars()),
+        )?;
         let site_vars = write_site_vars_source(&cfg.dir.join("site-vars"), &profile)?;
-        Ok(Session { profile, cfg, inventory, site_vars })
+        Ok(Session {
+            profile,
+            cfg,
+            inventory,
+            site_vars,
+        })
     }
 
     pub fn profile(&self) -> &Profile {
@@ -130,7 +141,11 @@ impl Session {
         args
     }
 
-    pub(super) fn command(&self, program: &str, args: &[OsString]) -> Result<tokio::process::Command> {
+    pub(super) fn command(
+        &self,
+        program: &str,
+        args: &[OsString],
+    ) -> Result<tokio::process::Command> {
         let prog = find_tool(program)?;
         let mut cmd = match &self.cfg.netns {
             Some(ns) => {
@@ -140,7 +155,9 @@ impl Session {
             }
             None => tokio::process::Command::new(&prog),
         };
-        cmd.args(args).current_dir(&self.profile.repo).envs(base_env());
+        cmd.args(args)
+            .current_dir(&self.profile.repo)
+            .envs(base_env());
         Ok(cmd)
     }
 
@@ -160,9 +177,19 @@ impl Session {
             .env("ANSIBLE_STDOUT_CALLBACK", "default")
             .env("ANSIBLE_PIPELINING", "True")
             .env("ANSIBLE_SSH_CONTROL_PATH_DIR", cp.path());
-        let line = args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ");
+        let line = args
+            .iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ");
         let header = format!("# boma-qvm: ansible-playbook {line}\n# scope: {scope:?}");
-        let secrets: Vec<String> = self.cfg.certs.secret.iter().map(|s| s.value.clone()).collect();
+        let secrets: Vec<String> = self
+            .cfg
+            .certs
+            .secret
+            .iter()
+            .map(|s| s.value.clone())
+            .collect();
         tracing::info!(playbook = pb.name(), log = %show(&opts.log), "running ansible-playbook");
         let started = Instant::now();
         let teed = tee::run(
@@ -213,7 +240,8 @@ impl Session {
             .open(&path)
             .ctx(|| format!("creating {}", show(&path)))?;
         let body = serde_json::json!({ secret.var.clone(): secret.value });
-        f.write_all(body.to_string().as_bytes()).ctx(|| format!("writing {}", show(&path)))?;
+        f.write_all(body.to_string().as_bytes())
+            .ctx(|| format!("writing {}", show(&path)))?;
         Ok(Some(SecretFile(path)))
     }
 }
@@ -239,15 +267,18 @@ fn write_site_vars_source(dir: &Path, profile: &Profile) -> Result<Option<PathBu
         std::fs::remove_dir_all(dir).ctx(|| format!("removing {}", show(dir)))?;
     }
     let site_dir = profile.site.parent().unwrap_or(&profile.repo);
-    let subs: Vec<&str> =
-        ["group_vars", "host_vars"].into_iter().filter(|s| site_dir.join(s).is_dir()).collect();
+    let subs: Vec<&str> = ["group_vars", "host_vars"]
+        .into_iter()
+        .filter(|s| site_dir.join(s).is_dir())
+        .collect();
     if profile.verify.parent() == Some(site_dir) || subs.is_empty() {
         return Ok(None);
     }
     std::fs::create_dir_all(dir).ctx(|| format!("creating {}", show(dir)))?;
     for sub in subs {
         let target = site_dir.join(sub);
-        std::os::unix::fs::symlink(&target, dir.join(sub)).ctx(|| format!("linking {}", show(&target)))?;
+        std::os::unix::fs::symlink(&target, dir.join(sub))
+            .ctx(|| format!("linking {}", show(&target)))?;
     }
     let path = dir.join("site-vars.json");
     std::fs::write(&path, "{\"all\": {}}\n").ctx(|| format!("writing {}", show(&path)))?;

@@ -13,55 +13,9 @@ use crate::error::{Error, Result};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
-use std::str::FromStr;
 
-/// An IPv4 subnet, e.g. the isolated bridge's `192.168.231.0/24`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Subnet {
-    pub network: Ipv4Addr,
-    pub prefix: u8,
-}
-
-impl Subnet {
-    pub fn new(addr: Ipv4Addr, prefix: u8) -> Result<Subnet> {
-        if prefix > 32 {
-            return Err(Error::input(
-                format!("prefix /{prefix} is not a valid IPv4 prefix"),
-                "use /0 to /32",
-            ));
-        }
-        let network = Ipv4Addr::from(u32::from(addr) & Self::mask(prefix));
-        Ok(Subnet { network, prefix })
-    }
-
-    fn mask(prefix: u8) -> u32 {
-        if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix)) }
-    }
-
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        u32::from(ip) & Self::mask(self.prefix) == u32::from(self.network)
-    }
-}
-
-impl std::fmt::Display for Subnet {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.network, self.prefix)
-    }
-}
-
-impl FromStr for Subnet {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Subnet> {
-        let bad = || {
-            Error::input(
-                format!("`{s}` is not an IPv4 subnet"),
-                "write it as ADDRESS/PREFIX, e.g. 192.168.231.0/24",
-            )
-        };
-        let (a, p) = s.split_once('/').ok_or_else(bad)?;
-        Subnet::new(a.parse().map_err(|_| bad())?, p.parse().map_err(|_| bad())?)
-    }
-}
+/// The isolated network's subnet type (one definition for the whole crate).
+pub use crate::net::Subnet;
 
 /// The template `ansible -m debug` evaluates per host: the address the ssh plugin would use
 /// (`ansible_ssh_host` beats `ansible_host`, which beats the inventory name) and the connection.
@@ -69,8 +23,14 @@ pub const PROBE_MSG: &str = "msg={{ {'address': ansible_ssh_host | default(ansib
      default(inventory_hostname), 'connection': ansible_connection | default('ssh')} }}";
 
 /// Connection plugins that reach the machine at `address` over SSH.
-const SSH_CONNECTIONS: &[&str] =
-    &["ssh", "ansible.builtin.ssh", "paramiko", "paramiko_ssh", "ansible.builtin.paramiko_ssh", "smart"];
+const SSH_CONNECTIONS: &[&str] = &[
+    "ssh",
+    "ansible.builtin.ssh",
+    "paramiko",
+    "paramiko_ssh",
+    "ansible.builtin.paramiko_ssh",
+    "smart",
+];
 
 /// What the check established; goes into the run's log and report.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -106,8 +66,15 @@ pub fn judge_inventory(
         )));
     }
     let msg = results[host].get("msg").cloned().unwrap_or(Value::Null);
-    let address = msg.get("address").and_then(Value::as_str).unwrap_or_default();
-    let connection = msg.get("connection").and_then(Value::as_str).unwrap_or_default().to_string();
+    let address = msg
+        .get("address")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let connection = msg
+        .get("connection")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
     if !SSH_CONNECTIONS.contains(&connection.as_str()) {
         return Err(refuse(format!(
             "`{host}`'s effective ansible_connection is `{connection}`, not ssh: the playbook would \
@@ -115,7 +82,9 @@ pub fn judge_inventory(
         )));
     }
     let ip: Ipv4Addr = address.parse().map_err(|_| {
-        refuse(format!("`{host}`'s effective address is `{address}`, not an IPv4 address inside {subnet}"))
+        refuse(format!(
+            "`{host}`'s effective address is `{address}`, not an IPv4 address inside {subnet}"
+        ))
     })?;
     if !subnet.contains(ip) {
         return Err(refuse(format!(
@@ -156,5 +125,8 @@ pub fn judge_playbook(hosts: &BTreeSet<String>, host: &str, playbook: &str) -> R
         ));
     }
     let list: Vec<&str> = hosts.iter().map(String::as_str).collect();
-    Err(refuse(format!("{playbook} limited to `{host}` would run on {}", list.join(", "))))
+    Err(refuse(format!(
+        "{playbook} limited to `{host}` would run on {}",
+        list.join(", ")
+    )))
 }

@@ -26,23 +26,33 @@ impl Session {
         args.extend(self.inventory_args(pb));
         args.extend(["--playbook-dir".into(), pbdir.into()]);
         args.extend(self.extra_var_args());
-        args.extend(["-m".into(), "ansible.builtin.debug".into(), "-a".into(), safety::PROBE_MSG.into()]);
+        args.extend([
+            "-m".into(),
+            "ansible.builtin.debug".into(),
+            "-a".into(),
+            safety::PROBE_MSG.into(),
+        ]);
         args.extend(["--tree".into(), tree.path().into()]);
         self.quick("ansible", &args).await?;
         let mut results = BTreeMap::new();
         for entry in std::fs::read_dir(tree.path()).ctx(|| "reading the scope results".into())? {
             let entry = entry.ctx(|| "reading the scope results".into())?;
-            let text =
-                std::fs::read_to_string(entry.path()).ctx(|| format!("reading {}", show(&entry.path())))?;
+            let text = std::fs::read_to_string(entry.path())
+                .ctx(|| format!("reading {}", show(&entry.path())))?;
             let value = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
             results.insert(entry.file_name().to_string_lossy().into_owned(), value);
         }
-        let (address, connection) = safety::judge_inventory(&results, &self.profile.host, self.cfg.subnet)?;
+        let (address, connection) =
+            safety::judge_inventory(&results, &self.profile.host, self.cfg.subnet)?;
 
         let mut args = self.playbook_args(pb);
         args.push("--list-hosts".into());
         let listed = self.quick("ansible-playbook", &args).await?;
-        safety::judge_playbook(&safety::parse_list_hosts(&listed), &self.profile.host, &show(&path))?;
+        safety::judge_playbook(
+            &safety::parse_list_hosts(&listed),
+            &self.profile.host,
+            &show(&path),
+        )?;
         let report = ScopeReport {
             host: self.profile.host.clone(),
             address,
@@ -57,7 +67,9 @@ impl Session {
     /// A short Ansible command whose stdout we need; failure is an error.
     async fn quick(&self, program: &str, args: &[OsString]) -> Result<String> {
         let mut cmd = self.command(program, args)?;
-        cmd.env("ANSIBLE_NOCOLOR", "1").stdin(std::process::Stdio::null()).kill_on_drop(true);
+        cmd.env("ANSIBLE_NOCOLOR", "1")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
         let out = tokio::time::timeout(Duration::from_secs(180), cmd.output())
             .await
             .map_err(|_| Error::timeout(format!("`{program}` (scope check)"), 180, ""))?
@@ -69,7 +81,10 @@ impl Session {
                     String::from_utf8_lossy(&out.stderr).trim(),
                     String::from_utf8_lossy(&out.stdout).trim()
                 ),
-                format!("check the transient inventory {} and the overlay", show(&self.inventory.path)),
+                format!(
+                    "check the transient inventory {} and the overlay",
+                    show(&self.inventory.path)
+                ),
             ));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())

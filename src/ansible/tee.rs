@@ -86,11 +86,24 @@ pub async fn run(
     .await;
 
     match streamed {
-        Ok(status) => Ok(Teed { status: status.ctx(|| format!("waiting for {what}"))?, lines }),
+        Ok(status) => Ok(Teed {
+            status: status.ctx(|| format!("waiting for {what}"))?,
+            lines,
+        }),
         Err(_) => {
             kill_group(pid, &mut child).await;
-            let tail: Vec<&str> = lines.iter().rev().take(15).rev().map(String::as_str).collect();
-            let _ = writeln!(file, "boma-qvm: timed out after {}s; process group killed", timeout.as_secs());
+            let tail: Vec<&str> = lines
+                .iter()
+                .rev()
+                .take(15)
+                .rev()
+                .map(String::as_str)
+                .collect();
+            let _ = writeln!(
+                file,
+                "boma-qvm: timed out after {}s; process group killed",
+                timeout.as_secs()
+            );
             Err(Error::timeout(
                 what,
                 timeout.as_secs(),
@@ -100,8 +113,17 @@ pub async fn run(
     }
 }
 
-fn handle(raw: &[u8], file: &mut std::fs::File, lines: &mut Vec<String>, echo: bool, secrets: &[String]) {
-    let text = redact(String::from_utf8_lossy(raw).trim_end_matches(['\n', '\r']), secrets);
+fn handle(
+    raw: &[u8],
+    file: &mut std::fs::File,
+    lines: &mut Vec<String>,
+    echo: bool,
+    secrets: &[String],
+) {
+    let text = redact(
+        String::from_utf8_lossy(raw).trim_end_matches(['\n', '\r']),
+        secrets,
+    );
     if echo {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{text}");
@@ -119,7 +141,10 @@ async fn kill_group(pid: Option<u32>, child: &mut tokio::process::Child) {
     let Some(pid) = pid else { return };
     let pgid = Pid::from_raw(pid as i32);
     let _ = killpg(pgid, Signal::SIGTERM);
-    if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .is_err()
+    {
         let _ = killpg(pgid, Signal::SIGKILL);
         let _ = child.wait().await;
     }

@@ -45,7 +45,12 @@ pub struct Connection {
 impl Connection {
     /// The VM as cloud-init sets it up: user `ansible`, port 22.
     pub fn new(address: Ipv4Addr, key: PathBuf) -> Self {
-        Connection { address, port: 22, user: "ansible".into(), key }
+        Connection {
+            address,
+            port: 22,
+            user: "ansible".into(),
+            key,
+        }
     }
 
     /// The ssh-plugin vars passed as extra vars (both spellings where Ansible reads two: the
@@ -74,7 +79,10 @@ impl Connection {
     pub fn inventory_vars(&self) -> Map<String, Value> {
         let mut m = self.extra_vars();
         m.insert("ansible_connection".into(), json!("ssh"));
-        m.insert("ansible_python_interpreter".into(), json!("/usr/bin/python3"));
+        m.insert(
+            "ansible_python_interpreter".into(),
+            json!("/usr/bin/python3"),
+        );
         m
     }
 }

@@ -1,6 +1,7 @@
 //! Command-line parsing and dispatch. Each subcommand's work lives in the library; this only maps
 //! flags to calls and results to output.
 
+mod cycle_cmds;
 mod net_cmds;
 mod vm_cmds;
 
@@ -31,6 +32,14 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// The main job: the VM becomes HOST, gets the real apply, a real reboot, the verify playbook.
+    Cycle(Box<cycle_cmds::CycleArgs>),
+    /// Re-run the apply (site.yml) on a VM kept by `cycle`.
+    Apply(cycle_cmds::KeptVmArgs),
+    /// Re-run the verify playbook on a VM kept by `cycle`.
+    Assert(cycle_cmds::KeptVmArgs),
+    /// Restore the post-apply snapshot (`cycle --snapshot`), then reboot + assert again.
+    Reset(cycle_cmds::KeptVmArgs),
     /// Create a VM and power it on.
     Up(Box<vm_cmds::UpArgs>),
     /// Power on an existing VM (after a shutdown or power cut), reusing its overlay.
@@ -131,6 +140,10 @@ fn supervise(run_dir: PathBuf) -> Result<()> {
 
 async fn dispatch(cmd: Cmd, dirs: &Dirs) -> Result<()> {
     match cmd {
+        Cmd::Cycle(a) => cycle_cmds::cycle(dirs, *a).await,
+        Cmd::Apply(a) => cycle_cmds::apply(dirs, a).await,
+        Cmd::Assert(a) => cycle_cmds::assert(dirs, a).await,
+        Cmd::Reset(a) => cycle_cmds::reset(dirs, a).await,
         Cmd::Up(a) => vm_cmds::up(dirs, *a).await,
         Cmd::Start(a) => vm_cmds::start(dirs, a).await,
         Cmd::Down(a) => vm_cmds::down(dirs, a).await,

@@ -3,10 +3,10 @@
 //! (`nft list ruleset`, `docker ps -a`, `ss -tlnp`, `journalctl -b`,
 //! `systemd-analyze critical-chain`) when SSH still answers.
 
+use crate::Result;
 use crate::error::IoContext;
 use crate::ssh;
 use crate::vm::Vm;
-use crate::Result;
 use std::path::Path;
 use std::time::Duration;
 
@@ -16,7 +16,10 @@ pub const GUEST_COMMANDS: &[(&str, &str)] = &[
     ("docker-ps.txt", "sudo -n docker ps -a"),
     ("ss-tlnp.txt", "sudo -n ss -tlnp"),
     ("journal.txt", "sudo -n journalctl -b --no-pager"),
-    ("critical-chain.txt", "systemd-analyze critical-chain --no-pager"),
+    (
+        "critical-chain.txt",
+        "systemd-analyze critical-chain --no-pager",
+    ),
     ("systemctl-failed.txt", "systemctl --failed --no-pager"),
 ];
 
@@ -25,16 +28,23 @@ pub const GUEST_COMMANDS: &[(&str, &str)] = &[
 pub async fn collect(vm: &Vm, conn: Option<&ssh::Conn>, out: &Path) -> Result<Vec<String>> {
     std::fs::create_dir_all(out).ctx(|| format!("creating {}", out.display()))?;
     let mut written = Vec::new();
-    for (src, name) in [(vm.run.console_log(), "console.log"), (vm.run.events(), "events.jsonl")] {
+    for (src, name) in [
+        (vm.run.console_log(), "console.log"),
+        (vm.run.events(), "events.jsonl"),
+    ] {
         if std::fs::copy(&src, out.join(name)).is_ok() {
             written.push(name.to_string());
         }
     }
     let tail = vm.console_tail(80);
-    std::fs::write(out.join("console-tail.txt"), &tail).ctx(|| "writing console-tail.txt".into())?;
+    std::fs::write(out.join("console-tail.txt"), &tail)
+        .ctx(|| "writing console-tail.txt".into())?;
     written.push("console-tail.txt".into());
     let reachable = match conn {
-        Some(c) => ssh::run(c, "true", Duration::from_secs(20)).await.map(|o| o.status.success()).unwrap_or(false),
+        Some(c) => ssh::run(c, "true", Duration::from_secs(20))
+            .await
+            .map(|o| o.status.success())
+            .unwrap_or(false),
         None => false,
     };
     for (file, cmd) in GUEST_COMMANDS {

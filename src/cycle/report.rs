@@ -1,9 +1,9 @@
 //! What a cycle leaves behind: `report.json` (verdict, every stage's start and duration,
 //! versions, accelerator) and `junit.xml` for CI systems, both in the run's directory.
 
+use crate::Result;
 use crate::error::IoContext;
 use crate::stage::StageRecord;
-use crate::Result;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -49,8 +49,10 @@ pub struct Versions {
 impl Report {
     pub fn write(&self, dir: &Path) -> Result<()> {
         let json = serde_json::to_string_pretty(self).expect("report serialises");
-        std::fs::write(dir.join("report.json"), json).ctx(|| format!("writing {}/report.json", dir.display()))?;
-        std::fs::write(dir.join("junit.xml"), self.junit()).ctx(|| format!("writing {}/junit.xml", dir.display()))
+        std::fs::write(dir.join("report.json"), json)
+            .ctx(|| format!("writing {}/report.json", dir.display()))?;
+        std::fs::write(dir.join("junit.xml"), self.junit())
+            .ctx(|| format!("writing {}/junit.xml", dir.display()))
     }
 
     /// One JUnit test suite, one test case per stage.
@@ -85,7 +87,10 @@ impl Report {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 #[cfg(test)]
@@ -93,7 +98,13 @@ mod tests {
     use super::*;
 
     fn stage(name: &str, ok: bool, error: Option<&str>) -> StageRecord {
-        StageRecord { name: name.into(), started: 1.0, seconds: 2.5, ok, error: error.map(String::from) }
+        StageRecord {
+            name: name.into(),
+            started: 1.0,
+            seconds: 2.5,
+            ok,
+            error: error.map(String::from),
+        }
     }
 
     fn report() -> Report {
@@ -102,7 +113,14 @@ mod tests {
             vm: "boma-it-askari".into(),
             verdict: Verdict::Fail,
             summary: "verify after reboot failed".into(),
-            stages: vec![stage("apply", true, None), stage("verify after reboot", false, Some("published port <8080> dead & \"gone\""))],
+            stages: vec![
+                stage("apply", true, None),
+                stage(
+                    "verify after reboot",
+                    false,
+                    Some("published port <8080> dead & \"gone\""),
+                ),
+            ],
             accel: "tcg".into(),
             certs: "internal".into(),
             egress: true,
@@ -120,14 +138,19 @@ mod tests {
         let x = report().junit();
         assert!(x.contains("tests=\"2\" failures=\"1\""), "{x}");
         assert!(x.contains("<testcase classname=\"cycle.askari\" name=\"apply\" time=\"2.5\"/>"));
-        assert!(x.contains("&lt;8080&gt; dead &amp; &quot;gone&quot;"), "{x}");
+        assert!(
+            x.contains("&lt;8080&gt; dead &amp; &quot;gone&quot;"),
+            "{x}"
+        );
     }
 
     #[test]
     fn report_round_trips() {
         let d = tempfile::tempdir().unwrap();
         report().write(d.path()).unwrap();
-        let back: Report = serde_json::from_str(&std::fs::read_to_string(d.path().join("report.json")).unwrap()).unwrap();
+        let back: Report =
+            serde_json::from_str(&std::fs::read_to_string(d.path().join("report.json")).unwrap())
+                .unwrap();
         assert_eq!(back, report());
         assert!(d.path().join("junit.xml").exists());
     }

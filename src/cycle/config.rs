@@ -1,0 +1,179 @@
+//! What a cycle was asked to do, saved beside the VM (`cycle.json`) so `apply`, `assert` and
+//! `reset` on a kept VM use the same repo, host, cert tier and vars as the cycle that made it.
+
+use crate::ansible::{CertOptions, CertPlan, CertTier};
+use crate::error::IoContext;
+use crate::net::Subnet;
+use crate::vm::Vm;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CycleConfig {
+    pub host: String,
+    /// The Ansible repo (absolute).
+    pub repo: PathBuf,
+    pub certs: CertTier,
+    /// The explicit opt-in le-prod-wildcard requires (`--accept-prod-cert-risk`).
+    pub prod_opt_in: bool,
+    /// The user's own `-e` values, layered after the cert tier.
+    pub extra_vars: Vec<String>,
+    pub keep: bool,
+    pub snapshot: bool,
+    pub egress: bool,
+    pub subnet: Subnet,
+    /// Where run directories go (`~/integration-runs`).
+    pub runs_root: PathBuf,
+    /// This cycle's run directory, once it has one.
+    #[serde(default)]
+    pub run_dir: Option<PathBuf>,
+}
+
+impl CycleConfig {
+    pub fn cert_plan(&self) -> Result<CertPlan> {
+        let opts = CertOptions {
+            egress: self.egress,
+            prod_opt_in: self.prod_opt_in,
+            ..CertOptions::default()
+        };
+        self.certs.plan(&opts, |k| std::env::var(k).ok())
+    }
+
+    /// `<runs_root>/<UTC timestamp>-<host>/`, created.
+    pub fn new_run_dir(&self) -> Result<PathBuf> {
+        let dir = self.runs_root.join(format!(
+            "{}-{}",
+            utc_stamp(crate::events::now() as i64),
+            self.host
+        ));
+        std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+        Ok(dir)
+    }
+
+    /// `integration_dns_names` from the overlay: names the VM's DNS answers with the VM itself.
+    pub fn overlay_dns_names(&self) -> Result<Vec<String>> {
+        let path = self
+            .repo
+            .join("tests/integration/overrides")
+            .join(format!("{}.yml", self.host));
+        let text = std::fs::read_to_string(&path).ctx(|| format!("reading {}", path.display()))?;
+        let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).map_err(|e| {
+            Error::input(
+                format!("{} is not valid YAML: {e}", path.display()),
+                "fix the overlay file",
+            )
+        })?;
+        Ok(doc
+            .get("integration_dns_names")
+            .and_then(|v| v.as_sequence())
+            .map(|s| {
+                s.iter()
+                    .filter_map(|n| n.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    pub fn save(&self, vm: &Vm, run_dir: &Path) -> Result<()> {
+        let mut c = self.clone();
+        c.run_dir = Some(run_dir.to_path_buf());
+        let text = serde_json::to_string_pretty(&c).expect("config serialises");
+        std::fs::write(vm.run.dir.join("cycle.json"), text).ctx(|| "writing cycle.json".into())
+    }
+
+    pub fn load(vm: &Vm) -> Result<CycleConfig> {
+        let p = vm.run.dir.join("cycle.json");
+        let text = std::fs::read_to_string(&p).map_err(|_| {
+            Error::not_found(
+                format!("a cycle for {}", vm.name),
+                "apply/assert/reset work on a VM made by `boma-qvm cycle`",
+            )
+        })?;
+        serde_json::from_str(&text).map_err(|e| {
+            Error::input(
+                format!("{} is unreadable: {e}", p.display()),
+                "run the cycle again",
+            )
+        })
+    }
+}
+
+/// `20261126T051400Z` from Unix seconds (UTC; no calendar crate needed for this).
+pub fn utc_stamp(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn first_line(program: &str, args: &[&str]) -> String {
+    std::process::Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(String::from)
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+pub fn versions() -> super::report::Versions {
+    super::report::Versions {
+        boma_qvm: env!("CARGO_PKG_VERSION").into(),
+        qemu: first_line("qemu-system-x86_64", &["--version"]),
+        ansible: first_line("ansible-playbook", &["--version"]),
+        image: String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_stamps() {
+        assert_eq!(utc_stamp(0), "19700101T000000Z");
+        assert_eq!(utc_stamp(1_795_670_061), "20261126T051421Z");
+        assert_eq!(utc_stamp(951_782_400), "20000229T000000Z");
+    }
+
+    #[test]
+    fn overlay_names_come_from_the_fixture() {
+        let cfg = CycleConfig {
+            host: "askari".into(),
+            repo: Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/boma"),
+            certs: CertTier::Internal,
+            prod_opt_in: false,
+            extra_vars: vec![],
+            keep: false,
+            snapshot: false,
+            egress: true,
+            subnet: "192.168.231.0/24".parse().unwrap(),
+            runs_root: "/tmp".into(),
+            run_dir: None,
+        };
+        assert_eq!(cfg.overlay_dns_names().unwrap(), vec!["askari.wingu.me"]);
+        let mut staging = cfg.clone();
+        staging.certs = CertTier::LeStaging;
+        staging.egress = false;
+        assert!(staging.cert_plan().is_err(), "le-* tiers need egress");
+    }
+}

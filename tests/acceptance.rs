@@ -1,0 +1,163 @@
+//! The design's self-validating acceptance test, through the README's main job
+//! (`make test-integration HOST=askari`) on the bundled example repo, on a real Debian 13 guest
+//! under TCG, inside a network namespace this test creates:
+//!
+//! 1. fix off: the apply succeeds and the published port answers before the reboot, and verify
+//!    FAILS after the reboot on the published port — the VM kept, the post-mortem written. If
+//!    this passed, the harness would not be faithful.
+//! 2. fix on (`FIX=1`): the same cycle passes across the reboot and leaves nothing behind.
+
+mod common;
+
+use common::Env;
+use common::netns::Netns;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+fn make(ns: &Netns, env: &Env, runs: &Path, fix: bool) -> std::process::Output {
+    ns.exec(&format!(
+        "cd {} && BOMA_QVM_STATE_DIR={} BOMA_QVM_CACHE_DIR={} BOMA_QVM_RUNS_DIR={} make -s test-integration HOST=askari BOMA_QVM={} {}",
+        env!("CARGO_MANIFEST_DIR"),
+        env.dirs.state.display(),
+        env.dirs.cache.display(),
+        runs.display(),
+        env!("CARGO_BIN_EXE_boma-qvm"),
+        if fix { "FIX=1" } else { "" },
+    ))
+}
+
+fn only_run_dir(runs: &Path) -> PathBuf {
+    let dirs: Vec<PathBuf> = std::fs::read_dir(runs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    dirs[0].clone()
+}
+
+fn stage<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no stage {name}: {report:#}"))
+}
+
+fn left_in(ns: &Netns) -> String {
+    let procs: Vec<String> = ns
+        .pids()
+        .iter()
+        .map(|p| boma_qvm::procs::cmdline(*p).join(" "))
+        .collect();
+    let links =
+        String::from_utf8_lossy(&ns.exec("ip -o link show; nft list tables").stdout).into_owned();
+    format!("{links}{}", procs.join("\n"))
+}
+
+#[test]
+fn the_incident_reproduces_red_then_the_fix_is_green() {
+    let env = Env::new();
+    let ns = Netns::new("acc");
+
+    // 1. Red: today's base role, no container-forward drop-in.
+    let red_runs = env.tmp.path().join("runs-red");
+    let out = make(&ns, &env, &red_runs, false);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success(),
+        "the broken state must fail verify after the reboot:\n{text}"
+    );
+    let run = only_run_dir(&red_runs);
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["verdict"], "fail");
+    assert_eq!(
+        stage(&report, "apply")["ok"],
+        true,
+        "the apply itself succeeds, as on the real host"
+    );
+    assert_eq!(
+        stage(&report, "verify before reboot")["ok"],
+        true,
+        "green right after the apply (docker-proxy masks it)"
+    );
+    assert_eq!(
+        stage(&report, "reboot")["ok"],
+        true,
+        "a real reboot happened"
+    );
+    let after = stage(&report, "verify after reboot");
+    assert_eq!(after["ok"], false);
+    assert!(
+        after["error"].as_str().unwrap().contains("published port"),
+        "fails on the published port: {after}"
+    );
+    assert_eq!(report["vm_kept"], true);
+    for f in [
+        "console.log",
+        "events.jsonl",
+        "apply.log",
+        "verify-after-reboot.log",
+        "nft-ruleset.txt",
+        "docker-ps.txt",
+        "ss-tlnp.txt",
+        "journal.txt",
+        "critical-chain.txt",
+        "INSPECT.txt",
+        "junit.xml",
+    ] {
+        assert!(run.join(f).exists(), "post-mortem has {f}");
+    }
+    let ruleset = std::fs::read_to_string(run.join("nft-ruleset.txt")).unwrap();
+    assert!(
+        ruleset.contains("policy drop"),
+        "the ruleset that ate the traffic is in the post-mortem:\n{ruleset}"
+    );
+    assert!(
+        env.dirs.vm("boma-it-askari").exists(),
+        "the failed VM is kept"
+    );
+
+    // Clean the kept VM away, as an operator would.
+    let o = ns.exec(&format!(
+        "cd {} && BOMA_QVM_STATE_DIR={} make -s test-integration-clean BOMA_QVM={}",
+        env!("CARGO_MANIFEST_DIR"),
+        env.dirs.state.display(),
+        env!("CARGO_BIN_EXE_boma-qvm")
+    ));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!env.dirs.vm("boma-it-askari").exists());
+
+    // 2. Green: the same cycle with the docker_host container-forward drop-in.
+    let green_runs = env.tmp.path().join("runs-green");
+    let out = make(&ns, &env, &green_runs, true);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "the fixed state must pass across the reboot:\n{text}"
+    );
+    let report: Value = serde_json::from_str(
+        &std::fs::read_to_string(only_run_dir(&green_runs).join("report.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["verdict"], "pass");
+    assert_eq!(stage(&report, "verify after reboot")["ok"], true);
+    assert_eq!(report["vm_kept"], false);
+    assert!(
+        !env.dirs.vm("boma-it-askari").exists(),
+        "success destroys the VM and its overlay"
+    );
+    let left = left_in(&ns);
+    for gone in ["boma-qvm0", "boma_qvm", "bq-", "dnsmasq", "qemu-system"] {
+        assert!(!left.contains(gone), "{gone} left behind:\n{left}");
+    }
+}
