@@ -94,6 +94,10 @@ fn init_logging(verbose: u8) {
 }
 
 pub fn main() -> i32 {
+    for (k, v) in boma_qvm::config_file::defaults_to_apply(&boma_qvm::config_file::path()) {
+        // SAFETY: first thing in main, before any thread exists.
+        unsafe { std::env::set_var(k, v) };
+    }
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let mut dirs = Dirs::from_env();

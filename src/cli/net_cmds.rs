@@ -69,6 +69,19 @@ pub async fn doctor(dirs: &Dirs, _a: DoctorArgs) -> Result<()> {
             probe.reason()
         );
     }
+    let avail = boma_qvm::guard::mem_available_mib()?;
+    let need = boma_qvm::guard::threshold_mib(
+        3072,
+        std::env::var("BOMA_QVM_MIN_FREE_MIB")
+            .ok()
+            .and_then(|v| v.parse().ok()),
+    );
+    if avail >= need {
+        println!("ok: {avail} MiB of RAM available (a default 3 GiB VM needs {need} MiB)");
+    } else {
+        problems += 1;
+        println!("LOW RAM: {avail} MiB available, a default 3 GiB VM needs {need} MiB");
+    }
     for tool in [
         "qemu-system-x86_64",
         "qemu-img",

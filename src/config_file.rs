@@ -1,0 +1,57 @@
+//! Machine-wide defaults: `/etc/boma-qvm/config.env` (written by the integration_test role), or
+//! the file `$BOMA_QVM_CONFIG` names. `KEY=value` lines for `BOMA_QVM_*` settings; a variable
+//! already set in the environment wins over the file, and a command-line flag wins over both.
+
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_PATH: &str = "/etc/boma-qvm/config.env";
+
+pub fn path() -> PathBuf {
+    std::env::var_os("BOMA_QVM_CONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH))
+}
+
+/// The `BOMA_QVM_*` assignments in `text` (comments, blank lines and other keys ignored).
+pub fn parse(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .filter(|(k, _)| k.starts_with("BOMA_QVM_") && k != "BOMA_QVM_CONFIG")
+        .collect()
+}
+
+/// The settings from `file` that the environment does not already set.
+pub fn defaults_to_apply(file: &Path) -> Vec<(String, String)> {
+    let Ok(text) = std::fs::read_to_string(file) else {
+        return Vec::new();
+    };
+    parse(&text)
+        .into_iter()
+        .filter(|(k, _)| std::env::var_os(k).is_none())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_boma_qvm_keys() {
+        let got = parse(
+            "# c\nBOMA_QVM_MAX_VMS=2\n\nPATH=/x\n BOMA_QVM_CACHE_DIR = /var/cache/boma-qvm \nnonsense\n",
+        );
+        assert_eq!(
+            got,
+            vec![
+                ("BOMA_QVM_MAX_VMS".to_string(), "2".to_string()),
+                (
+                    "BOMA_QVM_CACHE_DIR".to_string(),
+                    "/var/cache/boma-qvm".to_string()
+                )
+            ]
+        );
+    }
+}
