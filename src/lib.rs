@@ -19,6 +19,7 @@ pub mod procs;
 pub mod provision;
 pub mod prune;
 pub mod qemu;
+pub mod qga;
 pub mod qmp;
 pub mod rundir;
 pub mod seed;

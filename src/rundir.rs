@@ -45,6 +45,10 @@ impl RunDir {
     pub fn ctl_sock(&self) -> PathBuf {
         self.file("ctl.sock")
     }
+    /// The QEMU guest agent's channel (virtio-serial): a way in without network or SSH.
+    pub fn qga_sock(&self) -> PathBuf {
+        self.file("qga.sock")
+    }
     pub fn console_log(&self) -> PathBuf {
         self.file("console.log")
     }

@@ -79,6 +79,7 @@ fn remove_runtime_files(run: &RunDir) {
     for p in [
         run.qmp_sock(),
         run.ctl_sock(),
+        run.qga_sock(),
         run.console_pty(),
         run.qemu_pid(),
         run.supervisor_pid(),
@@ -90,7 +91,7 @@ fn remove_runtime_files(run: &RunDir) {
 /// The supervisor's main. Runs until QEMU exits (or SIGTERM asks it to stop QEMU).
 pub async fn run(run: RunDir, tap: Option<OwnedFd>) -> Result<()> {
     let spec = run.read_spec()?;
-    for p in [run.qmp_sock(), run.ctl_sock()] {
+    for p in [run.qmp_sock(), run.ctl_sock(), run.qga_sock()] {
         let _ = std::fs::remove_file(p);
     }
     let tap_fd = tap.as_ref().map(|fd| fd.as_raw_fd());

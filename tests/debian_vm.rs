@@ -98,6 +98,24 @@ async fn debian_guest_boots_to_ssh_reboots_and_leaves_the_golden_image_untouched
         "{ev:?}"
     );
 
+    // The break-glass way in: the guest agent, no network or SSH involved.
+    let qga_sock = vm.run.qga_sock();
+    let agent = ns
+        .block_on(|| async {
+            let argv = [
+                "/bin/sh",
+                "-c",
+                "id -un; cat /proc/sys/kernel/random/boot_id",
+            ];
+            boma_qvm::qga::exec(&qga_sock, &argv, std::time::Duration::from_secs(60)).await
+        })
+        .unwrap();
+    assert_eq!(agent.code, Some(0), "{agent:?}");
+    assert!(
+        agent.stdout.starts_with("root\n") && agent.stdout.contains(boot2.trim()),
+        "{agent:?}"
+    );
+
     cli.ok("down e2e");
     let left = ns.exec("ip -o link show; nft list tables; pgrep -a dnsmasq || true");
     let left = String::from_utf8_lossy(&left.stdout).into_owned();

@@ -1,12 +1,13 @@
 //! The post-mortem a failed run leaves in its run directory, so someone who was not there can see
 //! why: the console (the automated Hetzner console), events.jsonl, and the guest's own view
 //! (`nft list ruleset`, `docker ps -a`, `ss -tlnp`, `journalctl -b`,
-//! `systemd-analyze critical-chain`) when SSH still answers.
+//! `systemd-analyze critical-chain`) over SSH, or through the QEMU guest agent when SSH is dead
+//! (the incident signature), so the ruleset that locked everyone out is still captured.
 
 use crate::Result;
 use crate::error::IoContext;
-use crate::ssh;
 use crate::vm::Vm;
+use crate::{qga, ssh};
 use std::path::Path;
 use std::time::Duration;
 
@@ -48,8 +49,8 @@ pub async fn collect(vm: &Vm, conn: Option<&ssh::Conn>, out: &Path) -> Result<Ve
         None => false,
     };
     for (file, cmd) in GUEST_COMMANDS {
-        let text = match (reachable, conn) {
-            (true, Some(c)) => match ssh::run(c, cmd, Duration::from_secs(60)).await {
+        let text = match conn.filter(|_| reachable) {
+            Some(c) => match ssh::run(c, cmd, Duration::from_secs(60)).await {
                 Ok(o) => format!(
                     "$ {cmd}\n{}{}",
                     String::from_utf8_lossy(&o.stdout),
@@ -57,14 +58,32 @@ pub async fn collect(vm: &Vm, conn: Option<&ssh::Conn>, out: &Path) -> Result<Ve
                 ),
                 Err(e) => format!("$ {cmd}\n(capture failed: {e})\n"),
             },
-            _ => format!(
-                "$ {cmd}\n(not captured: the guest does not answer SSH; see console.log and console-tail.txt)\n"
-            ),
+            None => through_agent(vm, cmd).await,
         };
         std::fs::write(out.join(file), text).ctx(|| format!("writing {file}"))?;
         written.push(file.to_string());
     }
     Ok(written)
+}
+
+/// The same capture without the network: the guest agent runs the command as root.
+async fn through_agent(vm: &Vm, cmd: &str) -> String {
+    let plain = cmd.strip_prefix("sudo -n ").unwrap_or(cmd);
+    match qga::exec(
+        &vm.run.qga_sock(),
+        &["/bin/sh", "-c", plain],
+        Duration::from_secs(60),
+    )
+    .await
+    {
+        Ok(o) => format!(
+            "$ {plain}    (through the guest agent: SSH does not answer)\n{}{}",
+            o.stdout, o.stderr
+        ),
+        Err(e) => format!(
+            "$ {plain}\n(not captured: SSH does not answer and neither does the guest agent: {e}; see console.log)\n"
+        ),
+    }
 }
 
 /// How to look at a kept VM, for INSPECT.txt and the terminal.

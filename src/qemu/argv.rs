@@ -136,6 +136,18 @@ pub fn nic(nic: &NicSpec, fd: i32) -> Vec<String> {
     ]
 }
 
+/// The guest agent's channel: a virtio-serial port named as qemu-guest-agent expects.
+pub fn guest_agent(socket: &Path) -> Vec<String> {
+    vec![
+        "-chardev".into(),
+        format!("socket,id=qga0,path={},server=on,wait=off", p(socket)),
+        "-device".into(),
+        "virtio-serial-pci,id=vser0".into(),
+        "-device".into(),
+        "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0".into(),
+    ]
+}
+
 /// Entropy for the guest: without it sshd and cloud-init wait for randomness at boot.
 pub fn rng() -> Vec<String> {
     s(&[
@@ -154,6 +166,7 @@ pub fn build(spec: &VmSpec, run: &RunDir, tap_fd: Option<i32>) -> Vec<String> {
     a.extend(qmp("mon0", &run.qmp_sock()));
     a.extend(qmp("mon1", &run.ctl_sock()));
     a.extend(serial(&run.console_log()));
+    a.extend(guest_agent(&run.qga_sock()));
     a.extend(boot(&spec.boot));
     if let Some(d) = &spec.disk {
         a.extend(disk(d));
@@ -249,6 +262,8 @@ mod tests {
         let j = joined(a.clone());
         assert!(j.contains("path=/r/qmp.sock,server=on,wait=off"));
         assert!(j.contains("path=/r/ctl.sock,server=on,wait=off"));
+        assert!(j.contains("path=/r/qga.sock,server=on,wait=off"));
+        assert!(j.contains("name=org.qemu.guest_agent.0"));
         assert!(a.contains(&"-S".to_string()));
         assert!(j.contains("-smp 2 -m 3072"));
         assert!(!j.contains("-netdev"), "no NIC without a tap fd");
