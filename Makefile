@@ -2,7 +2,7 @@
 #   make setup                      make this machine a control node (build + the integration_test role)
 #   make setup-check                prove it: a second apply changes nothing, then read-only checks
 #   make test                       the test suite (real QEMU under TCG, real dnsmasq/nftables/Ansible)
-#   make test-integration HOST=askari [CERTS=internal] [KEEP=1] [FIX=1] [REPO=dir]
+#   make test-integration HOST=askari [CERTS=internal] [KEEP=1] [FIX=1] [SNAPSHOT=1] [REPO=dir]
 #                                   the main job: boma-qvm cycle on the bundled example repo
 #   make test-integration-clean     reap every boma-it-* leftover (boma-qvm prune)
 SHELL := bash
@@ -25,8 +25,9 @@ REPO ?= tests/fixtures/boma
 CERTS ?= internal
 KEEP ?=
 FIX ?=
+SNAPSHOT ?=
 BOMA_QVM ?= $(if $(wildcard $(BIN)),$(BIN),boma-qvm)
-CYCLE_ARGS = --repo $(REPO) --certs $(CERTS) $(if $(KEEP),--keep) \
+CYCLE_ARGS = --repo $(REPO) --certs $(CERTS) $(if $(KEEP),--keep) $(if $(SNAPSHOT),--snapshot) \
 	$(if $(FIX),-e docker_host_container_forward=true)
 
 .PHONY: setup setup-check test test-integration test-integration-clean

@@ -14,15 +14,23 @@ use common::netns::Netns;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-fn make(ns: &Netns, env: &Env, runs: &Path, fix: bool) -> std::process::Output {
+fn make(ns: &Netns, env: &Env, runs: &Path, knobs: &str) -> std::process::Output {
     ns.exec(&format!(
-        "cd {} && BOMA_QVM_STATE_DIR={} BOMA_QVM_CACHE_DIR={} BOMA_QVM_RUNS_DIR={} make -s test-integration HOST=askari BOMA_QVM={} {}",
+        "cd {} && BOMA_QVM_STATE_DIR={} BOMA_QVM_CACHE_DIR={} BOMA_QVM_RUNS_DIR={} make -s test-integration HOST=askari BOMA_QVM={} {knobs}",
         env!("CARGO_MANIFEST_DIR"),
         env.dirs.state.display(),
         env.dirs.cache.display(),
         runs.display(),
         env!("CARGO_BIN_EXE_boma-qvm"),
-        if fix { "FIX=1" } else { "" },
+    ))
+}
+
+fn cli(ns: &Netns, env: &Env, args: &str) -> std::process::Output {
+    ns.exec(&format!(
+        "BOMA_QVM_STATE_DIR={} BOMA_QVM_CACHE_DIR={} {} {args}",
+        env.dirs.state.display(),
+        env.dirs.cache.display(),
+        env!("CARGO_BIN_EXE_boma-qvm")
     ))
 }
 
@@ -62,7 +70,7 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
 
     // 1. Red: today's base role, no container-forward drop-in.
     let red_runs = env.tmp.path().join("runs-red");
-    let out = make(&ns, &env, &red_runs, false);
+    let out = make(&ns, &env, &red_runs, "SNAPSHOT=1");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -123,6 +131,36 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
         "the failed VM is kept"
     );
 
+    // Iterate on the kept VM: back to the post-apply snapshot, reboot, verify -- red again.
+    let vm = boma_qvm::vm::Vm::open(&env.dirs, "boma-it-askari").unwrap();
+    let resets_before = vm
+        .events()
+        .unwrap()
+        .iter()
+        .filter(|r| r.is("RESET"))
+        .count();
+    let o = cli(&ns, &env, "reset askari");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(14),
+        "reset re-runs reboot + verify, still red:\n{text}"
+    );
+    assert!(text.contains("published port"), "{text}");
+    let ev = vm.events().unwrap();
+    assert!(
+        ev.iter().any(|r| r.data["kind"] == "snapshot-load"),
+        "the snapshot was restored"
+    );
+    assert!(
+        ev.iter().filter(|r| r.is("RESET")).count() > resets_before,
+        "and the VM rebooted after it"
+    );
+
     // Clean the kept VM away, as an operator would.
     let o = ns.exec(&format!(
         "cd {} && BOMA_QVM_STATE_DIR={} make -s test-integration-clean BOMA_QVM={}",
@@ -135,7 +173,7 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
 
     // 2. Green: the same cycle with the docker_host container-forward drop-in.
     let green_runs = env.tmp.path().join("runs-green");
-    let out = make(&ns, &env, &green_runs, true);
+    let out = make(&ns, &env, &green_runs, "FIX=1");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

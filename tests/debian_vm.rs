@@ -1,7 +1,8 @@
 //! End to end on a real Debian 13 guest: the offline-built golden image (built once into the XDG
 //! cache, reused after), a cloud-init seed with a per-run key, the isolated network inside a
-//! namespace this test creates, SSH with the generated key, a clean reboot over QMP — and the
-//! golden image byte-for-byte unchanged afterwards. One booted guest serves every assertion.
+//! namespace this test creates, SSH with the generated key, the guest agent — and the golden
+//! image byte-for-byte unchanged afterwards. One booted guest serves every assertion; the real
+//! reboot of a Debian guest is covered by the acceptance test.
 
 mod common;
 
@@ -42,7 +43,7 @@ impl Cli<'_> {
 }
 
 #[tokio::test]
-async fn debian_guest_boots_to_ssh_reboots_and_leaves_the_golden_image_untouched() {
+async fn debian_guest_boots_to_ssh_and_leaves_the_golden_image_untouched() {
     let env = Env::new();
     let golden = image::ensure(&env.dirs, &ImageChoice::Auto)
         .await
@@ -80,23 +81,8 @@ async fn debian_guest_boots_to_ssh_reboots_and_leaves_the_golden_image_untouched
         "{resolved} vs {ip}"
     );
 
-    let boot1 = cli.ok("ssh e2e -- cat /proc/sys/kernel/random/boot_id");
-    cli.ok("reboot e2e");
-    // `reboot` returns at the RESET; SSH comes back when the guest has booted again.
+    let boot_id = cli.ok("ssh e2e -- cat /proc/sys/kernel/random/boot_id");
     let vm = boma_qvm::vm::Vm::open(&env.dirs, "boma-it-e2e").unwrap();
-    let conn = ns.run(|| boma_qvm::provision::ssh_conn(&env.dirs, &vm).unwrap());
-    ns.block_on(|| async {
-        boma_qvm::ssh::wait_for_login(&conn, std::time::Duration::from_secs(600))
-            .await
-            .unwrap()
-    });
-    let boot2 = cli.ok("ssh e2e -- cat /proc/sys/kernel/random/boot_id");
-    assert_ne!(boot1, boot2, "a real reboot: new boot_id");
-    let ev: Vec<String> = vm.events().unwrap().into_iter().map(|r| r.event).collect();
-    assert!(
-        ev.iter().any(|e| e == "SHUTDOWN") && ev.iter().any(|e| e == "RESET"),
-        "{ev:?}"
-    );
 
     // The break-glass way in: the guest agent, no network or SSH involved.
     let qga_sock = vm.run.qga_sock();
@@ -112,7 +98,7 @@ async fn debian_guest_boots_to_ssh_reboots_and_leaves_the_golden_image_untouched
         .unwrap();
     assert_eq!(agent.code, Some(0), "{agent:?}");
     assert!(
-        agent.stdout.starts_with("root\n") && agent.stdout.contains(boot2.trim()),
+        agent.stdout.starts_with("root\n") && agent.stdout.contains(boot_id.trim()),
         "{agent:?}"
     );
 
