@@ -264,23 +264,23 @@ impl Vm {
         occurrences: usize,
         timeout: Duration,
     ) -> Result<()> {
-        let deadline = std::time::Instant::now() + timeout;
-        let mut tail = self.tail();
-        loop {
-            if self.console_count(needle) >= occurrences {
-                return Ok(());
+        let seen = async {
+            let deadline = std::time::Instant::now() + timeout;
+            while self.console_count(needle) < occurrences {
+                if std::time::Instant::now() >= deadline {
+                    return Err(Error::timeout(
+                        format!("`{needle}` x{occurrences} on {}'s console", self.name),
+                        timeout.as_secs(),
+                        format!("\n--- console tail ---\n{}", self.console_tail(20)),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            for r in tail.poll()? {
-                events::fail_fast(&r)?;
-            }
-            if std::time::Instant::now() >= deadline {
-                return Err(Error::timeout(
-                    format!("`{needle}` x{occurrences} on {}'s console", self.name),
-                    timeout.as_secs(),
-                    format!("\n--- console tail ---\n{}", self.console_tail(20)),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok(())
+        };
+        tokio::select! {
+            r = seen => r,
+            e = events::first_failure(self.tail()) => Err(e),
         }
     }
 

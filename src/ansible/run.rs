@@ -32,9 +32,6 @@ pub struct SessionConfig {
     pub certs: CertPlan,
     /// The user's own `-e` values (`k=v`, `@file` or JSON), layered after the cert tier.
     pub extra_vars: Vec<String>,
-    /// Run every Ansible command inside this network namespace (`ip netns exec NS`), for a VM
-    /// that is only reachable there.
-    pub netns: Option<String>,
 }
 
 /// One profile mirrored onto one VM: the transient inventory and vars files on disk, and the
@@ -147,14 +144,7 @@ impl Session {
         args: &[OsString],
     ) -> Result<tokio::process::Command> {
         let prog = find_tool(program)?;
-        let mut cmd = match &self.cfg.netns {
-            Some(ns) => {
-                let mut c = tokio::process::Command::new("ip");
-                c.args(["netns", "exec", ns.as_str()]).arg(&prog);
-                c
-            }
-            None => tokio::process::Command::new(&prog),
-        };
+        let mut cmd = tokio::process::Command::new(&prog);
         cmd.args(args)
             .current_dir(&self.profile.repo)
             .envs(base_env());

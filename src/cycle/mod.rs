@@ -30,7 +30,6 @@ pub fn session(cfg: &CycleConfig, vm: &Vm, ip: Ipv4Addr) -> Result<Session> {
             subnet: cfg.subnet,
             certs,
             extra_vars: cfg.extra_vars.clone(),
-            netns: None,
         },
     )
 }
