@@ -93,7 +93,7 @@ fn kept(dirs: &Dirs, a: &KeptVmArgs, what: &str) -> Result<(Vm, CycleConfig, Pat
     let vm = Vm::resolve(dirs, a.vm.as_deref())?;
     let cfg = CycleConfig::load(&vm)?;
     let dir = cfg.run_dir.clone().unwrap_or_else(|| vm.run.dir.clone());
-    let stamp = boma_qvm::cycle::config::utc_stamp(boma_qvm::events::now() as i64);
+    let stamp = boma_qvm::cycle::config::utc_stamp(boma_qvm::events::now() as u64);
     Ok((vm, cfg, dir.join(format!("{what}-{stamp}.log"))))
 }
 

@@ -44,7 +44,7 @@ impl CycleConfig {
     pub fn new_run_dir(&self) -> Result<PathBuf> {
         let dir = self.runs_root.join(format!(
             "{}-{}",
-            utc_stamp(crate::events::now() as i64),
+            utc_stamp(crate::events::now() as u64),
             self.host
         ));
         std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
@@ -99,26 +99,9 @@ impl CycleConfig {
     }
 }
 
-/// `20261126T051400Z` from Unix seconds (UTC; no calendar crate needed for this).
-pub fn utc_stamp(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+/// `20261126T051400Z` from Unix seconds: the run directory's sortable UTC stamp.
+pub fn utc_stamp(secs: u64) -> String {
+    crate::image::tool::utc_rfc3339(secs).replace(['-', ':'], "")
 }
 
 fn first_line(program: &str, args: &[&str]) -> String {
