@@ -7,6 +7,7 @@ pub mod accel;
 pub mod console;
 pub mod error;
 pub mod events;
+pub mod fault;
 pub mod guard;
 pub mod net;
 pub mod paths;
