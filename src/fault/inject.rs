@@ -139,9 +139,13 @@ impl Target {
         if let Some(c) = &check {
             detail.push_str(&format!("; qemu-img check: {}", c.summary()));
         }
+        let data = match &check {
+            Some(c) => json!({"disk_check": c}),
+            None => json!({}),
+        };
         let fresh = self.vm.tail();
         let rec = self
-            .injecting(f, detail, json!({"disk_check": check}), async {
+            .injecting(f, detail, data, async {
                 provision::start(&self.dirs, &self.vm, &self.start).await
             })
             .await?;

@@ -363,10 +363,7 @@ impl Target {
 
 /// The refusal for a fault the VM's state does not allow.
 fn refused(fault: Fault, vm: &str, state: &str, fix: impl Into<String>) -> Error {
-    Error::input(
-        format!("cannot inject {} : {vm} {state}", fault.name()),
-        fix,
-    )
+    Error::input(format!("cannot inject {}: {vm} {state}", fault.name()), fix)
 }
 
 fn console_len(vm: &Vm) -> u64 {

@@ -3,6 +3,7 @@
 //! CLI under test.
 #![allow(dead_code)]
 
+pub mod faults;
 pub mod http;
 pub mod lite;
 pub mod netns;
