@@ -10,18 +10,21 @@ use boma_qvm::fault::Target;
 use boma_qvm::provision::{OsSource, UpRequest};
 use boma_qvm::vm::Vm;
 use std::net::Ipv4Addr;
-use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Generous: TCG on a shared 2-core machine.
 pub const T: Duration = Duration::from_secs(120);
 
-static ONE_VM: Mutex<()> = Mutex::new(());
+/// Held for a whole test: the fault tests boot one VM at a time (CPU is scarce), also when a
+/// runner such as nextest runs tests in parallel processes. A file lock in the cache dir.
+pub struct OneVm(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);
 
-/// Hold for the whole test: the tests in one binary run one VM at a time (CPU is scarce).
-pub fn one_vm_at_a_time() -> MutexGuard<'static, ()> {
-    ONE_VM.lock().unwrap_or_else(|e| e.into_inner())
+pub fn one_vm_at_a_time() -> OneVm {
+    let dir = boma_qvm::paths::Dirs::from_env().cache;
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = std::fs::File::create(dir.join("fault-tests.lock")).unwrap();
+    OneVm(nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).unwrap())
 }
 
 /// Create a test guest with a fresh qcow2 disk of `mib` MiB (its /dev/vda), start it, wait for
