@@ -1,20 +1,25 @@
 //! Disk faults, over QMP on a running VM, with no special set-up at boot.
 //!
 //! The VM's disk is a qcow2 node `disk0` whose `file` child is the file node `disk0-file`
-//! (src/qemu/argv.rs). `disk_errors(true)` adds a `blkdebug` node `disk0-faults` over
-//! `disk0-file` whose rules fail every read, write, write-zeroes and discard with EIO (event
-//! `none`: active from the moment it opens), then `blockdev-reopen`s `disk0` with
-//! `file: disk0-faults` (keeping its backing node). The guest gets EIO, QEMU emits
-//! BLOCK_IO_ERROR (the device has `werror=report,rerror=report`, so the VM keeps running).
-//! `disk_errors(false)` reopens `disk0` on `disk0-file` again and deletes the blkdebug node.
-//! Flushes are not failed: `blockdev-reopen` flushes the node first, and a failing flush would
-//! make the switch back impossible.
+//! (src/qemu/argv.rs) and whose `backing` child, for an overlay, is the golden image's node.
+//! `disk_errors(true)` adds `blkdebug` nodes whose rules fail I/O with EIO from the moment they
+//! open (event `none`): `disk0-faults` over `disk0-file` (reads, writes, write-zeroes, discards)
+//! and, for an overlay, `disk0-backing-faults` over the backing node (reads), then
+//! `blockdev-reopen`s `disk0` with `file: disk0-faults, backing: disk0-backing-faults`. Every
+//! guest read and write now fails: data in the overlay and data still in the golden image
+//! alike. The guest gets EIO, QEMU emits BLOCK_IO_ERROR (the device has
+//! `werror=report,rerror=report`, so the VM keeps running). The golden image's own node is
+//! only wrapped, never reopened: reopening QEMU's implicitly named backing node is refused
+//! ("Cannot change the option 'node-name'") and, on 7.2, left it misreading clusters.
+//! `disk_errors(false)` reopens `disk0` on its original children and deletes the blkdebug
+//! nodes. Flushes are not failed: `blockdev-reopen` flushes the node first, and a failing flush
+//! would make the way back impossible.
 //!
 //! After a power cut, `check_overlay` runs `qemu-img check` on the overlay before it boots again.
 
 use super::{Fault, Target, refused};
 use crate::events::{self, Record, Source};
-use crate::qemu::argv::{DISK_FILE_NODE, DISK_NODE};
+use crate::qemu::argv::DISK_NODE;
 use crate::qmp::Qmp;
 use crate::vm::Vm;
 use crate::{Error, Result};
@@ -25,8 +30,10 @@ use qapi::qmp::{
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-/// The blkdebug node spliced in while disk errors are on.
+/// The blkdebug node over the overlay's file while disk errors are on.
 pub const FAULT_NODE: &str = "disk0-faults";
+/// The blkdebug node over the backing (golden image) node while disk errors are on.
+pub const BACKING_FAULT_NODE: &str = "disk0-backing-faults";
 /// The record `power_on` writes with the overlay's `qemu-img check` result.
 pub const DISK_CHECK: &str = "DISK_CHECK";
 const EIO: i64 = 5;
@@ -105,41 +112,70 @@ pub async fn check_overlay(vm: &Vm) -> Result<Option<OverlayCheck>> {
     Ok(Some(check))
 }
 
-/// The current `file` child and the backing node of the qcow2 node `disk0`.
-async fn disk_children(ctl: &Qmp) -> Result<(String, Option<String>)> {
-    let g = ctl.run(x_debug_query_block_graph {}).await?;
-    let id = g
-        .nodes
-        .iter()
-        .find(|n| n.name == DISK_NODE && matches!(n.type_, XDbgBlockGraphNodeType::block_driver))
-        .map(|n| n.id)
-        .ok_or_else(|| {
-            Error::qemu(
+/// The block graph around `disk0`, by node name.
+struct Graph(qapi::qmp::XDbgBlockGraph);
+
+impl Graph {
+    async fn query(ctl: &Qmp) -> Result<Graph> {
+        let g = Graph(ctl.run(x_debug_query_block_graph {}).await?);
+        if g.id(DISK_NODE).is_none() {
+            return Err(Error::qemu(
                 format!("QEMU has no block node `{DISK_NODE}`"),
                 "was this VM started by this version of boma-qvm?",
+            ));
+        }
+        Ok(g)
+    }
+
+    fn id(&self, name: &str) -> Option<u64> {
+        self.0
+            .nodes
+            .iter()
+            .find(|n| n.name == name && matches!(n.type_, XDbgBlockGraphNodeType::block_driver))
+            .map(|n| n.id)
+    }
+
+    /// The node `parent`'s child `edge` (`file`, `backing`, `image`) points at.
+    fn child(&self, parent: &str, edge: &str) -> Option<String> {
+        let id = self.id(parent)?;
+        let e = self
+            .0
+            .edges
+            .iter()
+            .find(|e| e.parent == id && e.name == edge)?;
+        let n = self.0.nodes.iter().find(|n| n.id == e.child)?;
+        Some(n.name.clone())
+    }
+
+    /// `disk0`'s file child and its backing node as they are without our blkdebug nodes.
+    fn original(&self) -> Result<(String, Option<String>)> {
+        let file = match self.child(DISK_NODE, "file") {
+            Some(f) if f == FAULT_NODE => self.child(FAULT_NODE, "image"),
+            other => other,
+        }
+        .ok_or_else(|| {
+            Error::qemu(
+                format!("block node `{DISK_NODE}` has no file child"),
+                "report this as a bug",
             )
         })?;
-    let child = |edge: &str| {
-        g.edges
-            .iter()
-            .find(|e| e.parent == id && e.name == edge)
-            .and_then(|e| g.nodes.iter().find(|n| n.id == e.child))
-            .map(|n| n.name.clone())
-    };
-    let file = child("file").ok_or_else(|| {
-        Error::qemu(
-            format!("block node `{DISK_NODE}` has no file child"),
-            "report this as a bug",
-        )
-    })?;
-    Ok((file, child("backing")))
+        let backing = match self.child(DISK_NODE, "backing") {
+            Some(b) if b == BACKING_FAULT_NODE => self.child(BACKING_FAULT_NODE, "image"),
+            other => other,
+        };
+        Ok((file, backing))
+    }
+
+    fn errors_on(&self) -> bool {
+        self.child(DISK_NODE, "file").as_deref() == Some(FAULT_NODE)
+    }
 }
 
 fn options(v: Value) -> Result<BlockdevOptions> {
     serde_json::from_value(v).map_err(|e| Error::Qmp(format!("building blockdev options: {e}")))
 }
 
-/// `disk0` reopened with `file` as its file child; its backing node (if any) kept.
+/// `disk0` reopened on `file` and `backing` (`None`: it has no backing).
 async fn reopen_disk(ctl: &Qmp, file: &str, backing: Option<&str>) -> Result<()> {
     let mut o = json!({"driver": "qcow2", "node-name": DISK_NODE, "file": file});
     if let Some(b) = backing {
@@ -152,17 +188,53 @@ async fn reopen_disk(ctl: &Qmp, file: &str, backing: Option<&str>) -> Result<()>
     Ok(())
 }
 
-fn blkdebug_rules() -> Value {
-    let rules: Vec<Value> = ["read", "write", "write-zeroes", "discard"]
+/// A blkdebug node `name` over `image` failing `iotypes` with EIO from the start.
+fn blkdebug(name: &str, image: &str, iotypes: &[&str]) -> Value {
+    let rules: Vec<Value> = iotypes
         .iter()
         .map(|io| json!({"event": "none", "iotype": io, "errno": EIO}))
         .collect();
     json!({
         "driver": "blkdebug",
-        "node-name": FAULT_NODE,
-        "image": DISK_FILE_NODE,
+        "node-name": name,
+        "image": image,
         "inject-error": rules,
     })
+}
+
+async fn del(ctl: &Qmp, node: &str) -> Result<()> {
+    ctl.run(blockdev_del {
+        node_name: node.into(),
+    })
+    .await?;
+    Ok(())
+}
+
+/// Splice the blkdebug nodes in; on failure, remove what was added.
+async fn errors_on(ctl: &Qmp, file: &str, backing: Option<&str>) -> Result<()> {
+    let data_io = ["read", "write", "write-zeroes", "discard"];
+    ctl.run(blockdev_add(options(blkdebug(FAULT_NODE, file, &data_io))?))
+        .await?;
+    let mut added = vec![FAULT_NODE];
+    let r = async {
+        if let Some(b) = backing {
+            ctl.run(blockdev_add(options(blkdebug(
+                BACKING_FAULT_NODE,
+                b,
+                &["read"],
+            ))?))
+            .await?;
+            added.push(BACKING_FAULT_NODE);
+        }
+        reopen_disk(ctl, FAULT_NODE, backing.map(|_| BACKING_FAULT_NODE)).await
+    }
+    .await;
+    if r.is_err() {
+        for n in added {
+            let _ = del(ctl, n).await;
+        }
+    }
+    r
 }
 
 impl Target {
@@ -185,30 +257,31 @@ impl Target {
             ));
         }
         let ctl = self.vm.ctl().await?;
-        let (file, backing) = disk_children(&ctl).await?;
-        let already = (file == FAULT_NODE) == on;
+        let graph = Graph::query(&ctl).await?;
+        let (file, backing) = graph.original()?;
+        let already = graph.errors_on() == on;
         let detail = match (on, already) {
             (_, true) => format!("disk errors already {}", if on { "on" } else { "off" }),
-            (true, false) => {
-                format!(
-                    "blkdebug node {FAULT_NODE} under {DISK_NODE}: reads and writes fail with EIO"
-                )
+            (true, false) => format!(
+                "blkdebug under {DISK_NODE}: every read and write fails with EIO{}",
+                if backing.is_some() {
+                    " (overlay and backing image)"
+                } else {
+                    ""
+                }
+            ),
+            (false, false) => {
+                format!("{DISK_NODE} back on its own file and backing; blkdebug removed")
             }
-            (false, false) => format!("{DISK_NODE} back on {DISK_FILE_NODE}; {FAULT_NODE} removed"),
         };
-        let data = json!({"node": DISK_NODE, "backing": backing});
+        let data = json!({"node": DISK_NODE, "file": file, "backing": backing});
         self.injecting(f, detail, data, async {
             if already {
-                return Ok(());
-            }
-            if on {
-                ctl.run(blockdev_add(options(blkdebug_rules())?)).await?;
-                if let Err(e) = reopen_disk(&ctl, FAULT_NODE, backing.as_deref()).await {
-                    let _ = ctl.run(blockdev_del { node_name: FAULT_NODE.into() }).await;
-                    return Err(e);
-                }
+                Ok(())
+            } else if on {
+                errors_on(&ctl, &file, backing.as_deref()).await
             } else {
-                reopen_disk(&ctl, DISK_FILE_NODE, backing.as_deref())
+                reopen_disk(&ctl, &file, backing.as_deref())
                     .await
                     .map_err(|e| {
                         Error::qemu(
@@ -219,12 +292,12 @@ impl Target {
                             ),
                         )
                     })?;
-                ctl.run(blockdev_del {
-                    node_name: FAULT_NODE.into(),
-                })
-                .await?;
+                del(&ctl, FAULT_NODE).await?;
+                if graph.child(DISK_NODE, "backing").as_deref() == Some(BACKING_FAULT_NODE) {
+                    del(&ctl, BACKING_FAULT_NODE).await?;
+                }
+                Ok(())
             }
-            Ok(())
         })
         .await
     }
@@ -233,10 +306,16 @@ impl Target {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qemu::argv::DISK_FILE_NODE;
 
     #[test]
     fn blkdebug_options_round_trip_through_the_qapi_types() {
-        let o = options(blkdebug_rules()).unwrap();
+        let o = options(blkdebug(
+            FAULT_NODE,
+            DISK_FILE_NODE,
+            &["read", "write", "write-zeroes", "discard"],
+        ))
+        .unwrap();
         let v = serde_json::to_value(&o).unwrap();
         assert_eq!(v["driver"], "blkdebug");
         assert_eq!(v["image"], DISK_FILE_NODE);

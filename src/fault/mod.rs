@@ -31,7 +31,7 @@
 mod disk;
 mod inject;
 
-pub use disk::{DISK_CHECK, FAULT_NODE, OverlayCheck};
+pub use disk::{BACKING_FAULT_NODE, DISK_CHECK, FAULT_NODE, OverlayCheck};
 
 use crate::events::{self, Record, Source, Tail, names};
 use crate::paths::Dirs;
