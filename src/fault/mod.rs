@@ -25,13 +25,20 @@
 //!
 //! Mechanisms (see each method): power cut = SIGKILL of QEMU (no guest shutdown, QEMU's own
 //! caches lost too), power on = the same overlay booted again after a `qemu-img check`; reset,
-//! clean reboot, link, freeze/thaw and NMI over QMP; disk errors = a `blkdebug` node spliced
-//! under the qcow2 node at run time (`blockdev-add` + `blockdev-reopen`); egress = our nft set.
+//! clean reboot, link, freeze/thaw and NMI over QMP; disk errors = `blkdebug` nodes spliced
+//! under the qcow2 node and over its backing at run time (`blockdev-add` + `blockdev-reopen`);
+//! egress = our nft table's no-egress set.
 
+mod check;
 mod disk;
 mod inject;
+mod kind;
+mod power;
+mod watch;
 
-pub use disk::{BACKING_FAULT_NODE, DISK_CHECK, FAULT_NODE, OverlayCheck};
+pub use check::{DISK_CHECK, OverlayCheck, check_overlay};
+pub use disk::{BACKING_FAULT_NODE, FAULT_NODE};
+pub use kind::Fault;
 
 use crate::events::{self, Record, Source, Tail, names};
 use crate::paths::Dirs;
@@ -40,82 +47,11 @@ use crate::stage::Stages;
 use crate::vm::{StartOptions, Vm};
 use crate::{Error, Result, ssh};
 use serde_json::{Value, json};
-use std::io::{Read, Seek, SeekFrom};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 /// The record written when an injected fault failed after its `FAULT` record.
 pub const FAULT_FAILED: &str = "FAULT_FAILED";
-
-/// Every fault, by the name `boma-qvm fault VM <name>` and the `kind` field of its record use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
-    PowerCut,
-    PowerOn,
-    Reset,
-    Reboot,
-    LinkDown,
-    LinkUp,
-    Freeze,
-    Thaw,
-    DiskErrorsOn,
-    DiskErrorsOff,
-    EgressOff,
-    EgressOn,
-    Nmi,
-}
-
-impl Fault {
-    pub const ALL: [Fault; 13] = [
-        Fault::PowerCut,
-        Fault::PowerOn,
-        Fault::Reset,
-        Fault::Reboot,
-        Fault::LinkDown,
-        Fault::LinkUp,
-        Fault::Freeze,
-        Fault::Thaw,
-        Fault::DiskErrorsOn,
-        Fault::DiskErrorsOff,
-        Fault::EgressOff,
-        Fault::EgressOn,
-        Fault::Nmi,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Fault::PowerCut => "power-cut",
-            Fault::PowerOn => "power-on",
-            Fault::Reset => "reset",
-            Fault::Reboot => "reboot",
-            Fault::LinkDown => "link-down",
-            Fault::LinkUp => "link-up",
-            Fault::Freeze => "freeze",
-            Fault::Thaw => "thaw",
-            Fault::DiskErrorsOn => "disk-errors-on",
-            Fault::DiskErrorsOff => "disk-errors-off",
-            Fault::EgressOff => "egress-off",
-            Fault::EgressOn => "egress-on",
-            Fault::Nmi => "nmi",
-        }
-    }
-}
-
-impl std::str::FromStr for Fault {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Fault> {
-        Fault::ALL
-            .into_iter()
-            .find(|f| f.name() == s)
-            .ok_or_else(|| {
-                let all: Vec<&str> = Fault::ALL.iter().map(|f| f.name()).collect();
-                Error::input(
-                    format!("unknown fault `{s}`"),
-                    format!("use one of: {}", all.join(", ")),
-                )
-            })
-    }
-}
 
 /// A VM under test, with cursors into its event log and console so waits see what happened
 /// after the previous wait, not before.
@@ -139,7 +75,7 @@ impl Target {
 
     /// Take over an existing VM; the cursors start now (only what happens from here on).
     pub fn attach(dirs: &Dirs, vm: Vm) -> Target {
-        let len = console_len(&vm);
+        let len = watch::console_len(&vm);
         Target::new(dirs, vm, len)
     }
 
@@ -195,94 +131,6 @@ impl Target {
     pub async fn ssh(&self, cmd: &str, timeout: Duration) -> Result<String> {
         let conn = provision::ssh_conn(&self.dirs, &self.vm)?;
         ssh::run_ok(&conn, cmd, timeout).await
-    }
-
-    /// Wait for the next `event` record (QMP's names: RESET, STOP, BLOCK_IO_ERROR, ...; ours:
-    /// QEMU_EXITED, FAULT, ...) after the cursor, and move the cursor past it. Fails fast when
-    /// the console shows a guest failure or QEMU exits (unless that is what is awaited).
-    pub async fn wait_for_event(&self, event: &str, timeout: Duration) -> Result<Record> {
-        self.wait_for(event, timeout, |r| r.is(event)).await
-    }
-
-    /// `wait_for_event` with any predicate.
-    pub async fn wait_for(
-        &self,
-        what: &str,
-        timeout: Duration,
-        pred: impl Fn(&Record) -> bool,
-    ) -> Result<Record> {
-        let mut tail = self.events.lock().await;
-        tail.wait_for(what, timeout, pred)
-            .await
-            .map_err(|e| self.with_console(e))
-    }
-
-    /// Move the event cursor to now: later waits see only later events.
-    pub async fn skip_events(&self) {
-        *self.events.lock().await = self.vm.tail();
-    }
-
-    /// Wait until `needle` appears on the console after the cursor; move the cursor past the
-    /// line it is on and return that line. Fails fast on a console failure or QEMU exiting.
-    pub async fn expect_console(&self, needle: &str, timeout: Duration) -> Result<String> {
-        let deadline = Instant::now() + timeout;
-        let mut watch = self.vm.tail();
-        loop {
-            let from = *self.console.lock().expect("console cursor");
-            let buf = read_from(&self.vm, from);
-            if let Some(at) = buf
-                .windows(needle.len())
-                .position(|w| w == needle.as_bytes())
-            {
-                let end = buf[at..]
-                    .iter()
-                    .position(|b| *b == b'\n')
-                    .map_or(buf.len(), |n| at + n + 1);
-                let start = buf[..at]
-                    .iter()
-                    .rposition(|b| *b == b'\n')
-                    .map_or(0, |n| n + 1);
-                *self.console.lock().expect("console cursor") = from + end as u64;
-                return Ok(String::from_utf8_lossy(&buf[start..end])
-                    .trim_end()
-                    .to_string());
-            }
-            for r in watch.poll()? {
-                events::fail_fast(&r)?;
-            }
-            if Instant::now() >= deadline {
-                let what = format!("`{needle}` on {}'s console", self.vm.name);
-                return Err(self.with_console(Error::timeout(what, timeout.as_secs(), "")));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// Move the console cursor to now: later `expect_console` calls see only later output.
-    pub fn skip_console(&self) {
-        *self.console.lock().expect("console cursor") = console_len(&self.vm);
-    }
-
-    /// Bytes in the console log so far (for "nothing was printed between A and B" checks).
-    pub fn console_len(&self) -> u64 {
-        console_len(&self.vm)
-    }
-
-    /// The console output from byte `from` on.
-    pub fn console_since(&self, from: u64) -> String {
-        String::from_utf8_lossy(&read_from(&self.vm, from)).into_owned()
-    }
-
-    /// A timeout gets the console tail appended.
-    fn with_console(&self, e: Error) -> Error {
-        match e {
-            Error::Timeout { what, secs, detail } if detail.is_empty() => Error::timeout(
-                what,
-                secs,
-                format!("\n--- console tail ---\n{}", self.vm.console_tail(20)),
-            ),
-            other => other,
-        }
     }
 
     /// Inject `fault` by name (what `boma-qvm fault VM <fault>` runs). Returns its record.
@@ -364,21 +212,4 @@ impl Target {
 /// The refusal for a fault the VM's state does not allow.
 fn refused(fault: Fault, vm: &str, state: &str, fix: impl Into<String>) -> Error {
     Error::input(format!("cannot inject {}: {vm} {state}", fault.name()), fix)
-}
-
-fn console_len(vm: &Vm) -> u64 {
-    std::fs::metadata(vm.run.console_log())
-        .map(|m| m.len())
-        .unwrap_or(0)
-}
-
-/// The console log's bytes from `from` on.
-fn read_from(vm: &Vm, from: u64) -> Vec<u8> {
-    let mut buf = Vec::new();
-    if let Ok(mut f) = std::fs::File::open(vm.run.console_log())
-        && f.seek(SeekFrom::Start(from)).is_ok()
-    {
-        let _ = f.read_to_end(&mut buf);
-    }
-    buf
 }
