@@ -10,6 +10,7 @@ pub mod console;
 pub mod cycle;
 pub mod error;
 pub mod events;
+pub mod fault;
 pub mod guard;
 pub mod image;
 pub mod net;

@@ -2,6 +2,7 @@
 //! flags to calls and results to output.
 
 mod cycle_cmds;
+mod fault_cmds;
 mod net_cmds;
 mod vm_cmds;
 
@@ -69,6 +70,8 @@ enum Cmd {
     Net(net_cmds::NetCmd),
     /// Check the host: KVM, tools, and firewall tables that would eat the VMs' traffic.
     Doctor(net_cmds::DoctorArgs),
+    /// Inject a fault into a running VM: power-cut, power-on, reset, link-down, freeze, disk-errors-on, egress-off, nmi, ...
+    Fault(fault_cmds::FaultArgs),
     /// Internal: the per-VM supervisor process.
     #[command(name = "__supervise", hide = true)]
     Supervise {
@@ -161,6 +164,7 @@ async fn dispatch(cmd: Cmd, dirs: &Dirs) -> Result<()> {
         Cmd::Image(c) => boma_qvm::image::cli::run(dirs, c).await,
         Cmd::Net(c) => net_cmds::net(dirs, c).await,
         Cmd::Doctor(a) => net_cmds::doctor(dirs, a).await,
+        Cmd::Fault(a) => fault_cmds::fault(dirs, a).await,
         Cmd::Supervise { .. } => unreachable!("handled before the runtime"),
     }
 }

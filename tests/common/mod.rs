@@ -3,6 +3,7 @@
 //! CLI under test.
 #![allow(dead_code)]
 
+pub mod faults;
 pub mod http;
 pub mod lite;
 pub mod netns;
@@ -19,19 +20,42 @@ use std::time::Duration;
 pub const READY: &str = "BOMA-TESTGUEST-READY";
 pub const BOOT: &str = "BOMA-TESTGUEST-BOOT";
 
-/// The test guest's kernel and initrd, built once per machine into the XDG cache.
+/// The test guest's kernel and initrd, built once per machine into the XDG cache, in a
+/// directory named after a hash of its sources: worktrees with different guests never rebuild
+/// over each other.
 pub fn test_guest() -> (PathBuf, PathBuf) {
-    let out = Dirs::from_env().cache.join("testguest");
+    let guest = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest");
+    let out = Dirs::from_env()
+        .cache
+        .join(format!("testguest-{}", sources_hash(&guest)));
     std::fs::create_dir_all(&out).unwrap();
     let lock = std::fs::File::create(out.with_extension("lock")).unwrap();
     let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/build.sh");
+    let script = guest.join("build.sh");
     let st = Command::new(&script)
         .arg(&out)
         .status()
         .expect("run tests/guest/build.sh");
     assert!(st.success(), "building the test guest failed: {st}");
     (out.join("vmlinuz"), out.join("initrd.img"))
+}
+
+/// The first 12 hex digits of a SHA-256 over build.sh and the rootfs files (sorted by name).
+fn sources_hash(guest: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let mut files = vec![guest.join("build.sh")];
+    let mut rootfs: Vec<PathBuf> = std::fs::read_dir(guest.join("rootfs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    rootfs.sort();
+    files.extend(rootfs);
+    let mut h = Sha256::new();
+    for f in files {
+        h.update(f.file_name().unwrap().as_encoded_bytes());
+        h.update(std::fs::read(&f).unwrap());
+    }
+    hex::encode(h.finalize())[..12].to_string()
 }
 
 /// A throwaway state dir under /tmp (short, for unix socket paths). Dropping it prunes every VM
