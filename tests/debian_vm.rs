@@ -1,15 +1,57 @@
-//! End to end on a real Debian 13 guest: the offline-built golden image (built once into the XDG
-//! cache, reused after), a cloud-init seed with a per-run key, the isolated network inside a
-//! namespace this test creates, SSH with the generated key, the guest agent — and the golden
-//! image byte-for-byte unchanged afterwards. One booted guest serves every assertion; the real
-//! reboot of a Debian guest is covered by the acceptance test.
+//! End to end on a real Debian 13 guest, one guest for every assertion (TCG boots are minutes):
+//! the offline-built golden image (built once into the XDG cache, reused after), a cloud-init
+//! seed with a per-run key, the isolated network inside a namespace this test creates, SSH with
+//! the generated key, the guest agent; then where a real OS is the point for faults: SSH across
+//! link loss, a power cut in the middle of fsynced writes to its ext4 root (journal recovery at
+//! the next boot, the root read-write again), and disk errors that also reach data still in the
+//! golden image behind the overlay — and the golden image byte-for-byte unchanged afterwards.
+//! The real reboot of a Debian guest after an apply is the acceptance test's.
 
 mod common;
 
+use boma_qvm::events::names;
+use boma_qvm::fault::Target;
 use boma_qvm::image::{self, ImageChoice};
-use common::Env;
+use common::faults::*;
 use common::netns::Netns;
+use common::{Env, start_options};
 use std::process::Output;
+use std::time::{Duration, Instant};
+
+/// One SSH command.
+const S: Duration = Duration::from_secs(90);
+/// A Debian boot to SSH under TCG on a busy 2-core machine.
+const BOOT: Duration = Duration::from_secs(600);
+
+/// A 4 KiB block of the VM's disk whose data is in the golden image, not in the overlay.
+fn block_only_in_the_backing(vm: &Target) -> u64 {
+    let overlay = vm.vm.spec().unwrap().disk.unwrap();
+    let map = common::netns::sh_ok(&format!(
+        "qemu-img map -U --output=json {}",
+        overlay.display()
+    ));
+    let extents: Vec<serde_json::Value> = serde_json::from_str(&map).unwrap();
+    let e = extents
+        .iter()
+        .find(|e| e["depth"] == 1 && e["data"] == true && e["length"].as_u64() >= Some(1 << 20))
+        .expect("the golden image has data the overlay does not");
+    e["start"].as_u64().unwrap() / 4096 + 16
+}
+
+/// `cmd` over SSH, retried while SSH itself fails (sshd restarts while cloud-init finishes).
+async fn ssh_retry(vm: &Target, cmd: &str) -> String {
+    let deadline = Instant::now() + S;
+    loop {
+        match vm.ssh(cmd, S).await {
+            Ok(out) => return out,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("retrying `{cmd}`: {e}");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Err(e) => panic!("`{cmd}`: {e}"),
+        }
+    }
+}
 
 fn sha256(path: &std::path::Path) -> String {
     boma_qvm::image::tool::sha256_file(path).unwrap()
@@ -43,7 +85,8 @@ impl Cli<'_> {
 }
 
 #[tokio::test]
-async fn debian_guest_boots_to_ssh_and_leaves_the_golden_image_untouched() {
+async fn debian_guest_boots_to_ssh_survives_faults_and_leaves_the_golden_image_untouched() {
+    let _one = one_vm_at_a_time();
     let env = Env::new();
     let golden = image::ensure(&env.dirs, &ImageChoice::Auto)
         .await
@@ -101,6 +144,82 @@ async fn debian_guest_boots_to_ssh_and_leaves_the_golden_image_untouched() {
         agent.stdout.starts_with("root\n") && agent.stdout.contains(boot_id.trim()),
         "{agent:?}"
     );
+
+    // Faults where a real OS is the point.
+    let vm = Target::attach(&env.dirs, vm).with_start_options(start_options());
+    ns.block_on(|| async {
+        let boot_id = "cat /proc/sys/kernel/random/boot_id";
+        let boot1 = vm.ssh(boot_id, S).await.unwrap();
+
+        // Link loss: SSH times out; link up brings it back, same boot.
+        vm.link(false).await.unwrap();
+        let r = vm.ssh("true", Duration::from_secs(20)).await;
+        assert!(r.is_err(), "SSH worked with the link down: {r:?}");
+        vm.link(true).await.unwrap();
+        vm.wait_ssh(S).await.unwrap();
+        assert_eq!(vm.ssh(boot_id, S).await.unwrap(), boot1, "no reboot");
+
+        // A power cut while the guest writes and fsyncs files on its root filesystem.
+        vm.ssh(
+            "nohup sh -c 'i=0; while :; do dd if=/dev/urandom of=/var/tmp/w$((i % 4)) bs=1M count=4 conv=fsync 2>/dev/null; i=$((i+1)); echo $i > /var/tmp/count; done' >/dev/null 2>&1 &",
+            S,
+        )
+        .await
+        .unwrap();
+        let deadline = Instant::now() + S;
+        while vm.ssh("cat /var/tmp/count", S).await.unwrap_or_default().trim().parse::<u32>().unwrap_or(0) < 2 {
+            assert!(Instant::now() < deadline, "the writer never got going");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        vm.power_cut().await.unwrap();
+        let t1 = Instant::now();
+        vm.skip_console();
+        vm.power_on().await.unwrap();
+        // The kernel logs to the serial console: ext4 replays its journal on the next mount.
+        let line = vm.expect_console("recovery complete", BOOT).await.unwrap();
+        assert!(line.contains("EXT4-fs"), "{line}");
+        vm.wait_ssh(BOOT).await.unwrap();
+        ssh_retry(&vm, "cloud-init status --wait >/dev/null; true").await;
+        eprintln!("SSH again {:.0}s after power-on", t1.elapsed().as_secs_f64());
+        assert_ne!(vm.ssh(boot_id, S).await.unwrap(), boot1, "a new boot");
+        let opts = vm.ssh("findmnt -no OPTIONS /", S).await.unwrap();
+        assert!(opts.starts_with("rw"), "root mounted {opts}");
+        vm.ssh("echo after > /var/tmp/after && sync && cat /var/tmp/after", S).await.unwrap();
+        let tl = timeline(&vm);
+        let cut = tl.iter().position(|e| e == "FAULT:power-cut").unwrap();
+        let start = cut + tl[cut..].iter().position(|e| e == names::QEMU_STARTED).unwrap();
+        assert!(!tl[cut..start].iter().any(|e| e == "SHUTDOWN" || e == "POWERDOWN"), "{tl:?}");
+
+        // Disk errors: reads of data still only in the golden image fail too. A root loop,
+        // started while the disk works (so its programs are in the page cache), reads such a
+        // block with O_DIRECT every second and reports on the kernel console: launching
+        // anything new (sshd's session, sudo) through a failing disk is not reliable, and the
+        // guest's own damage (ext4 aborts its journal and goes read-only) stays until a reboot.
+        let block = block_only_in_the_backing(&vm);
+        vm.ssh(
+            &format!(
+                "sudo nohup sh -c 'while :; do e=$(dd if=/dev/vda of=/dev/null bs=4096 count=1 skip={block} iflag=direct 2>&1 | grep -m1 -i error); echo \"BOMA-DISKPROBE ${{e:-ok}}\" > /dev/kmsg; sleep 1; done' >/dev/null 2>&1 &"
+            ),
+            S,
+        )
+        .await
+        .unwrap();
+        vm.skip_console();
+        vm.expect_console("BOMA-DISKPROBE ok", S).await.unwrap();
+        vm.disk_errors(true).await.unwrap();
+        let line = vm.expect_console("BOMA-DISKPROBE dd", S).await.unwrap();
+        assert!(line.contains("Input/output error"), "{line}");
+        let ev = vm
+            .wait_for("a read BLOCK_IO_ERROR", S, |r| {
+                r.is("BLOCK_IO_ERROR") && r.data["operation"] == "read"
+            })
+            .await
+            .unwrap();
+        assert_eq!(ev.data["node-name"], "disk0");
+        vm.disk_errors(false).await.unwrap();
+        vm.expect_console("BOMA-DISKPROBE ok", S).await.unwrap();
+
+    });
 
     cli.ok("down e2e");
     let left = ns.exec("ip -o link show; nft list tables; pgrep -a dnsmasq || true");
