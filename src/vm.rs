@@ -163,6 +163,20 @@ impl Vm {
                 fix: "use it, or `boma-qvm down` it first".into(),
             });
         }
+        // A supervisor whose QEMU just died may still be cleaning up (removing sockets and pid
+        // files); starting now would let it delete the new QEMU's files.
+        if let Some(pid) =
+            RunDir::read_pid(&self.run.supervisor_pid()).filter(|p| supervised_by_us(*p, &self.run))
+            && !procs::wait_gone(pid, Duration::from_secs(30)).await
+        {
+            return Err(Error::qemu(
+                format!(
+                    "the previous supervisor of {} (pid {pid}) is still running",
+                    self.name
+                ),
+                format!("wait a moment, or `boma-qvm down {}`", self.name),
+            ));
+        }
         let spec = self.spec()?;
         crate::qemu::find_binary(&spec.qemu_binary())?;
         guard::check_memory(

@@ -2,8 +2,7 @@
 
 use super::{Fault, Target, check, refused};
 use crate::events::{Record, names};
-use crate::rundir::RunDir;
-use crate::vm::{State, supervised_by_us};
+use crate::vm::State;
 use crate::{Error, Result, procs, provision};
 use nix::sys::signal::Signal;
 use serde_json::json;
@@ -80,20 +79,6 @@ impl Target {
                     "cut its power first (`boma-qvm fault {0} power-cut`), or press reset (`boma-qvm fault {0} reset`)",
                     self.vm.name
                 ),
-            ));
-        }
-        // QEMU may have just died (a guest poweroff, a crash): its supervisor removes the run
-        // dir's sockets and pid files on its way out, so it must be gone before a new one starts.
-        if let Some(old) = RunDir::read_pid(&self.vm.run.supervisor_pid())
-            .filter(|p| supervised_by_us(*p, &self.vm.run))
-            && !procs::wait_gone(old, DEATH_TIMEOUT).await
-        {
-            return Err(Error::qemu(
-                format!(
-                    "{}'s old supervisor (pid {old}) is still running",
-                    self.vm.name
-                ),
-                "see supervisor.log in the run directory; `boma-qvm prune` clears it",
             ));
         }
         let check = check::check_overlay(&self.vm).await?;
