@@ -51,9 +51,6 @@ pub struct VmSpec {
     /// A cloud-init NoCloud seed volume; the second virtio disk, /dev/vdb.
     pub seed: Option<PathBuf>,
     pub nic: Option<NicSpec>,
-    /// Put a blkdebug layer under the disk so tests can switch on I/O errors over QMP.
-    #[serde(default)]
-    pub disk_faults: bool,
     /// Extra console failure patterns on top of `DEFAULT_FAILURE_PATTERNS`.
     #[serde(default)]
     pub console_patterns: Vec<String>,
@@ -78,7 +75,6 @@ impl VmSpec {
             disk: None,
             seed: None,
             nic: None,
-            disk_faults: false,
             console_patterns: Vec::new(),
             tcg_tb_size_mib: None,
             qemu_binary: None,
