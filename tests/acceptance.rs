@@ -84,6 +84,21 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
     let report: Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["verdict"], "fail");
+    assert!(
+        report["versions"]["image"]
+            .as_str()
+            .unwrap()
+            .starts_with("debian-13"),
+        "{report:#}"
+    );
+    assert_eq!(
+        report["accel"],
+        if boma_qvm::accel::KvmProbe::read().usable() {
+            "kvm"
+        } else {
+            "tcg"
+        }
+    );
     assert_eq!(
         stage(&report, "apply")["ok"],
         true,

@@ -154,7 +154,7 @@ async fn dispatch(cmd: Cmd, dirs: &Dirs) -> Result<()> {
         Cmd::Up(a) => vm_cmds::up(dirs, *a).await,
         Cmd::Start(a) => vm_cmds::start(dirs, a).await,
         Cmd::Down(a) => vm_cmds::down(dirs, a).await,
-        Cmd::Status(a) => vm_cmds::status(dirs, a),
+        Cmd::Status(a) => vm_cmds::status(dirs, a).await,
         Cmd::List => vm_cmds::list(dirs),
         Cmd::Console(a) => vm_cmds::console(dirs, a).await,
         Cmd::Reboot(a) => vm_cmds::reboot(dirs, a).await,

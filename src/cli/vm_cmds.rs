@@ -254,7 +254,7 @@ fn describe(vm: &Vm) -> Result<String> {
     Ok(s)
 }
 
-pub fn status(dirs: &Dirs, a: OptVmArg) -> Result<()> {
+pub async fn status(dirs: &Dirs, a: OptVmArg) -> Result<()> {
     let vms = match a.vm {
         Some(n) => vec![Vm::resolve(dirs, Some(&n))?],
         None => vm::list(dirs)
@@ -265,8 +265,18 @@ pub fn status(dirs: &Dirs, a: OptVmArg) -> Result<()> {
     if vms.is_empty() {
         println!("no VMs");
     }
-    for vm in vms {
-        println!("{}", describe(&vm)?);
+    let mut networked = false;
+    for vm in &vms {
+        println!("{}", describe(vm)?);
+        networked |= vm.spec()?.nic.is_some();
+    }
+    if networked {
+        let net = boma_qvm::net::Network::attach(dirs, &provision::saved_net_config(dirs));
+        let st = net.status().await?;
+        print!("network:\n{st}");
+        if !st.healthy() {
+            println!("  fix: `boma-qvm net up` (or `boma-qvm start VM`) repairs it");
+        }
     }
     Ok(())
 }

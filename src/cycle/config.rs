@@ -118,13 +118,28 @@ fn first_line(program: &str, args: &[&str]) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-pub fn versions() -> super::report::Versions {
+/// Versions for the report; `vm` (when there is one) names the golden image behind its overlay.
+pub fn versions(vm: Option<&Vm>) -> super::report::Versions {
     super::report::Versions {
         boma_qvm: env!("CARGO_PKG_VERSION").into(),
         qemu: first_line("qemu-system-x86_64", &["--version"]),
         ansible: first_line("ansible-playbook", &["--version"]),
-        image: String::new(),
+        image: vm.and_then(golden_of).unwrap_or_default(),
     }
+}
+
+/// `debian-13-built (created 2026-..., sha256 0257c02d...)` for the image backing `vm`'s overlay.
+fn golden_of(vm: &Vm) -> Option<String> {
+    let overlay = vm.spec().ok()?.disk?;
+    let backing = crate::image::overlay::info(&overlay).ok()?.backing?;
+    let dir = backing.parent()?.to_path_buf();
+    let m = crate::image::Manifest::read(&dir).ok()?;
+    Some(format!(
+        "{} (created {}, sha256 {})",
+        m.name,
+        m.created,
+        &m.disk_sha256[..m.disk_sha256.len().min(12)]
+    ))
 }
 
 #[cfg(test)]

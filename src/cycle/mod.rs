@@ -122,6 +122,7 @@ async fn finish(
             .run("post-mortem", diagnostics::collect(vm, conn, run_dir))
             .await;
     }
+    let versions = config::versions(vm.as_ref());
     let inspect = keep.then(|| diagnostics::inspect_text(&cfg.host, run_dir));
     if let Some(text) = &inspect {
         std::fs::write(run_dir.join("INSPECT.txt"), text).ok();
@@ -147,7 +148,7 @@ async fn finish(
         certs: cfg.certs.as_str().into(),
         egress: req.egress,
         extra_vars: cfg.extra_vars.clone(),
-        versions: config::versions(),
+        versions,
         accepted_risk: cfg.cert_plan().ok().and_then(|p| p.accepted_risk),
         vm_kept: keep,
         inspect: inspect.clone(),
