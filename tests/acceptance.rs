@@ -9,6 +9,7 @@
 
 mod common;
 
+use boma_qvm::image::{self, ImageChoice};
 use common::Env;
 use common::netns::Netns;
 use serde_json::Value;
@@ -66,6 +67,14 @@ fn left_in(ns: &Netns) -> String {
 #[test]
 fn the_incident_reproduces_red_then_the_fix_is_green() {
     let env = Env::new();
+    // The golden image is built (on a fresh machine) from this process's own network: the
+    // test's namespace has no route to the Debian mirror, by design.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(image::ensure(&env.dirs, &ImageChoice::Auto))
+        .expect("golden image");
     let ns = Netns::new("acc");
 
     // 1. Red: today's base role, no container-forward drop-in.
