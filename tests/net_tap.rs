@@ -33,14 +33,7 @@ fn tap_is_on_the_bridge_and_vanishes_when_its_fd_closes() {
         );
         assert!(link.up);
         drop(fd);
-        let mut gone = false;
-        for _ in 0..100 {
-            if rtnl.link(&tap).await.unwrap().is_none() {
-                gone = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let gone = vanishes(&rtnl, &tap).await;
         assert!(gone, "tap {tap} still exists after its fd was closed");
 
         let e = open_tap(&tap, "no-such-br").await.unwrap_err();
@@ -130,15 +123,19 @@ fn qemu_takes_the_tap_fd_and_the_tap_dies_with_qemu() {
 
         qemu.kill().unwrap();
         qemu.wait().unwrap();
-        let mut gone = false;
-        for _ in 0..100 {
-            if rtnl.link(&tap).await.unwrap().is_none() {
-                gone = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let gone = vanishes(&rtnl, &tap).await;
         assert!(gone, "tap {tap} outlived QEMU");
         network.down().await.unwrap();
     });
+}
+
+/// Whether link `name` disappears within two seconds.
+async fn vanishes(rtnl: &Rtnl, name: &str) -> bool {
+    for _ in 0..100 {
+        if rtnl.link(name).await.unwrap().is_none() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
 }

@@ -97,20 +97,21 @@ fn kept(dirs: &Dirs, a: &KeptVmArgs, what: &str) -> Result<(Vm, CycleConfig, Pat
     Ok((vm, cfg, dir.join(format!("{what}-{stamp}.log"))))
 }
 
-pub async fn apply(dirs: &Dirs, a: KeptVmArgs) -> Result<()> {
-    let (vm, cfg, log) = kept(dirs, &a, "apply")?;
+/// Run one playbook against a kept VM, logging into its cycle's run directory.
+async fn kept_playbook(dirs: &Dirs, a: KeptVmArgs, pb: Playbook, what: &str) -> Result<()> {
+    let (vm, cfg, log) = kept(dirs, &a, what)?;
     let session = cycle::session(&cfg, &vm, provision::vm_ip(dirs, &vm)?)?;
-    steps::playbook(&session, Playbook::Site, &log).await?;
-    println!("apply passed; log: {}", log.display());
+    steps::playbook(&session, pb, &log).await?;
+    println!("{what} passed; log: {}", log.display());
     Ok(())
 }
 
+pub async fn apply(dirs: &Dirs, a: KeptVmArgs) -> Result<()> {
+    kept_playbook(dirs, a, Playbook::Site, "apply").await
+}
+
 pub async fn assert(dirs: &Dirs, a: KeptVmArgs) -> Result<()> {
-    let (vm, cfg, log) = kept(dirs, &a, "verify")?;
-    let session = cycle::session(&cfg, &vm, provision::vm_ip(dirs, &vm)?)?;
-    steps::playbook(&session, Playbook::Verify, &log).await?;
-    println!("verify passed; log: {}", log.display());
-    Ok(())
+    kept_playbook(dirs, a, Playbook::Verify, "verify").await
 }
 
 /// Back to the post-apply snapshot, then reboot + assert again without re-applying.
