@@ -28,6 +28,7 @@ pub mod spec;
 pub mod ssh;
 pub mod stage;
 pub mod supervisor;
+pub mod tools;
 pub mod vm;
 
 pub use error::{Error, Result};

@@ -35,6 +35,15 @@ fn cli(ns: &Netns, env: &Env, args: &str) -> std::process::Output {
     ))
 }
 
+/// A command's stdout and stderr, for assertion messages.
+fn output_text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
 fn only_run_dir(runs: &Path) -> PathBuf {
     let dirs: Vec<PathBuf> = std::fs::read_dir(runs)
         .unwrap()
@@ -80,11 +89,7 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
     // 1. Red: today's base role, no container-forward drop-in.
     let red_runs = env.tmp.path().join("runs-red");
     let out = make(&ns, &env, &red_runs, "SNAPSHOT=1");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = output_text(&out);
     assert!(
         !out.status.success(),
         "the broken state must fail verify after the reboot:\n{text}"
@@ -164,11 +169,7 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
         .filter(|r| r.is("RESET"))
         .count();
     let o = cli(&ns, &env, "reset askari");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let text = output_text(&o);
     assert_eq!(
         o.status.code(),
         Some(14),
@@ -198,11 +199,7 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
     // 2. Green: the same cycle with the docker_host container-forward drop-in.
     let green_runs = env.tmp.path().join("runs-green");
     let out = make(&ns, &env, &green_runs, "FIX=1");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = output_text(&out);
     assert!(
         out.status.success(),
         "the fixed state must pass across the reboot:\n{text}"

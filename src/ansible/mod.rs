@@ -32,7 +32,7 @@ pub use run::{Session, SessionConfig};
 pub use safety::{ScopeReport, Subnet};
 pub use vars::Connection;
 
-use crate::{Error, Result};
+use crate::Result;
 use std::path::PathBuf;
 
 /// How to install the Ansible tools when one is missing.
@@ -41,24 +41,7 @@ pub const INSTALL_FIX: &str = "install Ansible on this control node: `pip instal
 
 /// Find an Ansible program on PATH, or say how to install it.
 pub fn find_tool(program: &str) -> Result<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    for dir in std::env::split_paths(&path) {
-        let candidate = dir.join(program);
-        if is_executable(&candidate) {
-            return Ok(candidate);
-        }
-    }
-    Err(Error::MissingTool {
-        program: program.to_string(),
-        fix: INSTALL_FIX.to_string(),
-    })
-}
-
-fn is_executable(p: &std::path::Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+    crate::tools::require(program, INSTALL_FIX)
 }
 
 /// Environment every Ansible invocation gets: no host key prompts (each VM has a new key), no

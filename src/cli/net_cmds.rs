@@ -91,7 +91,7 @@ pub async fn doctor(dirs: &Dirs, _a: DoctorArgs) -> Result<()> {
         "ssh",
         "ansible-playbook",
     ] {
-        if which(tool) {
+        if boma_qvm::tools::find(tool).is_some() {
             println!("ok: {tool}");
         } else {
             problems += 1;
@@ -110,10 +110,4 @@ pub async fn doctor(dirs: &Dirs, _a: DoctorArgs) -> Result<()> {
     }
     println!("doctor: all good");
     Ok(())
-}
-
-fn which(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false)
 }

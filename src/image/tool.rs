@@ -3,24 +3,14 @@
 
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 
 use sha2::Digest;
 
 use crate::error::{Error, IoContext, Result, show};
 
-/// Fail with `Error::MissingTool` unless `program` is on PATH.
-pub fn require(program: &str, fix: &str) -> Result<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
-        .ok_or_else(|| Error::MissingTool {
-            program: program.into(),
-            fix: fix.into(),
-        })
-}
+pub use crate::tools::require;
 
 /// The last `max` bytes of a tool's output, as text (for error messages).
 pub fn tail(bytes: &[u8], max: usize) -> String {

@@ -26,18 +26,8 @@ pub fn missing(program: &str) -> Error {
 /// Error unless every program is on PATH (checked before anything is built, so a missing tool
 /// never leaves a half-built network behind).
 pub fn require(programs: &[&str]) -> Result<()> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
     for p in programs {
-        let found = std::env::split_paths(&path).any(|d| {
-            let f = d.join(p);
-            std::fs::metadata(&f).is_ok_and(|m| {
-                m.is_file()
-                    && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0
-            })
-        });
-        if !found {
-            return Err(missing(p));
-        }
+        crate::tools::find(p).ok_or_else(|| missing(p))?;
     }
     Ok(())
 }
