@@ -101,7 +101,9 @@ fn kept(dirs: &Dirs, a: &KeptVmArgs, what: &str) -> Result<(Vm, CycleConfig, Pat
 async fn kept_playbook(dirs: &Dirs, a: KeptVmArgs, pb: Playbook, what: &str) -> Result<()> {
     let (vm, cfg, log) = kept(dirs, &a, what)?;
     let session = cycle::session(&cfg, &vm, provision::vm_ip(dirs, &vm)?)?;
-    steps::playbook(&session, pb, &log).await?;
+    boma_qvm::stage::Stages::new()
+        .run(what, steps::playbook(&session, pb, &log))
+        .await?;
     println!("{what} passed; log: {}", log.display());
     Ok(())
 }
@@ -118,10 +120,24 @@ pub async fn assert(dirs: &Dirs, a: KeptVmArgs) -> Result<()> {
 pub async fn reset(dirs: &Dirs, a: KeptVmArgs) -> Result<()> {
     let (vm, cfg, log) = kept(dirs, &a, "verify-after-reset")?;
     let session = cycle::session(&cfg, &vm, provision::vm_ip(dirs, &vm)?)?;
-    steps::snapshot_load(&vm).await?;
     let conn = provision::ssh_conn(dirs, &vm)?;
-    steps::reboot_proven(&vm, &conn).await?;
-    steps::playbook(&session, Playbook::Verify, &log).await?;
-    println!("reset: reboot + verify passed; log: {}", log.display());
+    let mut stages = boma_qvm::stage::Stages::new();
+    stages
+        .run("restore snapshot", steps::snapshot_load(&vm))
+        .await?;
+    stages
+        .run("reboot", steps::reboot_proven(&vm, &conn))
+        .await?;
+    stages
+        .run(
+            "verify after reboot",
+            steps::playbook(&session, Playbook::Verify, &log),
+        )
+        .await?;
+    println!(
+        "reset: reboot + verify passed in {:.0}s; log: {}",
+        stages.total_seconds(),
+        log.display()
+    );
     Ok(())
 }
