@@ -37,15 +37,16 @@ pub fn session(cfg: &CycleConfig, vm: &Vm, ip: Ipv4Addr) -> Result<Session> {
 /// The whole cycle. `req` carries the machine (image, size, accelerator, network); the profile's
 /// overlay adds the names that must resolve to the VM.
 pub async fn run(dirs: &Dirs, cfg: &CycleConfig, mut req: UpRequest) -> Result<Report> {
-    let run_dir = cfg.new_run_dir()?;
-    tracing::info!("run directory: {}", run_dir.display());
     let mut stages = Stages::new();
-    // Refuse bad input before booting anything: the repo layout, HOST, the cert tier.
+    // Refuse bad input before booting anything (or making a run directory): the repo layout,
+    // HOST, the cert tier.
     stages
         .run("profile", async { Profile::load(&cfg.repo, &cfg.host) })
         .await?;
     cfg.cert_plan()?;
     req.dns_names.extend(cfg.overlay_dns_names()?);
+    let run_dir = cfg.new_run_dir()?;
+    tracing::info!("run directory: {}", run_dir.display());
 
     let up = match provision::up(dirs, &req, &mut stages).await {
         Ok(up) => up,
