@@ -18,8 +18,19 @@ pub fn mem_available_mib() -> Result<u64> {
         .ok_or_else(|| Error::Guard("/proc/meminfo has no MemAvailable line".into()))
 }
 
+/// `MemTotal` from /proc/meminfo, in MiB: no guest can be larger than the host.
+pub fn mem_total_mib() -> Result<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ctx(|| "reading /proc/meminfo".into())?;
+    meminfo_mib(&text, "MemTotal:")
+        .ok_or_else(|| Error::Guard("/proc/meminfo has no MemTotal line".into()))
+}
+
 pub fn parse_mem_available(meminfo: &str) -> Option<u64> {
-    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    meminfo_mib(meminfo, "MemAvailable:")
+}
+
+fn meminfo_mib(meminfo: &str, key: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with(key))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024)
 }

@@ -45,6 +45,8 @@ pub struct UpRequest {
     pub dns_names: Vec<String>,
     pub console_patterns: Vec<String>,
     pub tcg_tb_size_mib: Option<u32>,
+    /// Why this image (printed and reported); set by whoever chose it.
+    pub image_reason: String,
     /// Wait for SSH login with the run's key (images only).
     pub wait_ssh: bool,
     pub start: StartOptions,
@@ -58,17 +60,62 @@ impl UpRequest {
             host: host.to_string(),
             os,
             accel,
-            cpus: 2,
-            memory_mib: 3072,
-            disk_gib: 20,
+            cpus: spec::DEFAULT_CPUS,
+            memory_mib: spec::DEFAULT_MEMORY_MIB,
+            disk_gib: spec::DEFAULT_DISK_GIB,
             net: Some(NetConfig::default()),
             egress: true,
             dns_names: Vec::new(),
             console_patterns: Vec::new(),
             tcg_tb_size_mib: None,
+            image_reason: String::new(),
             wait_ssh,
             start: StartOptions::default(),
         }
+    }
+}
+
+impl UpRequest {
+    /// Everything about the request that can be known before anything is made or booted: the
+    /// VM name, the sizes, the slot count, the network's config, the kernel files, a named
+    /// image in the cache, and free RAM. Cheap (no process is started); `up` runs it first.
+    pub fn check(&self, dirs: &Dirs) -> Result<()> {
+        spec::vm_name(&self.host)?;
+        spec::check_size(
+            self.cpus,
+            self.memory_mib,
+            self.disk_gib,
+            crate::guard::mem_total_mib()?,
+        )?;
+        if self.start.max_vms == 0 {
+            return Err(Error::input(
+                "--max-vms 0 allows no VM at all",
+                "give --max-vms 1 or more (BOMA_QVM_MAX_VMS); the default is 1",
+            ));
+        }
+        if let Some(net) = &self.net {
+            net.validate()?;
+        }
+        match &self.os {
+            OsSource::Kernel { kernel, initrd, .. } => {
+                for (what, p) in std::iter::once(("--kernel", kernel))
+                    .chain(initrd.iter().map(|i| ("--initrd", i)))
+                {
+                    if !p.is_file() {
+                        return Err(Error::input(
+                            format!("{what} {} is not a file", p.display()),
+                            format!("give {what} the path of an existing {}", &what[2..]),
+                        ));
+                    }
+                }
+            }
+            OsSource::Image(choice) => choice.check(dirs)?,
+        }
+        crate::guard::check_memory(
+            crate::guard::mem_available_mib()?,
+            self.memory_mib as u64,
+            self.start.min_free_mib,
+        )
     }
 }
 
@@ -115,6 +162,7 @@ pub async fn watched<T>(vm: &Vm, fut: impl Future<Output = Result<T>>) -> Result
 /// guest's fault). Such a boot is retried once with a fresh VM, saying so, and the panicked
 /// console is kept under `<state>/panics/`.
 pub async fn up(dirs: &Dirs, req: &UpRequest, stages: &mut Stages) -> Result<Provisioned> {
+    req.check(dirs)?;
     match up_once(dirs, req, stages).await {
         Err(Error::GuestFailure { pattern, detail })
             if req.accel == Accel::Tcg && pattern.contains("Kernel panic") =>
@@ -150,11 +198,14 @@ async fn up_once(dirs: &Dirs, req: &UpRequest, stages: &mut Stages) -> Result<Pr
         });
     }
     let image = match &req.os {
-        OsSource::Image(choice) => Some(
-            stages
+        OsSource::Image(choice) => {
+            let img = stages
                 .run("golden image", image::ensure(dirs, choice))
-                .await?,
-        ),
+                .await?;
+            img.check_disk_size(req.disk_gib)?;
+            tracing::info!("golden image: {} ({})", img.name, req.image_reason);
+            Some(img)
+        }
         OsSource::Kernel { .. } => None,
     };
     let network = match &req.net {
@@ -200,7 +251,7 @@ async fn up_once(dirs: &Dirs, req: &UpRequest, stages: &mut Stages) -> Result<Pr
             let overlay = vm.run.overlay();
             stages
                 .run("overlay", async {
-                    image::overlay::create(&img.disk, &overlay, Some(req.disk_gib << 30))
+                    image::overlay::create(&img.disk, &overlay, Some(req.disk_gib * (1 << 30)))
                 })
                 .await?;
             let seed_iso = stages

@@ -8,6 +8,42 @@ use std::path::PathBuf;
 /// Every VM boma-qvm makes is named with this prefix, so `prune` can find all of them.
 pub const VM_PREFIX: &str = "boma-it-";
 
+/// The design's machine: 2 vCPU, 3 GiB of RAM, a 20 GiB thin overlay.
+pub const DEFAULT_CPUS: u32 = 2;
+pub const DEFAULT_MEMORY_MIB: u32 = 3072;
+pub const DEFAULT_DISK_GIB: u64 = 20;
+
+/// Sizes QEMU (q35) and a Linux guest can actually run; anything outside is refused up front.
+pub const MAX_CPUS: u32 = 255;
+pub const MIN_MEMORY_MIB: u32 = 128;
+pub const MAX_DISK_GIB: u64 = 16 * 1024;
+
+/// Check a machine's size before anything is made. `host_mem_mib` is the host's total RAM
+/// (a guest larger than the host cannot run, whatever is free).
+pub fn check_size(cpus: u32, memory_mib: u32, disk_gib: u64, host_mem_mib: u64) -> Result<()> {
+    if !(1..=MAX_CPUS).contains(&cpus) {
+        return Err(Error::input(
+            format!("--cpus {cpus} is out of range (1 to {MAX_CPUS})"),
+            format!("give a vCPU count from 1 to {MAX_CPUS}; the default is {DEFAULT_CPUS}"),
+        ));
+    }
+    if memory_mib < MIN_MEMORY_MIB || u64::from(memory_mib) > host_mem_mib {
+        return Err(Error::input(
+            format!(
+                "--memory {memory_mib} MiB is out of range ({MIN_MEMORY_MIB} MiB to this host's {host_mem_mib} MiB)"
+            ),
+            format!("give the guest's RAM in MiB; the default is {DEFAULT_MEMORY_MIB}"),
+        ));
+    }
+    if !(1..=MAX_DISK_GIB).contains(&disk_gib) {
+        return Err(Error::input(
+            format!("--disk-gib {disk_gib} is out of range (1 to {MAX_DISK_GIB})"),
+            format!("give the overlay's virtual size in GiB; the default is {DEFAULT_DISK_GIB}"),
+        ));
+    }
+    Ok(())
+}
+
 /// Console lines that mean the guest is in trouble; waits fail fast on them.
 pub const DEFAULT_FAILURE_PATTERNS: &[&str] = &[
     "Kernel panic - not syncing",
@@ -68,8 +104,8 @@ impl VmSpec {
         VmSpec {
             name: name.to_string(),
             host: None,
-            cpus: 2,
-            memory_mib: 3072,
+            cpus: DEFAULT_CPUS,
+            memory_mib: DEFAULT_MEMORY_MIB,
             accel,
             boot,
             disk: None,
@@ -128,6 +164,28 @@ fn validate_name(name: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_outside_what_can_run_are_refused() {
+        let host = 24 * 1024;
+        check_size(DEFAULT_CPUS, DEFAULT_MEMORY_MIB, DEFAULT_DISK_GIB, host).unwrap();
+        check_size(1, MIN_MEMORY_MIB, 1, host).unwrap();
+        for (cpus, mem, disk, flag) in [
+            (0, 3072, 20, "--cpus 0"),
+            (1000, 3072, 20, "--cpus 1000"),
+            (2, 0, 20, "--memory 0"),
+            (2, 64, 20, "--memory 64"),
+            (2, 48 * 1024, 20, "--memory 49152"),
+            (2, 3072, 0, "--disk-gib 0"),
+            (2, 3072, 17_179_869_185, "--disk-gib 17179869185"),
+            (2, 3072, 1_000_000, "--disk-gib 1000000"),
+        ] {
+            let e = check_size(cpus, mem, disk, host).unwrap_err();
+            assert_eq!(e.exit_code(), 2);
+            let text = e.to_string();
+            assert!(text.contains(flag) && text.contains("fix:"), "{text}");
+        }
+    }
 
     #[test]
     fn names_get_the_prefix_once() {

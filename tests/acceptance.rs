@@ -82,7 +82,7 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(image::ensure(&env.dirs, &ImageChoice::Auto))
+    rt.block_on(image::ensure(&env.dirs, &ImageChoice::default()))
         .expect("golden image");
     let ns = Netns::new("acc");
 

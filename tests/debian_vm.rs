@@ -88,7 +88,7 @@ impl Cli<'_> {
 async fn debian_guest_boots_to_ssh_survives_faults_and_leaves_the_golden_image_untouched() {
     let _one = one_vm_at_a_time();
     let env = Env::new();
-    let golden = image::ensure(&env.dirs, &ImageChoice::Auto)
+    let golden = image::ensure(&env.dirs, &ImageChoice::default())
         .await
         .expect("golden image (built offline if missing)");
     let before = sha256(&golden.disk);

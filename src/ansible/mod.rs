@@ -13,6 +13,7 @@
 //!   terminal and a log file, with a timeout, and returns the recap.
 
 pub mod certs;
+pub mod extra;
 pub mod inventory;
 mod outcome;
 pub mod output;

@@ -42,6 +42,11 @@ pub struct ScopeReport {
     pub playbook: String,
 }
 
+/// True for a connection plugin that reaches `address` over SSH.
+pub fn is_ssh_connection(connection: &str) -> bool {
+    SSH_CONNECTIONS.contains(&connection)
+}
+
 fn refuse(problem: String) -> Error {
     Error::ansible(
         format!("refusing to run: {problem}"),
@@ -75,7 +80,7 @@ pub fn judge_inventory(
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string();
-    if !SSH_CONNECTIONS.contains(&connection.as_str()) {
+    if !is_ssh_connection(&connection) {
         return Err(refuse(format!(
             "`{host}`'s effective ansible_connection is `{connection}`, not ssh: the playbook would \
              not run on the VM (a repo var overrides it; boma-qvm needs ssh)"

@@ -1,6 +1,6 @@
 //! The main job and its pieces: `cycle HOST`, and `apply`, `assert`, `reset` on a kept VM.
 
-use super::vm_cmds::{MachineArgs, NetArgs, request};
+use super::vm_cmds::{MachineArgs, NetArgs, image_choice, request};
 use boma_qvm::ansible::{CertTier, Playbook};
 use boma_qvm::cycle::{self, CycleConfig, steps};
 use boma_qvm::paths::Dirs;
@@ -32,9 +32,10 @@ pub struct CycleArgs {
     /// Extra vars for both playbooks (repeatable), layered after the overlay and cert tier.
     #[arg(short = 'e', long = "extra-vars")]
     pub extra_vars: Vec<String>,
-    /// Golden image (auto, cloud, built, or an imported name).
-    #[arg(long, default_value = "auto")]
-    pub image: String,
+    /// Golden image: built (the default: Debian 13 built offline, with Docker and the guest
+    /// agent), cloud (Debian's genericcloud: no Docker, no agent), or an imported name.
+    #[arg(long)]
+    pub image: Option<String>,
     /// Where run directories (report, logs, post-mortem) go.
     #[arg(long, env = "BOMA_QVM_RUNS_DIR")]
     pub runs_dir: Option<PathBuf>,
@@ -52,12 +53,9 @@ pub async fn cycle(dirs: &Dirs, a: CycleArgs) -> Result<()> {
         )
     })?;
     let certs: CertTier = a.certs.parse()?;
-    let req = request(
-        &a.host,
-        OsSource::Image(a.image.parse()?),
-        &a.machine,
-        &a.net,
-    )?;
+    let (choice, reason) = image_choice(a.image.as_deref())?;
+    let mut req = request(&a.host, OsSource::Image(choice), &a.machine, &a.net)?;
+    req.image_reason = reason;
     let net = req.net.clone().ok_or_else(|| {
         Error::input(
             "cycle needs the isolated network",
@@ -77,7 +75,7 @@ pub async fn cycle(dirs: &Dirs, a: CycleArgs) -> Result<()> {
         runs_root: a.runs_dir.unwrap_or_else(|| dirs.runs.clone()),
         run_dir: None,
     };
-    let report = cycle::run(dirs, &cfg, req).await?;
+    let report = cycle::run(dirs, cfg, req).await?;
     println!("{}: PASS ({})", report.host, report.summary);
     Ok(())
 }

@@ -28,10 +28,11 @@ pub struct OptVmArg {
 pub struct UpArgs {
     /// The host this VM mirrors; the VM is named boma-it-HOST.
     pub host: String,
-    /// Golden image: auto (cached cloud image, else cached offline build, else pull, else build),
-    /// cloud, built, or the name of an imported image.
-    #[arg(long, default_value = "auto", conflicts_with = "kernel")]
-    pub image: String,
+    /// Golden image: built (the default: Debian 13 built offline, with Docker and the guest
+    /// agent; built on first use), cloud (Debian's genericcloud: no Docker, no agent), or the
+    /// name of an image in `boma-qvm image list`.
+    #[arg(long, conflicts_with = "kernel")]
+    pub image: Option<String>,
     /// Direct kernel boot of a kernel/initrd with no disk image or seed (test guests).
     #[arg(long)]
     pub kernel: Option<PathBuf>,
@@ -54,13 +55,13 @@ pub struct UpArgs {
 #[derive(Args, Debug, Clone)]
 pub struct MachineArgs {
     /// vCPUs.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = boma_qvm::spec::DEFAULT_CPUS)]
     pub cpus: u32,
     /// Guest RAM in MiB.
-    #[arg(long, default_value_t = 3072)]
+    #[arg(long, default_value_t = boma_qvm::spec::DEFAULT_MEMORY_MIB)]
     pub memory: u32,
     /// Virtual size of the VM's disk (thin overlay), GiB.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = boma_qvm::spec::DEFAULT_DISK_GIB)]
     pub disk_gib: u64,
     #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
     pub accel: AccelChoice,
@@ -124,6 +125,16 @@ pub fn resolve_accel(m: &MachineArgs) -> Result<boma_qvm::accel::Accel> {
     Ok(accel)
 }
 
+/// The image `--image` names (the default when absent), and why, for the log and report.
+pub fn image_choice(flag: Option<&str>) -> Result<(boma_qvm::image::ImageChoice, String)> {
+    let choice = match flag {
+        Some(name) => name.parse()?,
+        None => boma_qvm::image::ImageChoice::default(),
+    };
+    let reason = choice.reason(flag.is_some());
+    Ok((choice, reason))
+}
+
 /// An `UpRequest` from the shared flags.
 pub fn request(host: &str, os: OsSource, m: &MachineArgs, n: &NetArgs) -> Result<UpRequest> {
     let mut req = UpRequest::new(host, os, resolve_accel(m)?);
@@ -178,25 +189,21 @@ fn start_options(min_free_mib: Option<u64>, max_vms: usize) -> StartOptions {
 }
 
 pub async fn up(dirs: &Dirs, a: UpArgs) -> Result<()> {
+    let mut reason = String::new();
     let os = match a.kernel {
-        Some(kernel) => {
-            for p in std::iter::once(&kernel).chain(a.initrd.iter()) {
-                if !p.exists() {
-                    return Err(Error::not_found(
-                        p.display().to_string(),
-                        "give an existing kernel/initrd path",
-                    ));
-                }
-            }
-            OsSource::Kernel {
-                kernel,
-                initrd: a.initrd,
-                append: a.append,
-            }
+        Some(kernel) => OsSource::Kernel {
+            kernel,
+            initrd: a.initrd,
+            append: a.append,
+        },
+        None => {
+            let (choice, why) = image_choice(a.image.as_deref())?;
+            reason = why;
+            OsSource::Image(choice)
         }
-        None => OsSource::Image(a.image.parse()?),
     };
     let mut req = request(&a.host, os, &a.machine, &a.net)?;
+    req.image_reason = reason;
     req.wait_ssh &= !a.no_wait_ssh;
     let mut stages = Stages::new();
     let up = provision::up(dirs, &req, &mut stages).await?;

@@ -51,30 +51,6 @@ impl CycleConfig {
         Ok(dir)
     }
 
-    /// `integration_dns_names` from the overlay: names the VM's DNS answers with the VM itself.
-    pub fn overlay_dns_names(&self) -> Result<Vec<String>> {
-        let path = self
-            .repo
-            .join("tests/integration/overrides")
-            .join(format!("{}.yml", self.host));
-        let text = std::fs::read_to_string(&path).ctx(|| format!("reading {}", path.display()))?;
-        let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).map_err(|e| {
-            Error::input(
-                format!("{} is not valid YAML: {e}", path.display()),
-                "fix the overlay file",
-            )
-        })?;
-        Ok(doc
-            .get("integration_dns_names")
-            .and_then(|v| v.as_sequence())
-            .map(|s| {
-                s.iter()
-                    .filter_map(|n| n.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default())
-    }
-
     pub fn save(&self, vm: &Vm, run_dir: &Path) -> Result<()> {
         let mut c = self.clone();
         c.run_dir = Some(run_dir.to_path_buf());
@@ -154,7 +130,7 @@ mod tests {
     }
 
     #[test]
-    fn overlay_names_come_from_the_fixture() {
+    fn le_tiers_need_egress() {
         let cfg = CycleConfig {
             host: "askari".into(),
             repo: Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/boma"),
@@ -168,7 +144,6 @@ mod tests {
             runs_root: "/tmp".into(),
             run_dir: None,
         };
-        assert_eq!(cfg.overlay_dns_names().unwrap(), vec!["askari.wingu.me"]);
         let mut staging = cfg.clone();
         staging.certs = CertTier::LeStaging;
         staging.egress = false;

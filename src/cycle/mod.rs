@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod diagnostics;
+pub mod preflight;
 pub mod report;
 pub mod steps;
 
@@ -36,15 +37,15 @@ pub fn session(cfg: &CycleConfig, vm: &Vm, ip: Ipv4Addr) -> Result<Session> {
 
 /// The whole cycle. `req` carries the machine (image, size, accelerator, network); the profile's
 /// overlay adds the names that must resolve to the VM.
-pub async fn run(dirs: &Dirs, cfg: &CycleConfig, mut req: UpRequest) -> Result<Report> {
+pub async fn run(dirs: &Dirs, mut cfg: CycleConfig, mut req: UpRequest) -> Result<Report> {
     let mut stages = Stages::new();
-    // Refuse bad input before booting anything (or making a run directory): the repo layout,
-    // HOST, the cert tier.
+    // Refuse bad input before booting anything or making a run directory.
     stages
-        .run("profile", async { Profile::load(&cfg.repo, &cfg.host) })
+        .run("input checks", async {
+            preflight::check(dirs, &mut cfg, &mut req)
+        })
         .await?;
-    cfg.cert_plan()?;
-    req.dns_names.extend(cfg.overlay_dns_names()?);
+    let cfg = &cfg;
     let run_dir = cfg.new_run_dir()?;
     tracing::info!("run directory: {}", run_dir.display());
 
@@ -117,7 +118,8 @@ async fn finish(
     failure: Option<Error>,
     req: &UpRequest,
 ) -> Result<Report> {
-    let keep = failure.is_some() || cfg.keep;
+    // Only a VM that exists can be kept; a failure before one was made keeps nothing.
+    let keep = vm.is_some() && (failure.is_some() || cfg.keep);
     if let (Some(_), Some(vm)) = (&failure, &vm) {
         let _ = stages
             .run("post-mortem", diagnostics::collect(vm, conn, run_dir))
@@ -150,6 +152,13 @@ async fn finish(
         egress: req.egress,
         extra_vars: cfg.extra_vars.clone(),
         versions,
+        image: report::ImageReport {
+            name: match &req.os {
+                provision::OsSource::Image(c) => c.name().to_string(),
+                provision::OsSource::Kernel { .. } => String::new(),
+            },
+            reason: req.image_reason.clone(),
+        },
         accepted_risk: cfg.cert_plan().ok().and_then(|p| p.accepted_risk),
         vm_kept: keep,
         inspect: inspect.clone(),

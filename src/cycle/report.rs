@@ -28,6 +28,8 @@ pub struct Report {
     /// Extra vars the user layered on (`-e`), as given.
     pub extra_vars: Vec<String>,
     pub versions: Versions,
+    /// The golden image asked for and why it was chosen.
+    pub image: ImageReport,
     /// Set when the cert tier carries an accepted risk (le-prod-wildcard).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accepted_risk: Option<String>,
@@ -36,6 +38,12 @@ pub struct Report {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inspect: Option<String>,
     pub total_seconds: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ImageReport {
+    pub name: String,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -126,6 +134,7 @@ mod tests {
             egress: true,
             extra_vars: vec![],
             versions: Versions::default(),
+            image: ImageReport::default(),
             accepted_risk: None,
             vm_kept: true,
             inspect: Some("boma-qvm console askari".into()),

@@ -177,14 +177,13 @@ impl Image {
     }
 }
 
-/// Which golden image a VM should use.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// Which golden image a VM should use. There is one default everywhere (CI, an offline
+/// machine, a networked KVM host): the offline build, because it is the image that has what the
+/// bundled example and real boma hosts need (Docker, docker-cli, qemu-guest-agent, nftables).
+/// Debian's genericcloud image has neither Docker nor the guest agent, so it is never picked
+/// unless asked for by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageChoice {
-    /// Use a cached image: `debian-13-genericcloud` if present (what real hosts boot), else
-    /// `debian-13-built`. With neither, pull the cloud image; if the pull cannot reach the server
-    /// (connection refused, DNS, timeout — not a 404 or a bad checksum), build offline instead.
-    #[default]
-    Auto,
     /// The pulled Debian cloud image (pulled if missing).
     Cloud(pull::PullOptions),
     /// The offline debootstrap build (built if missing).
@@ -193,13 +192,24 @@ pub enum ImageChoice {
     Named(String),
 }
 
+impl Default for ImageChoice {
+    fn default() -> Self {
+        ImageChoice::Built(Default::default())
+    }
+}
+
 impl std::str::FromStr for ImageChoice {
     type Err = Error;
-    /// `auto`, `cloud` (or `pull`, `debian-13-genericcloud`), `built` (or `build`,
-    /// `debian-13-built`), or the name of a cached image.
+    /// `built` (or `build`, `debian-13-built`), `cloud` (or `pull`, `debian-13-genericcloud`),
+    /// or the name of a cached image.
     fn from_str(s: &str) -> Result<Self> {
         Ok(match s {
-            "auto" => ImageChoice::Auto,
+            "auto" => {
+                return Err(Error::input(
+                    "--image auto is gone: it picked Debian's cloud image when it could, which has no Docker and no guest agent",
+                    "drop --image (the default, `built`, is the offline build with Docker and the agent), or name an image: built, cloud, or one from `boma-qvm image list`",
+                ));
+            }
             "cloud" | "pull" | CLOUD => ImageChoice::Cloud(Default::default()),
             "built" | "build" | BUILT => ImageChoice::Built(Default::default()),
             other => {
@@ -210,8 +220,42 @@ impl std::str::FromStr for ImageChoice {
     }
 }
 
-/// Resolve `choice` to a cached image, pulling or building it first if needed (see
-/// [`ImageChoice`] for what `Auto` does). Cheap when the image is cached.
+impl ImageChoice {
+    /// The image's name in the cache.
+    pub fn name(&self) -> &str {
+        match self {
+            ImageChoice::Cloud(o) => &o.name,
+            ImageChoice::Built(o) => &o.name,
+            ImageChoice::Named(n) => n,
+        }
+    }
+
+    /// What can be known before anything is made: a named image must be in the cache (a built
+    /// or cloud image is made on first use).
+    pub fn check(&self, dirs: &Dirs) -> Result<()> {
+        match self {
+            ImageChoice::Named(name) => store::get(dirs, name).map(|_| ()),
+            ImageChoice::Cloud(_) | ImageChoice::Built(_) => Ok(()),
+        }
+    }
+
+    /// Why this image, in one line, for the log and report.json.
+    pub fn reason(&self, explicit: bool) -> String {
+        match (self, explicit) {
+            (ImageChoice::Built(_), false) => {
+                "the default: Debian 13 built offline with debootstrap (Docker, docker-cli, qemu-guest-agent, nftables)".into()
+            }
+            (ImageChoice::Built(_), true) => "asked for with --image built".into(),
+            (ImageChoice::Cloud(_), _) => {
+                "asked for with --image cloud: Debian's genericcloud image (no Docker, no guest agent)".into()
+            }
+            (ImageChoice::Named(n), _) => format!("asked for with --image {n}"),
+        }
+    }
+}
+
+/// Resolve `choice` to a cached image, pulling or building it first if needed. Cheap when the
+/// image is cached.
 pub async fn ensure(dirs: &Dirs, choice: &ImageChoice) -> Result<Image> {
     match choice {
         ImageChoice::Named(name) => store::get(dirs, name),
@@ -223,25 +267,28 @@ pub async fn ensure(dirs: &Dirs, choice: &ImageChoice) -> Result<Image> {
             Some(img) => Ok(img),
             None => build::build(dirs, opts).await,
         },
-        ImageChoice::Auto => {
-            for name in [CLOUD, BUILT] {
-                if let Some(img) = store::find(dirs, name)? {
-                    tracing::info!(image = %name, "using cached golden image");
-                    return Ok(img);
-                }
-            }
-            match pull::pull_classified(dirs, &pull::PullOptions::default()).await {
-                Ok(p) => Ok(p.image),
-                Err(f) if f.unreachable => {
-                    tracing::warn!(
-                        "cannot reach the cloud image server ({}); building offline",
-                        f.error
-                    );
-                    build::build(dirs, &build::BuildOptions::default()).await
-                }
-                Err(f) => Err(f.error),
-            }
+    }
+}
+
+impl Image {
+    /// Refuse an overlay smaller than this image's virtual disk, before anything is made.
+    pub fn check_disk_size(&self, disk_gib: u64) -> Result<()> {
+        let golden = overlay::info(&self.disk)?.virtual_size;
+        if disk_gib.saturating_mul(1 << 30) < golden {
+            return Err(Error::input(
+                format!(
+                    "--disk-gib {disk_gib} is smaller than image `{}`'s {} GiB disk",
+                    self.name,
+                    golden.div_ceil(1 << 30)
+                ),
+                format!(
+                    "give --disk-gib {} or more (the default is {})",
+                    golden.div_ceil(1 << 30),
+                    crate::spec::DEFAULT_DISK_GIB
+                ),
+            ));
         }
+        Ok(())
     }
 }
 
@@ -251,7 +298,10 @@ mod tests {
 
     #[test]
     fn choice_parses_aliases_and_names() {
-        assert_eq!("auto".parse::<ImageChoice>().unwrap(), ImageChoice::Auto);
+        let auto = "auto".parse::<ImageChoice>().unwrap_err();
+        assert_eq!(auto.exit_code(), 2);
+        assert!(auto.to_string().contains("no Docker"), "{auto}");
+        assert!(matches!(ImageChoice::default(), ImageChoice::Built(_)));
         assert!(matches!(
             "pull".parse::<ImageChoice>().unwrap(),
             ImageChoice::Cloud(_)
