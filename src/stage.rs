@@ -2,7 +2,7 @@
 //! its duration and the running total, and keeps a record for report.json.
 
 use crate::Result;
-use crate::events::now;
+use crate::machine::events::now;
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::time::Instant;

@@ -9,7 +9,7 @@
 
 mod common;
 
-use boma_qvm::image::{self, ImageChoice};
+use boma_qvm::guest::image::{self, ImageChoice};
 use common::Env;
 use common::netns::Netns;
 use serde_json::Value;
@@ -66,7 +66,7 @@ fn left_in(ns: &Netns) -> String {
     let procs: Vec<String> = ns
         .pids()
         .iter()
-        .map(|p| boma_qvm::procs::cmdline(*p).join(" "))
+        .map(|p| boma_qvm::machine::procs::cmdline(*p).join(" "))
         .collect();
     let links =
         String::from_utf8_lossy(&ns.exec("ip -o link show; nft list tables").stdout).into_owned();
@@ -107,7 +107,7 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
     );
     assert_eq!(
         report["accel"],
-        if boma_qvm::accel::KvmProbe::read().usable() {
+        if boma_qvm::machine::accel::KvmProbe::read().usable() {
             "kvm"
         } else {
             "tcg"
@@ -161,7 +161,7 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
     );
 
     // Iterate on the kept VM: back to the post-apply snapshot, reboot, verify -- red again.
-    let vm = boma_qvm::vm::Vm::open(&env.dirs, "boma-it-askari").unwrap();
+    let vm = boma_qvm::machine::vm::Vm::open(&env.dirs, "boma-it-askari").unwrap();
     let resets_before = vm
         .events()
         .unwrap()

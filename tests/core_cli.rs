@@ -47,7 +47,7 @@ fn up(env: &Env, host: &str) -> Output {
 }
 
 async fn wait_ready(env: &Env, host: &str) {
-    let vm = boma_qvm::vm::Vm::open(&env.dirs, &format!("boma-it-{host}")).unwrap();
+    let vm = boma_qvm::machine::vm::Vm::open(&env.dirs, &format!("boma-it-{host}")).unwrap();
     vm.wait_console(READY, 1, Duration::from_secs(120))
         .await
         .unwrap();
@@ -58,7 +58,7 @@ async fn up_console_reboot_shutdown_down_from_the_shell() {
     let env = Env::new();
     let o = up(&env, "sh1");
     assert!(o.status.success(), "{}", text(&o));
-    if !boma_qvm::accel::KvmProbe::read().usable() {
+    if !boma_qvm::machine::accel::KvmProbe::read().usable() {
         assert!(
             text(&o).contains("using TCG"),
             "auto falls back to TCG with a warning: {}",
@@ -96,7 +96,7 @@ async fn up_console_reboot_shutdown_down_from_the_shell() {
         "captured while attached"
     );
 
-    let vm = boma_qvm::vm::Vm::open(&env.dirs, "boma-it-sh1").unwrap();
+    let vm = boma_qvm::machine::vm::Vm::open(&env.dirs, "boma-it-sh1").unwrap();
     let o = run(&env, &["reboot", "sh1"]);
     assert!(o.status.success(), "{}", text(&o));
     vm.wait_console(READY, 2, Duration::from_secs(120))
@@ -147,8 +147,8 @@ async fn prune_reaps_a_vm_whose_cli_was_killed_mid_up() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(qemus_under(&env.dirs.state).is_empty(), "no QEMU left");
     assert!(
-        boma_qvm::procs::find(|a| a.iter().any(|x| x == "__supervise")
-            && boma_qvm::procs::mentions(a, &env.dirs.state))
+        boma_qvm::machine::procs::find(|a| a.iter().any(|x| x == "__supervise")
+            && boma_qvm::machine::procs::mentions(a, &env.dirs.state))
         .is_empty()
     );
     assert!(
@@ -177,7 +177,7 @@ fn the_resource_guard_refuses_with_the_numbers() {
 
 #[test]
 fn kvm_is_refused_where_it_is_not_usable() {
-    if boma_qvm::accel::KvmProbe::read().usable() {
+    if boma_qvm::machine::accel::KvmProbe::read().usable() {
         return; // this machine has real KVM; the rule is unit-tested in accel.rs
     }
     let env = Env::new();

@@ -2,9 +2,9 @@
 
 mod common;
 
-use boma_qvm::events::names;
-use boma_qvm::power::{self, RebootMode, ShutdownOutcome};
-use boma_qvm::vm::{State, Vm};
+use boma_qvm::machine::events::names;
+use boma_qvm::machine::power::{self, RebootMode, ShutdownOutcome};
+use boma_qvm::machine::vm::{State, Vm};
 use common::*;
 use std::time::Duration;
 
@@ -74,7 +74,7 @@ async fn clean_shutdown_ends_with_qemu_gone() {
         power::shutdown(&vm, T).await.unwrap(),
         ShutdownOutcome::Clean
     );
-    assert!(!boma_qvm::procs::alive(qemu));
+    assert!(!boma_qvm::machine::procs::alive(qemu));
     assert_eq!(vm.state(), State::Off);
     let ev = vm.events().unwrap();
     let shutdown = ev.iter().find(|r| r.is("SHUTDOWN")).unwrap();

@@ -9,9 +9,9 @@
 
 mod common;
 
-use boma_qvm::events::names;
 use boma_qvm::fault::Target;
-use boma_qvm::image::{self, ImageChoice};
+use boma_qvm::guest::image::{self, ImageChoice};
+use boma_qvm::machine::events::names;
 use common::faults::*;
 use common::netns::Netns;
 use common::{Env, start_options};
@@ -54,7 +54,7 @@ async fn ssh_retry(vm: &Target, cmd: &str) -> String {
 }
 
 fn sha256(path: &std::path::Path) -> String {
-    boma_qvm::image::tool::sha256_file(path).unwrap()
+    boma_qvm::guest::image::tool::sha256_file(path).unwrap()
 }
 
 struct Cli<'a> {
@@ -125,7 +125,7 @@ async fn debian_guest_boots_to_ssh_survives_faults_and_leaves_the_golden_image_u
     );
 
     let boot_id = cli.ok("ssh e2e -- cat /proc/sys/kernel/random/boot_id");
-    let vm = boma_qvm::vm::Vm::open(&env.dirs, "boma-it-e2e").unwrap();
+    let vm = boma_qvm::machine::vm::Vm::open(&env.dirs, "boma-it-e2e").unwrap();
 
     // The break-glass way in: the guest agent, no network or SSH involved.
     let qga_sock = vm.run.qga_sock();
@@ -136,7 +136,7 @@ async fn debian_guest_boots_to_ssh_survives_faults_and_leaves_the_golden_image_u
                 "-c",
                 "id -un; cat /proc/sys/kernel/random/boot_id",
             ];
-            boma_qvm::qga::exec(&qga_sock, &argv, std::time::Duration::from_secs(60)).await
+            boma_qvm::machine::qga::exec(&qga_sock, &argv, std::time::Duration::from_secs(60)).await
         })
         .unwrap();
     assert_eq!(agent.code, Some(0), "{agent:?}");

@@ -5,7 +5,7 @@
 mod common;
 
 use boma_qvm::fault::Target;
-use boma_qvm::provision;
+use boma_qvm::machine::provision;
 use common::faults::*;
 use common::world::{OUTSIDE, World};
 use std::time::Duration;

@@ -5,8 +5,8 @@
 mod common;
 
 use boma_qvm::Error;
-use boma_qvm::events::names;
-use boma_qvm::vm::State;
+use boma_qvm::machine::events::names;
+use boma_qvm::machine::vm::State;
 use common::faults::*;
 use common::*;
 

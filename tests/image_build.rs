@@ -5,7 +5,7 @@
 mod common;
 
 use boma_qvm::Error;
-use boma_qvm::image::{self, build, import, store};
+use boma_qvm::guest::image::{self, build, import, store};
 use common::http::*;
 
 #[tokio::test]

@@ -5,7 +5,7 @@ mod common;
 use std::process::Command;
 
 use boma_qvm::Error;
-use boma_qvm::image::{self, Boot, Source, import, overlay, store};
+use boma_qvm::guest::image::{self, Boot, Source, import, overlay, store};
 use common::http::*;
 
 fn qemu_io(img: &std::path::Path, cmd: &str) -> std::process::Output {
@@ -21,7 +21,7 @@ fn overlay_is_backed_by_the_golden_image_which_never_changes() {
     let d = tempfile::tempdir().unwrap();
     let golden = d.path().join("golden.qcow2");
     make_qcow2(&golden, 64, 2, 0xab);
-    boma_qvm::image::tool::set_readonly(&golden).unwrap();
+    boma_qvm::guest::image::tool::set_readonly(&golden).unwrap();
     let before = sha256_file(&golden);
 
     let ov = d.path().join("vm").join("disk.qcow2");

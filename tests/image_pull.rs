@@ -6,8 +6,8 @@ mod common;
 use std::time::Duration;
 
 use boma_qvm::Error;
-use boma_qvm::image::pull::{self, Outcome, PullOptions};
-use boma_qvm::image::{self, Boot, ImageChoice, Source};
+use boma_qvm::guest::image::pull::{self, Outcome, PullOptions};
+use boma_qvm::guest::image::{self, Boot, ImageChoice, Source};
 use common::http::*;
 
 const FILE: &str = "debian-13-genericcloud-amd64.qcow2";
@@ -96,7 +96,7 @@ async fn a_new_upstream_image_replaces_the_old_one() {
     let vm_disk = dirs.vm("boma-it-y").join("disk.qcow2");
     std::fs::create_dir_all(vm_disk.parent().unwrap()).unwrap();
     let golden = dirs.images().join(image::CLOUD).join("disk.qcow2");
-    boma_qvm::image::overlay::create(&golden, &vm_disk, None).unwrap();
+    boma_qvm::guest::image::overlay::create(&golden, &vm_disk, None).unwrap();
     srv.publish(FILE, &a);
     let err = image_err(pull::pull(&dirs, &opts(&srv.base_url())).await);
     assert!(err.contains("boma-it-y"), "{err}");

@@ -3,8 +3,8 @@
 mod common;
 
 use boma_qvm::Error;
-use boma_qvm::accel::Accel;
-use boma_qvm::provision::{self, OsSource, UpRequest};
+use boma_qvm::machine::accel::Accel;
+use boma_qvm::machine::provision::{self, OsSource, UpRequest};
 use boma_qvm::stage::Stages;
 use common::netns::Netns;
 use common::*;

@@ -4,8 +4,8 @@
 use std::path::Path;
 use std::process::Command;
 
-use boma_qvm::seed::{self, SeedSpec};
-use boma_qvm::ssh;
+use boma_qvm::guest::seed::{self, SeedSpec};
+use boma_qvm::guest::ssh;
 use serde_yaml_ng::Value;
 
 fn isoinfo(iso: &Path, args: &[&str]) -> String {

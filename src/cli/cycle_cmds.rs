@@ -3,9 +3,9 @@
 use super::vm_cmds::{MachineArgs, NetArgs, image_choice, request};
 use boma_qvm::ansible::{CertTier, Playbook};
 use boma_qvm::cycle::{self, CycleConfig, steps};
+use boma_qvm::machine::provision::{self, OsSource};
+use boma_qvm::machine::vm::Vm;
 use boma_qvm::paths::Dirs;
-use boma_qvm::provision::{self, OsSource};
-use boma_qvm::vm::Vm;
 use boma_qvm::{Error, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -91,7 +91,7 @@ fn kept(dirs: &Dirs, a: &KeptVmArgs, what: &str) -> Result<(Vm, CycleConfig, Pat
     let vm = Vm::resolve(dirs, a.vm.as_deref())?;
     let cfg = CycleConfig::load(&vm)?;
     let dir = cfg.run_dir.clone().unwrap_or_else(|| vm.run.dir.clone());
-    let stamp = boma_qvm::cycle::config::utc_stamp(boma_qvm::events::now() as u64);
+    let stamp = boma_qvm::cycle::config::utc_stamp(boma_qvm::machine::events::now() as u64);
     Ok((vm, cfg, dir.join(format!("{what}-{stamp}.log"))))
 }
 

@@ -3,8 +3,8 @@
 
 use boma_qvm::Result;
 use boma_qvm::fault::{Fault, Target};
+use boma_qvm::machine::vm::Vm;
 use boma_qvm::paths::Dirs;
-use boma_qvm::vm::Vm;
 use clap::Args;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 

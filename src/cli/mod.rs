@@ -3,6 +3,7 @@
 
 mod cycle_cmds;
 mod fault_cmds;
+mod image_cmds;
 mod net_cmds;
 mod vm_cmds;
 
@@ -64,7 +65,7 @@ enum Cmd {
     Ssh(vm_cmds::SshArgs),
     /// Golden images: pull, build, import, list, rm.
     #[command(subcommand)]
-    Image(boma_qvm::image::cli::ImageCmd),
+    Image(image_cmds::ImageCmd),
     /// The isolated network: up, down, status.
     #[command(subcommand)]
     Net(net_cmds::NetCmd),
@@ -140,9 +141,9 @@ fn supervise(run_dir: PathBuf) -> Result<()> {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    rt.block_on(boma_qvm::supervisor::main(boma_qvm::rundir::RunDir::new(
-        run_dir,
-    )))
+    rt.block_on(boma_qvm::machine::supervisor::main(
+        boma_qvm::machine::rundir::RunDir::new(run_dir),
+    ))
 }
 
 async fn dispatch(cmd: Cmd, dirs: &Dirs) -> Result<()> {
@@ -161,7 +162,7 @@ async fn dispatch(cmd: Cmd, dirs: &Dirs) -> Result<()> {
         Cmd::Shutdown(a) => vm_cmds::shutdown(dirs, a).await,
         Cmd::Prune => vm_cmds::prune(dirs).await,
         Cmd::Ssh(a) => vm_cmds::ssh(dirs, a),
-        Cmd::Image(c) => boma_qvm::image::cli::run(dirs, c).await,
+        Cmd::Image(c) => image_cmds::run(dirs, c).await,
         Cmd::Net(c) => net_cmds::net(dirs, c).await,
         Cmd::Doctor(a) => net_cmds::doctor(dirs, a).await,
         Cmd::Fault(a) => fault_cmds::fault(dirs, a).await,

@@ -1,10 +1,10 @@
 //! Network and host-check subcommands: `net up|down|status`, `doctor`.
 
-use boma_qvm::accel::KvmProbe;
+use boma_qvm::machine::accel::KvmProbe;
+use boma_qvm::machine::provision::saved_net_config;
 use boma_qvm::net::{self, NetConfig, Network};
 use boma_qvm::paths::Dirs;
-use boma_qvm::provision::saved_net_config;
-use boma_qvm::{Error, Result, vm};
+use boma_qvm::{Error, Result, machine::vm};
 use clap::{Args, Subcommand};
 
 #[derive(Subcommand, Debug)]
@@ -69,8 +69,8 @@ pub async fn doctor(dirs: &Dirs, _a: DoctorArgs) -> Result<()> {
             probe.reason()
         );
     }
-    let avail = boma_qvm::guard::mem_available_mib()?;
-    let need = boma_qvm::guard::threshold_mib(
+    let avail = boma_qvm::machine::guard::mem_available_mib()?;
+    let need = boma_qvm::machine::guard::threshold_mib(
         3072,
         std::env::var("BOMA_QVM_MIN_FREE_MIB")
             .ok()

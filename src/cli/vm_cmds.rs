@@ -1,13 +1,13 @@
 //! VM lifecycle subcommands: up, start, down, status, list, console, reboot, shutdown, prune.
 
-use boma_qvm::accel::{self, AccelChoice, KvmProbe};
+use boma_qvm::machine::accel::{self, AccelChoice, KvmProbe};
+use boma_qvm::machine::power::{self, RebootMode, ShutdownOutcome};
+use boma_qvm::machine::provision::{self, OsSource, UpRequest};
+use boma_qvm::machine::vm::{self, StartOptions, State, Vm};
 use boma_qvm::net::NetConfig;
 use boma_qvm::paths::Dirs;
-use boma_qvm::power::{self, RebootMode, ShutdownOutcome};
-use boma_qvm::provision::{self, OsSource, UpRequest};
 use boma_qvm::stage::Stages;
-use boma_qvm::vm::{self, StartOptions, State, Vm};
-use boma_qvm::{Error, Result, console, prune as prune_mod};
+use boma_qvm::{Error, Result, machine::console, machine::prune as prune_mod};
 use clap::Args;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -55,13 +55,13 @@ pub struct UpArgs {
 #[derive(Args, Debug, Clone)]
 pub struct MachineArgs {
     /// vCPUs.
-    #[arg(long, default_value_t = boma_qvm::spec::DEFAULT_CPUS)]
+    #[arg(long, default_value_t = boma_qvm::machine::spec::DEFAULT_CPUS)]
     pub cpus: u32,
     /// Guest RAM in MiB.
-    #[arg(long, default_value_t = boma_qvm::spec::DEFAULT_MEMORY_MIB)]
+    #[arg(long, default_value_t = boma_qvm::machine::spec::DEFAULT_MEMORY_MIB)]
     pub memory: u32,
     /// Virtual size of the VM's disk (thin overlay), GiB.
-    #[arg(long, default_value_t = boma_qvm::spec::DEFAULT_DISK_GIB)]
+    #[arg(long, default_value_t = boma_qvm::machine::spec::DEFAULT_DISK_GIB)]
     pub disk_gib: u64,
     #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
     pub accel: AccelChoice,
@@ -117,7 +117,7 @@ impl NetArgs {
 }
 
 /// Resolve the accelerator, printing the one-line fallback warning.
-pub fn resolve_accel(m: &MachineArgs) -> Result<boma_qvm::accel::Accel> {
+pub fn resolve_accel(m: &MachineArgs) -> Result<boma_qvm::machine::accel::Accel> {
     let (accel, warning) = accel::resolve(m.accel, &KvmProbe::read(), m.force_accel)?;
     if let Some(w) = warning {
         eprintln!("{w}");
@@ -126,10 +126,10 @@ pub fn resolve_accel(m: &MachineArgs) -> Result<boma_qvm::accel::Accel> {
 }
 
 /// The image `--image` names (the default when absent), and why, for the log and report.
-pub fn image_choice(flag: Option<&str>) -> Result<(boma_qvm::image::ImageChoice, String)> {
+pub fn image_choice(flag: Option<&str>) -> Result<(boma_qvm::guest::image::ImageChoice, String)> {
     let choice = match flag {
         Some(name) => name.parse()?,
-        None => boma_qvm::image::ImageChoice::default(),
+        None => boma_qvm::guest::image::ImageChoice::default(),
     };
     let reason = choice.reason(flag.is_some());
     Ok((choice, reason))
@@ -379,5 +379,5 @@ pub fn ssh(dirs: &Dirs, a: SshArgs) -> Result<()> {
     let vm = Vm::resolve(dirs, a.vm.as_deref())?;
     let conn = provision::ssh_conn(dirs, &vm)?;
     let cmd = (!a.cmd.is_empty()).then_some(a.cmd.as_slice());
-    match boma_qvm::ssh::exec_shell(&conn, cmd)? {}
+    match boma_qvm::guest::ssh::exec_shell(&conn, cmd)? {}
 }

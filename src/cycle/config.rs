@@ -3,8 +3,8 @@
 
 use crate::ansible::{CertOptions, CertPlan, CertTier};
 use crate::error::IoContext;
+use crate::machine::vm::Vm;
 use crate::net::Subnet;
-use crate::vm::Vm;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -44,7 +44,7 @@ impl CycleConfig {
     pub fn new_run_dir(&self) -> Result<PathBuf> {
         let dir = self.runs_root.join(format!(
             "{}-{}",
-            utc_stamp(crate::events::now() as u64),
+            utc_stamp(crate::machine::events::now() as u64),
             self.host
         ));
         std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
@@ -77,7 +77,7 @@ impl CycleConfig {
 
 /// `20261126T051400Z` from Unix seconds: the run directory's sortable UTC stamp.
 pub fn utc_stamp(secs: u64) -> String {
-    crate::image::tool::utc_rfc3339(secs).replace(['-', ':'], "")
+    crate::guest::image::tool::utc_rfc3339(secs).replace(['-', ':'], "")
 }
 
 fn first_line(program: &str, args: &[&str]) -> String {
@@ -107,9 +107,9 @@ pub fn versions(vm: Option<&Vm>) -> super::report::Versions {
 /// `debian-13-built (created 2026-..., sha256 0257c02d...)` for the image backing `vm`'s overlay.
 fn golden_of(vm: &Vm) -> Option<String> {
     let overlay = vm.spec().ok()?.disk?;
-    let backing = crate::image::overlay::info(&overlay).ok()?.backing?;
+    let backing = crate::guest::image::overlay::info(&overlay).ok()?.backing?;
     let dir = backing.parent()?.to_path_buf();
-    let m = crate::image::Manifest::read(&dir).ok()?;
+    let m = crate::guest::image::Manifest::read(&dir).ok()?;
     Some(format!(
         "{} (created {}, sha256 {})",
         m.name,

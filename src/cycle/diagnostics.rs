@@ -6,8 +6,8 @@
 
 use crate::Result;
 use crate::error::IoContext;
-use crate::vm::Vm;
-use crate::{qga, ssh};
+use crate::machine::vm::Vm;
+use crate::{guest::ssh, machine::qga};
 use std::path::Path;
 use std::time::Duration;
 

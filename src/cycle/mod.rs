@@ -10,11 +10,11 @@ pub mod report;
 pub mod steps;
 
 use crate::ansible::{Connection, Playbook, Profile, Session, SessionConfig};
+use crate::machine::provision::{self, UpRequest};
+use crate::machine::vm::Vm;
 use crate::paths::Dirs;
-use crate::provision::{self, UpRequest};
 use crate::stage::Stages;
-use crate::vm::Vm;
-use crate::{Error, Result, ssh};
+use crate::{Error, Result, guest::ssh};
 pub use config::CycleConfig;
 use report::{Report, Verdict};
 use std::net::Ipv4Addr;
@@ -52,7 +52,7 @@ pub async fn run(dirs: &Dirs, mut cfg: CycleConfig, mut req: UpRequest) -> Resul
     let up = match provision::up(dirs, &req, &mut stages).await {
         Ok(up) => up,
         Err(e) => {
-            let vm = Vm::open(dirs, &crate::spec::vm_name(&cfg.host)?).ok();
+            let vm = Vm::open(dirs, &crate::machine::spec::vm_name(&cfg.host)?).ok();
             return finish(cfg, &run_dir, stages, vm, None, Some(e), &req).await;
         }
     };
@@ -139,7 +139,7 @@ async fn finish(
     };
     let report = Report {
         host: cfg.host.clone(),
-        vm: crate::spec::vm_name(&cfg.host)?,
+        vm: crate::machine::spec::vm_name(&cfg.host)?,
         verdict: if failure.is_none() {
             Verdict::Pass
         } else {

@@ -7,8 +7,8 @@ use super::CycleConfig;
 use crate::Result;
 use crate::ansible::{Profile, extra};
 use crate::error::{Error, show};
+use crate::machine::provision::UpRequest;
 use crate::paths::Dirs;
-use crate::provision::UpRequest;
 
 /// Check `cfg` and `req`; make relative `@FILE` extra vars absolute and add the overlay's DNS
 /// names to `req`.

@@ -2,11 +2,11 @@
 //! `assert`, `reboot`, `reset`): the apply, the verify, the proven reboot, the snapshot.
 
 use crate::ansible::{Playbook, PlaybookOutcome, RunOptions, Session};
-use crate::power::{self, RebootMode};
-use crate::provision::watched;
-use crate::qmp::Qmp;
-use crate::vm::Vm;
-use crate::{Error, Result, ssh};
+use crate::machine::power::{self, RebootMode};
+use crate::machine::provision::watched;
+use crate::machine::qmp::Qmp;
+use crate::machine::vm::Vm;
+use crate::{Error, Result, guest::ssh};
 use std::path::Path;
 use std::time::Duration;
 

@@ -2,8 +2,8 @@
 //! SIGKILLed QEMU may leave leaked clusters (allocated, unreferenced: wasted space, no harm),
 //! never corruption, because qcow2 writes refcounts before the L2 entries that use them.
 
-use crate::events::{self, Record, Source};
-use crate::vm::Vm;
+use crate::machine::events::{self, Record, Source};
+use crate::machine::vm::Vm;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::json;

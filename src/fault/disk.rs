@@ -16,9 +16,9 @@
 //! would make the way back impossible.
 
 use super::{Fault, Target, refused};
-use crate::events::Record;
-use crate::qemu::argv::DISK_NODE;
-use crate::qmp::Qmp;
+use crate::machine::events::Record;
+use crate::machine::qemu::argv::DISK_NODE;
+use crate::machine::qmp::Qmp;
 use crate::{Error, Result};
 use qapi::qmp::{
     BlockdevOptions, XDbgBlockGraphNodeType, blockdev_add, blockdev_del, blockdev_reopen,
@@ -225,7 +225,7 @@ impl Target {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qemu::argv::DISK_FILE_NODE;
+    use crate::machine::qemu::argv::DISK_FILE_NODE;
 
     #[test]
     fn blkdebug_options_round_trip_through_the_qapi_types() {

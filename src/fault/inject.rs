@@ -3,12 +3,12 @@
 //! that proves it is in events.jsonl where there is one (QEMU_EXITED, RESET, STOP, RESUME).
 
 use super::{Fault, Target, refused};
-use crate::events::Record;
+use crate::machine::events::Record;
+use crate::machine::power::{self, RebootMode};
+use crate::machine::qemu::argv::NETDEV_ID;
+use crate::machine::qmp::Qmp;
 use crate::net::Network;
-use crate::power::{self, RebootMode};
-use crate::qemu::argv::NETDEV_ID;
-use crate::qmp::Qmp;
-use crate::{Result, provision};
+use crate::{Result, machine::provision};
 use qapi::qmp::{RunState, cont, inject_nmi, query_status, set_link, stop};
 use serde_json::json;
 use std::time::Duration;

@@ -40,12 +40,12 @@ pub use check::{DISK_CHECK, OverlayCheck, check_overlay};
 pub use disk::{BACKING_FAULT_NODE, FAULT_NODE};
 pub use kind::Fault;
 
-use crate::events::{self, Record, Source, Tail, names};
+use crate::machine::events::{self, Record, Source, Tail, names};
+use crate::machine::provision::{self, UpRequest};
+use crate::machine::vm::{StartOptions, Vm};
 use crate::paths::Dirs;
-use crate::provision::{self, UpRequest};
 use crate::stage::Stages;
-use crate::vm::{StartOptions, Vm};
-use crate::{Error, Result, ssh};
+use crate::{Error, Result, guest::ssh};
 use serde_json::{Value, json};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};

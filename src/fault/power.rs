@@ -1,9 +1,9 @@
 //! Power faults: pull the plug (SIGKILL QEMU) and power on again.
 
 use super::{Fault, Target, check, refused};
-use crate::events::{Record, names};
-use crate::vm::State;
-use crate::{Error, Result, procs, provision};
+use crate::machine::events::{Record, names};
+use crate::machine::vm::State;
+use crate::{Error, Result, machine::procs, machine::provision};
 use nix::sys::signal::Signal;
 use serde_json::json;
 use std::time::Duration;

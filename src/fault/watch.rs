@@ -3,8 +3,8 @@
 //! after the previous one and moves the cursor past what it found.
 
 use super::Target;
-use crate::events::{self, Record};
-use crate::vm::Vm;
+use crate::machine::events::{self, Record};
+use crate::machine::vm::Vm;
 use crate::{Error, Result};
 use std::io::{Read, Seek, SeekFrom};
 use std::time::{Duration, Instant};

@@ -5,10 +5,10 @@
 #![allow(dead_code)]
 
 use super::{BOOT, Env, READY, start_options, test_guest};
-use boma_qvm::accel::Accel;
 use boma_qvm::fault::Target;
-use boma_qvm::provision::{OsSource, UpRequest};
-use boma_qvm::vm::Vm;
+use boma_qvm::machine::accel::Accel;
+use boma_qvm::machine::provision::{OsSource, UpRequest};
+use boma_qvm::machine::vm::Vm;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -9,10 +9,10 @@ pub mod lite;
 pub mod netns;
 pub mod world;
 
-use boma_qvm::accel::Accel;
+use boma_qvm::machine::accel::Accel;
+use boma_qvm::machine::spec::{Boot, VmSpec};
+use boma_qvm::machine::vm::{StartOptions, Vm};
 use boma_qvm::paths::Dirs;
-use boma_qvm::spec::{Boot, VmSpec};
-use boma_qvm::vm::{StartOptions, Vm};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -121,7 +121,7 @@ impl Drop for Env {
                 .enable_all()
                 .build()
                 .unwrap();
-            rt.block_on(boma_qvm::prune::prune(&dirs))
+            rt.block_on(boma_qvm::machine::prune::prune(&dirs))
         })
         .join();
     }
@@ -138,9 +138,9 @@ pub fn start_options() -> StartOptions {
 
 /// QEMU processes whose argv mentions `dir`.
 pub fn qemus_under(dir: &Path) -> Vec<i32> {
-    boma_qvm::procs::find(|argv| {
+    boma_qvm::machine::procs::find(|argv| {
         argv.first().is_some_and(|a| a.contains("qemu-system"))
-            && boma_qvm::procs::mentions(argv, dir)
+            && boma_qvm::machine::procs::mentions(argv, dir)
     })
 }
 

@@ -7,7 +7,7 @@
 
 use crate::Result;
 use crate::error::IoContext;
-use crate::events::{self, Record, Source, names};
+use crate::machine::events::{self, Record, Source, names};
 use serde_json::json;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsFd;
@@ -199,7 +199,7 @@ mod tests {
     use super::*;
 
     fn pats() -> Vec<String> {
-        crate::spec::DEFAULT_FAILURE_PATTERNS
+        crate::machine::spec::DEFAULT_FAILURE_PATTERNS
             .iter()
             .map(|s| s.to_string())
             .collect()

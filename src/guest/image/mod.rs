@@ -15,7 +15,6 @@
 //! Golden files are mode 0444 and are only ever used as a qcow2 backing file (see `overlay`).
 
 pub mod build;
-pub mod cli;
 pub mod import;
 pub mod overlay;
 mod progress;
@@ -45,7 +44,7 @@ pub const MANIFEST: &str = "manifest.json";
 pub const DEFAULT_APPEND: &str = "root=/dev/vda rw console=ttyS0";
 
 /// How QEMU boots an image: the VM spec's boot mode.
-pub use crate::spec::Boot;
+pub use crate::machine::spec::Boot;
 
 /// A cached golden image, ready to back an overlay.
 #[derive(Debug, Clone, PartialEq)]
@@ -284,7 +283,7 @@ impl Image {
                 format!(
                     "give --disk-gib {} or more (the default is {})",
                     golden.div_ceil(1 << 30),
-                    crate::spec::DEFAULT_DISK_GIB
+                    crate::machine::spec::DEFAULT_DISK_GIB
                 ),
             ));
         }

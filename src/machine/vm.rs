@@ -2,13 +2,13 @@
 //! QMP, wait on its events, destroy it. The library API tests and the CLI both use.
 
 use crate::error::IoContext;
-use crate::events::{self, Record, Source, Tail, names};
-use crate::guard;
+use crate::machine::events::{self, Record, Source, Tail, names};
+use crate::machine::guard;
+use crate::machine::qmp::Qmp;
+use crate::machine::rundir::RunDir;
+use crate::machine::spec::{VM_PREFIX, VmSpec};
 use crate::paths::Dirs;
-use crate::qmp::Qmp;
-use crate::rundir::RunDir;
-use crate::spec::{VM_PREFIX, VmSpec};
-use crate::{Error, Result, console, procs, supervisor};
+use crate::{Error, Result, machine::console, machine::procs, machine::supervisor};
 use serde_json::Value;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -109,7 +109,7 @@ impl Vm {
     /// The named VM, or the only one when no name is given.
     pub fn resolve(dirs: &Dirs, name: Option<&str>) -> Result<Vm> {
         if let Some(n) = name {
-            return Vm::open(dirs, &crate::spec::vm_name(n)?);
+            return Vm::open(dirs, &crate::machine::spec::vm_name(n)?);
         }
         match list(dirs).as_slice() {
             [only] => Vm::open(dirs, only),
@@ -178,7 +178,7 @@ impl Vm {
             ));
         }
         let spec = self.spec()?;
-        crate::qemu::find_binary(&spec.qemu_binary())?;
+        crate::machine::qemu::find_binary(&spec.qemu_binary())?;
         guard::check_memory(
             guard::mem_available_mib()?,
             spec.memory_mib as u64,

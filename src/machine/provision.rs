@@ -2,15 +2,15 @@
 //! boot -> DHCP lease -> SSH; and tearing it down again (VM, its network registration, and the
 //! network itself once no VM is left on it). Every stage is timed and logged.
 
-use crate::accel::Accel;
-use crate::events;
-use crate::image::{self, ImageChoice};
+use crate::guest::image::{self, ImageChoice};
+use crate::machine::accel::Accel;
+use crate::machine::events;
+use crate::machine::spec::{self, Boot, NicSpec, VmSpec};
+use crate::machine::vm::{StartOptions, Vm};
 use crate::net::{self, NetConfig, Network};
 use crate::paths::Dirs;
-use crate::spec::{self, Boot, NicSpec, VmSpec};
 use crate::stage::Stages;
-use crate::vm::{StartOptions, Vm};
-use crate::{Error, Result, seed, ssh};
+use crate::{Error, Result, guest::seed, guest::ssh};
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -85,7 +85,7 @@ impl UpRequest {
             self.cpus,
             self.memory_mib,
             self.disk_gib,
-            crate::guard::mem_total_mib()?,
+            crate::machine::guard::mem_total_mib()?,
         )?;
         if self.start.max_vms == 0 {
             return Err(Error::input(
@@ -111,8 +111,8 @@ impl UpRequest {
             }
             OsSource::Image(choice) => choice.check(dirs)?,
         }
-        crate::guard::check_memory(
-            crate::guard::mem_available_mib()?,
+        crate::machine::guard::check_memory(
+            crate::machine::guard::mem_available_mib()?,
             self.memory_mib as u64,
             self.start.min_free_mib,
         )

@@ -1,10 +1,10 @@
 //! Reap everything boma-qvm left behind after a crash: supervisors and QEMU processes of VMs in
 //! this state directory, their sockets and run directories (overlays included).
 
+use crate::machine::rundir::RunDir;
+use crate::machine::vm::{self, Vm};
 use crate::paths::Dirs;
-use crate::rundir::RunDir;
-use crate::vm::{self, Vm};
-use crate::{Result, procs};
+use crate::{Result, machine::procs};
 use std::time::Duration;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

@@ -5,10 +5,10 @@
 //! tests come and go; they talk to QEMU over the second QMP monitor and read events.jsonl.
 
 use crate::error::IoContext;
-use crate::events::{self, Record, Source, names};
-use crate::qemu::argv;
-use crate::rundir::RunDir;
-use crate::{Error, Result, console, procs, qmp};
+use crate::machine::events::{self, Record, Source, names};
+use crate::machine::qemu::argv;
+use crate::machine::rundir::RunDir;
+use crate::{Error, Result, machine::console, machine::procs, machine::qmp};
 use futures::StreamExt;
 use serde_json::json;
 use std::os::fd::{AsRawFd, OwnedFd};

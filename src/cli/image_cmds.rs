@@ -1,13 +1,12 @@
-//! clap types for `boma-qvm image ...` and the function that runs them; main.rs only has to
-//! nest `ImageCmd` as a subcommand and call `run`.
+//! `boma-qvm image ...`: pull, build, import, list, rm.
 
 use std::path::PathBuf;
 
 use clap::Subcommand;
 
-use super::{Boot, Image, build, import, pull, store};
-use crate::error::Result;
-use crate::paths::Dirs;
+use boma_qvm::Result;
+use boma_qvm::guest::image::{self as img, Boot, Image, build, import, pull, store};
+use boma_qvm::paths::Dirs;
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum ImageCmd {
@@ -20,7 +19,7 @@ pub enum ImageCmd {
         #[arg(long, default_value = pull::DEFAULT_FILE)]
         file: String,
         /// Cache name.
-        #[arg(long, default_value = super::CLOUD)]
+        #[arg(long, default_value = img::CLOUD)]
         name: String,
     },
     /// Build the offline golden image with debootstrap (needs root and a Debian mirror).
@@ -28,7 +27,7 @@ pub enum ImageCmd {
         #[arg(long, env = build::MIRROR_ENV, default_value = build::DEFAULT_MIRROR)]
         mirror: String,
         /// Cache name.
-        #[arg(long, default_value = super::BUILT)]
+        #[arg(long, default_value = img::BUILT)]
         name: String,
         /// Virtual disk size in GiB.
         #[arg(long, default_value_t = build::DEFAULT_DISK_SIZE >> 30)]
@@ -57,13 +56,13 @@ pub fn describe(img: &Image) -> String {
         Boot::Kernel { .. } => "kernel",
     };
     let source = match &img.manifest.source {
-        super::Source::Pull { url, .. } => format!("pulled {url}"),
-        super::Source::Build {
+        img::Source::Pull { url, .. } => format!("pulled {url}"),
+        img::Source::Build {
             suite,
             kernel_version,
             ..
         } => format!("built {suite}, kernel {kernel_version}"),
-        super::Source::Import { from } => format!("imported {from}"),
+        img::Source::Import { from } => format!("imported {from}"),
     };
     format!(
         "{:<26} {:<6} {:>8.1} MiB  {}  {}",

@@ -11,7 +11,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, IoContext, Result, show};
-use crate::image::tool;
+use crate::guest::image::tool;
 
 /// The admin user the seed creates and Ansible logs in as.
 pub const USER: &str = "ansible";

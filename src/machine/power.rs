@@ -8,11 +8,11 @@
 //! - Clean shutdown: `system_powerdown`, wait for QEMU to exit; after the timeout `quit`, then
 //!   SIGKILL, and the log says so.
 
-use crate::events::names;
-use crate::qmp::Qmp;
-use crate::rundir::RunDir;
-use crate::vm::Vm;
-use crate::{Error, Result, procs};
+use crate::machine::events::names;
+use crate::machine::qmp::Qmp;
+use crate::machine::rundir::RunDir;
+use crate::machine::vm::Vm;
+use crate::{Error, Result, machine::procs};
 use qapi::qmp::{ShutdownAction, cont, quit, set_action, system_powerdown, system_reset};
 use std::time::{Duration, Instant};
 

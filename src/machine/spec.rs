@@ -1,6 +1,6 @@
 //! What a VM is: the spec written to its run directory and turned into QEMU's argv.
 
-use crate::accel::Accel;
+use crate::machine::accel::Accel;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;

@@ -1,7 +1,7 @@
 //! A VM's run directory (Lima's per-instance directory): every file boma-qvm keeps for one VM.
 
 use crate::error::IoContext;
-use crate::spec::VmSpec;
+use crate::machine::spec::VmSpec;
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 

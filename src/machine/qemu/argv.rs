@@ -1,9 +1,9 @@
 //! QEMU's argv, built from small pure functions, one per device (as vmtest does), so each is
 //! unit-tested on its own and `build` reads like the machine it describes.
 
-use crate::accel::Accel;
-use crate::rundir::RunDir;
-use crate::spec::{Boot, NicSpec, VmSpec};
+use crate::machine::accel::Accel;
+use crate::machine::rundir::RunDir;
+use crate::machine::spec::{Boot, NicSpec, VmSpec};
 use std::path::Path;
 
 /// Node names the fault-injection code addresses over QMP.
@@ -184,7 +184,7 @@ pub fn build(spec: &VmSpec, run: &RunDir, tap_fd: Option<i32>) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::VmSpec;
+    use crate::machine::spec::VmSpec;
 
     fn joined(v: Vec<String>) -> String {
         v.join(" ")

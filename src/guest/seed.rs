@@ -12,11 +12,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::error::{Error, IoContext, Result, show};
-use crate::image::tool;
+use crate::guest::image::tool;
 
-const USER_DATA: &str = include_str!("../cloud-init/user-data");
-const META_DATA: &str = include_str!("../cloud-init/meta-data");
-const NETWORK_CONFIG: &str = include_str!("../cloud-init/network-config");
+const USER_DATA: &str = include_str!("../../cloud-init/user-data");
+const META_DATA: &str = include_str!("../../cloud-init/meta-data");
+const NETWORK_CONFIG: &str = include_str!("../../cloud-init/network-config");
 
 pub const ISO: &str = "seed.iso";
 
@@ -26,7 +26,7 @@ pub struct SeedSpec {
     /// New per VM: cloud-init runs its first-boot modules once per instance-id.
     pub instance_id: String,
     pub hostname: String,
-    /// The admin user Ansible logs in as (normally [`crate::ssh::USER`]).
+    /// The admin user Ansible logs in as (normally [`crate::guest::ssh::USER`]).
     pub user: String,
     /// One OpenSSH public key line (`ssh-ed25519 AAAA... comment`).
     pub ssh_pubkey: String,
@@ -40,7 +40,7 @@ impl SeedSpec {
         SeedSpec {
             instance_id: instance_id.into(),
             hostname: hostname.into(),
-            user: crate::ssh::USER.into(),
+            user: crate::guest::ssh::USER.into(),
             ssh_pubkey: ssh_pubkey.trim().into(),
             mac: None,
         }

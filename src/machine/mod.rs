@@ -1,0 +1,20 @@
+//! The machine layer: one VM and the processes behind it. QEMU's argv, the detached supervisor
+//! that owns QEMU and records every QMP event, the QMP and guest-agent channels, the serial
+//! console, power (reboot, shutdown), the per-VM run directory and spec, the resource guard,
+//! and bringing a VM up and down.
+
+pub mod accel;
+pub mod console;
+pub mod events;
+pub mod guard;
+pub mod power;
+pub mod procs;
+pub mod provision;
+pub mod prune;
+pub mod qemu;
+pub mod qga;
+pub mod qmp;
+pub mod rundir;
+pub mod spec;
+pub mod supervisor;
+pub mod vm;
