@@ -22,28 +22,37 @@ pub enum Error {
     AlreadyExists { what: String, fix: String },
 
     /// The resource guard refused to start a VM.
-    #[error("resource guard: {0}")]
-    Guard(String),
+    #[error("resource guard: {problem}\n  fix: {fix}")]
+    Guard { problem: String, fix: String },
 
     /// QEMU could not be started or died.
     #[error("QEMU: {problem}\n  fix: {fix}")]
     Qemu { problem: String, fix: String },
 
-    /// The QMP control channel failed (socket absent, no answer, command refused).
-    #[error("QMP: {0}")]
-    Qmp(String),
+    /// The QMP control channel (or the guest agent's) failed: socket absent, no answer, refused.
+    #[error("QMP: {problem}\n  fix: {fix}")]
+    Qmp { problem: String, fix: String },
 
-    /// A wait ran out of time. `detail` usually carries the console tail.
-    #[error("timed out after {secs}s waiting for {what}{detail}")]
+    /// A wait ran out of time.
+    #[error("timed out after {secs}s waiting for {what}\n  fix: {fix}")]
     Timeout {
         what: String,
         secs: u64,
-        detail: String,
+        fix: String,
     },
 
     /// The guest showed a known failure on its console (kernel panic, emergency mode, ...).
-    #[error("guest failure seen on the console: {pattern}\n{detail}")]
-    GuestFailure { pattern: String, detail: String },
+    #[error("guest failure seen on the console: {pattern}\n  {detail}\n  fix: {fix}")]
+    GuestFailure {
+        pattern: String,
+        detail: String,
+        fix: String,
+    },
+
+    /// A reboot that could not be proven: the guest did not go down, or came back with the
+    /// same boot_id.
+    #[error("reboot: {problem}\n  fix: {fix}")]
+    Reboot { problem: String, fix: String },
 
     /// The isolated network could not be built or torn down.
     #[error("network: {problem}\n  fix: {fix}")]
@@ -58,22 +67,34 @@ pub enum Error {
     Ansible { problem: String, fix: String },
 
     /// The verify playbook failed: the harness caught something (the point of the tool).
-    #[error("verify failed: {0}")]
-    VerifyFailed(String),
+    #[error("verify failed: {problem}\n  fix: {fix}")]
+    VerifyFailed { problem: String, fix: String },
 
     /// An external command failed.
-    #[error("`{cmd}` failed ({status}): {stderr}")]
+    #[error("`{cmd}` failed ({status}): {stderr}\n  fix: {fix}")]
     Command {
         cmd: String,
         status: String,
         stderr: String,
+        fix: String,
     },
 
-    #[error("{context}: {source}")]
+    #[error(
+        "{context}: {source}\n  fix: check that the path exists, is this user's to use, and the disk has room"
+    )]
     Io {
         context: String,
         #[source]
         source: std::io::Error,
+    },
+
+    /// Any of the above, with the evidence that explains it (a console tail, a log's path).
+    /// Attached once, by [`Error::with_evidence`].
+    #[error("{inner}\n--- {title} ---\n{text}")]
+    Evidence {
+        inner: Box<Error>,
+        title: String,
+        text: String,
     },
 }
 
@@ -86,16 +107,71 @@ impl Error {
             Error::MissingTool { .. } => 3,
             Error::NotFound { .. } => 4,
             Error::AlreadyExists { .. } => 5,
-            Error::Guard(_) => 6,
+            Error::Guard { .. } => 6,
             Error::Qemu { .. } => 7,
-            Error::Qmp(_) => 8,
+            Error::Qmp { .. } => 8,
             Error::Timeout { .. } => 9,
             Error::GuestFailure { .. } => 10,
             Error::Network { .. } => 11,
             Error::Image { .. } => 12,
             Error::Ansible { .. } => 13,
-            Error::VerifyFailed(_) => 14,
+            Error::VerifyFailed { .. } => 14,
+            Error::Reboot { .. } => 15,
+            Error::Evidence { inner, .. } => inner.exit_code(),
         }
+    }
+
+    /// The error itself, without attached evidence.
+    pub fn inner(&self) -> &Error {
+        match self {
+            Error::Evidence { inner, .. } => inner.inner(),
+            other => other,
+        }
+    }
+
+    /// True when evidence is attached already.
+    pub fn has_evidence(&self) -> bool {
+        matches!(self, Error::Evidence { .. })
+    }
+
+    /// Attach evidence (`title`: what it is, e.g. "console tail (/run/.../console.log)").
+    /// The first evidence attached wins: the closest witness explains best.
+    pub fn with_evidence(self, title: impl Into<String>, text: impl Into<String>) -> Self {
+        if self.has_evidence() {
+            return self;
+        }
+        Error::Evidence {
+            inner: Box::new(self),
+            title: title.into(),
+            text: text.into(),
+        }
+    }
+
+    /// Replace the fix line (of any variant that has one).
+    pub fn with_fix(mut self, new: impl Into<String>) -> Self {
+        match &mut self {
+            Error::Input { fix, .. }
+            | Error::MissingTool { fix, .. }
+            | Error::NotFound { fix, .. }
+            | Error::AlreadyExists { fix, .. }
+            | Error::Guard { fix, .. }
+            | Error::Qemu { fix, .. }
+            | Error::Qmp { fix, .. }
+            | Error::Timeout { fix, .. }
+            | Error::GuestFailure { fix, .. }
+            | Error::Reboot { fix, .. }
+            | Error::Network { fix, .. }
+            | Error::Image { fix, .. }
+            | Error::Ansible { fix, .. }
+            | Error::VerifyFailed { fix, .. }
+            | Error::Command { fix, .. } => *fix = new.into(),
+            Error::Evidence { inner, .. } => {
+                let i = std::mem::replace(inner.as_mut(), Error::input("", ""));
+                **inner = i.with_fix(new);
+            }
+            Error::Io { .. } => {}
+        }
+        self
     }
 
     pub fn input(problem: impl Into<String>, fix: impl Into<String>) -> Self {
@@ -114,6 +190,20 @@ impl Error {
 
     pub fn qemu(problem: impl Into<String>, fix: impl Into<String>) -> Self {
         Error::Qemu {
+            problem: problem.into(),
+            fix: fix.into(),
+        }
+    }
+
+    pub fn qmp(problem: impl Into<String>, fix: impl Into<String>) -> Self {
+        Error::Qmp {
+            problem: problem.into(),
+            fix: fix.into(),
+        }
+    }
+
+    pub fn guard(problem: impl Into<String>, fix: impl Into<String>) -> Self {
+        Error::Guard {
             problem: problem.into(),
             fix: fix.into(),
         }
@@ -140,14 +230,42 @@ impl Error {
         }
     }
 
+    pub fn verify_failed(problem: impl Into<String>, fix: impl Into<String>) -> Self {
+        Error::VerifyFailed {
+            problem: problem.into(),
+            fix: fix.into(),
+        }
+    }
+
+    /// A wait that ran out; `detail` is appended to what was awaited (e.g. the last attempt's
+    /// error). The fix says where to look; `with_fix` gives a better one where there is one.
     pub fn timeout(what: impl Into<String>, secs: u64, detail: impl Into<String>) -> Self {
         Error::Timeout {
-            what: what.into(),
+            what: format!("{}{}", what.into(), detail.into()),
             secs,
-            detail: detail.into(),
+            fix: "look at the VM's console (`boma-qvm console VM --log`) and events.jsonl; \
+                  under TCG everything is several times slower than under KVM"
+                .into(),
+        }
+    }
+
+    /// A command that exited non-zero: its own message says why.
+    pub fn command(
+        cmd: impl Into<String>,
+        status: impl Into<String>,
+        stderr: impl Into<String>,
+    ) -> Self {
+        Error::Command {
+            cmd: cmd.into(),
+            status: status.into(),
+            stderr: stderr.into(),
+            fix: COMMAND_FIX.into(),
         }
     }
 }
+
+/// The fix of a failed external command: its own message says why.
+pub const COMMAND_FIX: &str = "read the command's own message above; run it by hand to see more";
 
 /// Attach a context sentence to an `io::Error` (`.ctx("reading /x")`).
 pub trait IoContext<T> {
@@ -166,4 +284,35 @@ impl<T> IoContext<T> for std::io::Result<T> {
 /// `path.display()` for messages, as an owned string.
 pub fn show(p: &std::path::Path) -> String {
     p.display().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_prints_a_fix_and_evidence_comes_once_after_it() {
+        let io = Error::Io {
+            context: "reading /x".into(),
+            source: std::io::Error::other("boom"),
+        };
+        for e in [
+            Error::timeout("x", 3, ""),
+            Error::command("ls", "exit 2", "no"),
+            Error::guard("no RAM", "free some"),
+            io,
+        ] {
+            assert!(e.to_string().contains("\n  fix: "), "{e}");
+        }
+        let e = Error::timeout("SSH", 5, "")
+            .with_evidence("console tail", "login:")
+            .with_evidence("second", "ignored");
+        let text = e.to_string();
+        assert!(text.ends_with("--- console tail ---\nlogin:"), "{text}");
+        assert!(!text.contains("second"));
+        assert_eq!(e.exit_code(), 9);
+        assert!(matches!(e.inner(), Error::Timeout { .. }));
+        let e = e.with_fix("press reset");
+        assert!(e.to_string().contains("fix: press reset"), "{e}");
+    }
 }

@@ -61,6 +61,18 @@ impl Stages {
         r
     }
 
+    /// Record a part of the stage just run, timed by the step itself (e.g. a reboot's halves).
+    pub fn record(&mut self, name: &str, seconds: f64) {
+        tracing::info!("    {name}: {seconds:.1}s");
+        self.records.push(StageRecord {
+            name: name.to_string(),
+            started: now() - seconds,
+            seconds,
+            ok: true,
+            error: None,
+        });
+    }
+
     pub fn total_seconds(&self) -> f64 {
         self.t0.elapsed().as_secs_f64()
     }

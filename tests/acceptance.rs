@@ -9,10 +9,13 @@
 
 mod common;
 
+use boma_qvm::cycle::report::{Report, Verdict};
 use boma_qvm::guest::image::{self, ImageChoice};
+use boma_qvm::machine::Machine;
+use boma_qvm::machine::events::names;
+use boma_qvm::stage::StageRecord;
 use common::Env;
 use common::netns::Netns;
-use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 fn make(ns: &Netns, env: &Env, runs: &Path, knobs: &str) -> std::process::Output {
@@ -53,24 +56,17 @@ fn only_run_dir(runs: &Path) -> PathBuf {
     dirs[0].clone()
 }
 
-fn stage<'a>(report: &'a Value, name: &str) -> &'a Value {
-    report["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == name)
-        .unwrap_or_else(|| panic!("no stage {name}: {report:#}"))
+fn read_report(run: &Path) -> Report {
+    let text = std::fs::read_to_string(run.join("report.json")).unwrap();
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("report.json: {e}\n{text}"))
 }
 
-fn left_in(ns: &Netns) -> String {
-    let procs: Vec<String> = ns
-        .pids()
+fn stage<'a>(report: &'a Report, name: &str) -> &'a StageRecord {
+    report
+        .stages
         .iter()
-        .map(|p| boma_qvm::machine::procs::cmdline(*p).join(" "))
-        .collect();
-    let links =
-        String::from_utf8_lossy(&ns.exec("ip -o link show; nft list tables").stdout).into_owned();
-    format!("{links}{}", procs.join("\n"))
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no stage {name}: {report:#?}"))
 }
 
 #[test]
@@ -90,51 +86,46 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
     let red_runs = env.tmp.path().join("runs-red");
     let out = make(&ns, &env, &red_runs, "SNAPSHOT=1");
     let text = output_text(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "make reports the failed recipe; the broken state must fail verify after the reboot:\n{text}"
+    );
     assert!(
-        !out.status.success(),
-        "the broken state must fail verify after the reboot:\n{text}"
+        text.contains("Error 14"),
+        "boma-qvm exits 14 (verify failed):\n{text}"
     );
     let run = only_run_dir(&red_runs);
-    let report: Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("report.json")).unwrap()).unwrap();
-    assert_eq!(report["verdict"], "fail");
+    let report = read_report(&run);
+    assert_eq!(report.verdict, Verdict::Fail);
     assert!(
-        report["versions"]["image"]
-            .as_str()
-            .unwrap()
-            .starts_with("debian-13"),
-        "{report:#}"
+        report.versions.image.starts_with("debian-13-built"),
+        "{report:#?}"
     );
-    assert_eq!(
-        report["accel"],
-        if boma_qvm::machine::accel::KvmProbe::read().usable() {
-            "kvm"
-        } else {
-            "tcg"
-        }
-    );
-    assert_eq!(
-        stage(&report, "apply")["ok"],
-        true,
+    assert_eq!(report.image.name, "debian-13-built");
+    assert!(report.image.reason.contains("default"), "{report:#?}");
+    let kvm = boma_qvm::machine::accel::KvmProbe::read().usable();
+    assert_eq!(report.accel, if kvm { "kvm" } else { "tcg" });
+    assert!(
+        stage(&report, "apply").ok,
         "the apply itself succeeds, as on the real host"
     );
-    assert_eq!(
-        stage(&report, "verify before reboot")["ok"],
-        true,
+    assert!(
+        stage(&report, "verify before reboot").ok,
         "green right after the apply (docker-proxy masks it)"
     );
-    assert_eq!(
-        stage(&report, "reboot")["ok"],
-        true,
-        "a real reboot happened"
-    );
+    assert!(stage(&report, "reboot").ok, "a real reboot happened");
     let after = stage(&report, "verify after reboot");
-    assert_eq!(after["ok"], false);
+    let why = after.error.clone().unwrap_or_default();
     assert!(
-        after["error"].as_str().unwrap().contains("published port"),
-        "fails on the published port: {after}"
+        !after.ok
+            && why.contains("1 check(s) failed")
+            && why.contains("published port 8080")
+            && why.contains("is dead from the host side"),
+        "exactly one check fails, and it is the published port (a Docker that failed to start \
+         would fail more checks): {why}"
     );
-    assert_eq!(report["vm_kept"], true);
+    assert!(report.vm_kept);
     for f in [
         "console.log",
         "events.jsonl",
@@ -161,12 +152,12 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
     );
 
     // Iterate on the kept VM: back to the post-apply snapshot, reboot, verify -- red again.
-    let vm = boma_qvm::machine::vm::Vm::open(&env.dirs, "boma-it-askari").unwrap();
+    let vm = Machine::attach(&env.dirs, "askari").unwrap();
     let resets_before = vm
         .events()
         .unwrap()
         .iter()
-        .filter(|r| r.is("RESET"))
+        .filter(|r| r.is(names::RESET))
         .count();
     let o = cli(&ns, &env, "reset askari");
     let text = output_text(&o);
@@ -182,7 +173,7 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
         "the snapshot was restored"
     );
     assert!(
-        ev.iter().filter(|r| r.is("RESET")).count() > resets_before,
+        ev.iter().filter(|r| r.is(names::RESET)).count() > resets_before,
         "and the VM rebooted after it"
     );
 
@@ -204,19 +195,14 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
         out.status.success(),
         "the fixed state must pass across the reboot:\n{text}"
     );
-    let report: Value = serde_json::from_str(
-        &std::fs::read_to_string(only_run_dir(&green_runs).join("report.json")).unwrap(),
-    )
-    .unwrap();
-    assert_eq!(report["verdict"], "pass");
-    assert_eq!(stage(&report, "verify after reboot")["ok"], true);
-    assert_eq!(report["vm_kept"], false);
+    let report = read_report(&only_run_dir(&green_runs));
+    assert_eq!(report.verdict, Verdict::Pass);
+    assert!(stage(&report, "verify after reboot").ok);
+    assert!(!report.vm_kept);
     assert!(
         !env.dirs.vm("boma-it-askari").exists(),
         "success destroys the VM and its overlay"
     );
-    let left = left_in(&ns);
-    for gone in ["boma-qvm0", "boma_qvm", "bq-", "dnsmasq", "qemu-system"] {
-        assert!(!left.contains(gone), "{gone} left behind:\n{left}");
-    }
+    let left = ns.leftovers(&env.dirs.state);
+    assert!(left.is_empty(), "left behind:\n{left}");
 }

@@ -313,7 +313,7 @@ async fn playbook_runs_report_success_failure_and_the_recap() {
     assert_eq!(bad.failures[0].message, "published port 8080 is dead");
     let e = bad.into_result().unwrap_err();
     assert!(
-        matches!(e, Error::VerifyFailed(_)) && e.to_string().contains("8080 is dead"),
+        matches!(e, Error::VerifyFailed { .. }) && e.to_string().contains("8080 is dead"),
         "{e}"
     );
 }
@@ -445,6 +445,6 @@ async fn an_unreachable_vm_is_reported_as_the_incident_signature() {
         .unwrap();
     assert_eq!(out.recap.unwrap().unreachable, 1);
     let e = out.into_result().unwrap_err();
-    assert!(matches!(e, Error::VerifyFailed(_)), "{e}");
+    assert!(matches!(e, Error::VerifyFailed { .. }), "{e}");
     assert!(e.to_string().contains("unreachable over SSH"), "{e}");
 }

@@ -3,6 +3,7 @@
 
 mod common;
 
+use boma_qvm::machine::Machine;
 use common::*;
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
@@ -46,11 +47,14 @@ fn up(env: &Env, host: &str) -> Output {
     env.cli().args(guest_args(host)).output().unwrap()
 }
 
-async fn wait_ready(env: &Env, host: &str) {
-    let vm = boma_qvm::machine::vm::Vm::open(&env.dirs, &format!("boma-it-{host}")).unwrap();
-    vm.wait_console(READY, 1, Duration::from_secs(120))
+/// The VM `host`, attached with its cursors at its first boot, once its READY line is there.
+async fn wait_ready(env: &Env, host: &str) -> Machine {
+    let m = Machine::attach(&env.dirs, host).unwrap();
+    m.rewind().await;
+    m.expect_console(READY, Duration::from_secs(120))
         .await
         .unwrap();
+    m
 }
 
 #[tokio::test]
@@ -65,7 +69,7 @@ async fn up_console_reboot_shutdown_down_from_the_shell() {
             text(&o)
         );
     }
-    wait_ready(&env, "sh1").await;
+    let m = wait_ready(&env, "sh1").await;
 
     // Attach through a real pty (script), type a command whose output only the guest can produce,
     // then detach with Ctrl-].
@@ -96,15 +100,14 @@ async fn up_console_reboot_shutdown_down_from_the_shell() {
         "captured while attached"
     );
 
-    let vm = boma_qvm::machine::vm::Vm::open(&env.dirs, "boma-it-sh1").unwrap();
     let o = run(&env, &["reboot", "sh1"]);
     assert!(o.status.success(), "{}", text(&o));
-    vm.wait_console(READY, 2, Duration::from_secs(120))
+    m.expect_console(READY, Duration::from_secs(120))
         .await
         .unwrap();
     let o = run(&env, &["reboot", "--hard", "sh1"]);
     assert!(o.status.success(), "{}", text(&o));
-    vm.wait_console(READY, 3, Duration::from_secs(120))
+    m.expect_console(READY, Duration::from_secs(120))
         .await
         .unwrap();
     let o = run(&env, &["shutdown", "sh1"]);
@@ -178,7 +181,10 @@ fn the_resource_guard_refuses_with_the_numbers() {
 #[test]
 fn kvm_is_refused_where_it_is_not_usable() {
     if boma_qvm::machine::accel::KvmProbe::read().usable() {
-        return; // this machine has real KVM; the rule is unit-tested in accel.rs
+        eprintln!(
+            "skipped: this machine has usable KVM (the refusal rule is unit-tested in accel.rs)"
+        );
+        return;
     }
     let env = Env::new();
     let mut args = guest_args("kvm");

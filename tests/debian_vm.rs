@@ -9,8 +9,8 @@
 
 mod common;
 
-use boma_qvm::fault::Target;
 use boma_qvm::guest::image::{self, ImageChoice};
+use boma_qvm::machine::Machine;
 use boma_qvm::machine::events::names;
 use common::faults::*;
 use common::netns::Netns;
@@ -24,8 +24,8 @@ const S: Duration = Duration::from_secs(90);
 const BOOT: Duration = Duration::from_secs(600);
 
 /// A 4 KiB block of the VM's disk whose data is in the golden image, not in the overlay.
-fn block_only_in_the_backing(vm: &Target) -> u64 {
-    let overlay = vm.vm.spec().unwrap().disk.unwrap();
+fn block_only_in_the_backing(vm: &Machine) -> u64 {
+    let overlay = vm.spec().unwrap().disk.unwrap();
     let map = common::netns::sh_ok(&format!(
         "qemu-img map -U --output=json {}",
         overlay.display()
@@ -39,18 +39,8 @@ fn block_only_in_the_backing(vm: &Target) -> u64 {
 }
 
 /// `cmd` over SSH, retried while SSH itself fails (sshd restarts while cloud-init finishes).
-async fn ssh_retry(vm: &Target, cmd: &str) -> String {
-    let deadline = Instant::now() + S;
-    loop {
-        match vm.ssh(cmd, S).await {
-            Ok(out) => return out,
-            Err(e) if Instant::now() < deadline => {
-                eprintln!("retrying `{cmd}`: {e}");
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-            Err(e) => panic!("`{cmd}`: {e}"),
-        }
-    }
+async fn ssh_retry(vm: &Machine, cmd: &str) -> String {
+    vm.wait_until_succeeds(cmd, S).await.unwrap()
 }
 
 fn sha256(path: &std::path::Path) -> String {
@@ -125,10 +115,11 @@ async fn debian_guest_boots_to_ssh_survives_faults_and_leaves_the_golden_image_u
     );
 
     let boot_id = cli.ok("ssh e2e -- cat /proc/sys/kernel/random/boot_id");
-    let vm = boma_qvm::machine::vm::Vm::open(&env.dirs, "boma-it-e2e").unwrap();
+    let vm = Machine::attach(&env.dirs, "e2e")
+        .unwrap()
+        .with_start_options(start_options());
 
     // The break-glass way in: the guest agent, no network or SSH involved.
-    let qga_sock = vm.run.qga_sock();
     let agent = ns
         .block_on(|| async {
             let argv = [
@@ -136,7 +127,7 @@ async fn debian_guest_boots_to_ssh_survives_faults_and_leaves_the_golden_image_u
                 "-c",
                 "id -un; cat /proc/sys/kernel/random/boot_id",
             ];
-            boma_qvm::machine::qga::exec(&qga_sock, &argv, std::time::Duration::from_secs(60)).await
+            vm.agent_exec(&argv, Duration::from_secs(60)).await
         })
         .unwrap();
     assert_eq!(agent.code, Some(0), "{agent:?}");
@@ -146,28 +137,27 @@ async fn debian_guest_boots_to_ssh_survives_faults_and_leaves_the_golden_image_u
     );
 
     // Faults where a real OS is the point.
-    let vm = Target::attach(&env.dirs, vm).with_start_options(start_options());
     ns.block_on(|| async {
         let boot_id = "cat /proc/sys/kernel/random/boot_id";
-        let boot1 = vm.ssh(boot_id, S).await.unwrap();
+        let boot1 = vm.succeed_within(boot_id, S).await.unwrap();
 
         // Link loss: SSH times out; link up brings it back, same boot.
         vm.link(false).await.unwrap();
-        let r = vm.ssh("true", Duration::from_secs(20)).await;
+        let r = vm.succeed_within("true", Duration::from_secs(20)).await;
         assert!(r.is_err(), "SSH worked with the link down: {r:?}");
         vm.link(true).await.unwrap();
         vm.wait_ssh(S).await.unwrap();
-        assert_eq!(vm.ssh(boot_id, S).await.unwrap(), boot1, "no reboot");
+        assert_eq!(vm.succeed_within(boot_id, S).await.unwrap(), boot1, "no reboot");
 
         // A power cut while the guest writes and fsyncs files on its root filesystem.
-        vm.ssh(
+        vm.succeed_within(
             "nohup sh -c 'i=0; while :; do dd if=/dev/urandom of=/var/tmp/w$((i % 4)) bs=1M count=4 conv=fsync 2>/dev/null; i=$((i+1)); echo $i > /var/tmp/count; done' >/dev/null 2>&1 &",
             S,
         )
         .await
         .unwrap();
         let deadline = Instant::now() + S;
-        while vm.ssh("cat /var/tmp/count", S).await.unwrap_or_default().trim().parse::<u32>().unwrap_or(0) < 2 {
+        while vm.succeed_within("cat /var/tmp/count", S).await.unwrap_or_default().trim().parse::<u32>().unwrap_or(0) < 2 {
             assert!(Instant::now() < deadline, "the writer never got going");
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
@@ -181,10 +171,10 @@ async fn debian_guest_boots_to_ssh_survives_faults_and_leaves_the_golden_image_u
         vm.wait_ssh(BOOT).await.unwrap();
         ssh_retry(&vm, "cloud-init status --wait >/dev/null; true").await;
         eprintln!("SSH again {:.0}s after power-on", t1.elapsed().as_secs_f64());
-        assert_ne!(vm.ssh(boot_id, S).await.unwrap(), boot1, "a new boot");
-        let opts = vm.ssh("findmnt -no OPTIONS /", S).await.unwrap();
+        assert_ne!(vm.succeed_within(boot_id, S).await.unwrap(), boot1, "a new boot");
+        let opts = vm.succeed_within("findmnt -no OPTIONS /", S).await.unwrap();
         assert!(opts.starts_with("rw"), "root mounted {opts}");
-        vm.ssh("echo after > /var/tmp/after && sync && cat /var/tmp/after", S).await.unwrap();
+        vm.succeed_within("echo after > /var/tmp/after && sync && cat /var/tmp/after", S).await.unwrap();
         let tl = timeline(&vm);
         let cut = tl.iter().position(|e| e == "FAULT:power-cut").unwrap();
         let start = cut + tl[cut..].iter().position(|e| e == names::QEMU_STARTED).unwrap();
@@ -196,7 +186,7 @@ async fn debian_guest_boots_to_ssh_survives_faults_and_leaves_the_golden_image_u
         // anything new (sshd's session, sudo) through a failing disk is not reliable, and the
         // guest's own damage (ext4 aborts its journal and goes read-only) stays until a reboot.
         let block = block_only_in_the_backing(&vm);
-        vm.ssh(
+        vm.succeed_within(
             &format!(
                 "sudo nohup sh -c 'while :; do e=$(dd if=/dev/vda of=/dev/null bs=4096 count=1 skip={block} iflag=direct 2>&1 | grep -m1 -i error); echo \"BOMA-DISKPROBE ${{e:-ok}}\" > /dev/kmsg; sleep 1; done' >/dev/null 2>&1 &"
             ),
@@ -222,12 +212,8 @@ async fn debian_guest_boots_to_ssh_survives_faults_and_leaves_the_golden_image_u
     });
 
     cli.ok("down e2e");
-    let left = ns.exec("ip -o link show; nft list tables; pgrep -a dnsmasq || true");
-    let left = String::from_utf8_lossy(&left.stdout).into_owned();
-    assert!(
-        !left.contains("boma-qvm0") && !left.contains("boma_qvm") && !left.contains("bq-"),
-        "{left}"
-    );
+    let left = ns.leftovers(&env.dirs.state);
+    assert!(left.is_empty(), "left behind:\n{left}");
     assert_eq!(
         sha256(&golden.disk),
         before,

@@ -69,7 +69,7 @@ async fn fault_freeze_and_thaw_from_the_shell_and_a_clear_refusal_on_a_stopped_v
 
     let o = fault("power-on");
     assert!(o.status.success(), "{}", text(&o));
-    vm.vm.wait_console(READY, 2, T).await.unwrap();
+    vm.expect_console(READY, T).await.unwrap();
     let o = env
         .cli()
         .args(["fault", "nosuchvm", "nmi"])

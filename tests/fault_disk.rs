@@ -36,7 +36,6 @@ async fn disk_errors_surface_as_eio_and_block_io_error_and_switch_off_again() {
         "the guest sees the error, the VM runs on"
     );
     let ops: Vec<String> = vm
-        .vm
         .events()
         .unwrap()
         .iter()
@@ -63,7 +62,7 @@ async fn disk_errors_surface_as_eio_and_block_io_error_and_switch_off_again() {
         .await
         .unwrap();
     assert!(line.contains(" ok "), "{line}");
-    assert!(vm.vm.is_running());
+    assert!(vm.is_running());
     assert_eq!(boots(&vm), 1, "no reboot involved");
 
     // The log says what was injected when, beside QEMU's own events.

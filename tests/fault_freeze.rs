@@ -78,11 +78,11 @@ async fn an_nmi_shows_on_the_guest_console_and_in_the_events() {
     let _one = one_vm_at_a_time();
     let env = Env::new();
     let vm = boot(&env, "nmi", "").await;
-    assert_eq!(vm.vm.console_count("NMI received"), 0);
+    assert_eq!(vm.console_count("NMI received"), 0);
     let rec = vm.nmi().await.unwrap();
     assert_eq!(rec.data["kind"], "nmi");
     let line = vm.expect_console("NMI received", T).await.unwrap();
     assert!(line.contains("Uhhuh"), "{line}");
     assert!(timeline(&vm).contains(&"FAULT:nmi".to_string()));
-    assert!(vm.vm.is_running(), "an unknown NMI is survivable");
+    assert!(vm.is_running(), "an unknown NMI is survivable");
 }

@@ -4,8 +4,7 @@
 
 mod common;
 
-use boma_qvm::fault::Target;
-use boma_qvm::machine::provision;
+use boma_qvm::machine::Machine;
 use common::faults::*;
 use common::world::{OUTSIDE, World};
 use std::time::Duration;
@@ -13,17 +12,17 @@ use std::time::Duration;
 /// Bring the guest up on the world's network, run `scenario`, tear the VM and network down.
 fn in_world<F, Fut>(host: &str, append: &str, scenario: F)
 where
-    F: FnOnce(Target) -> Fut + Send,
-    Fut: std::future::Future<Output = Target>,
+    F: FnOnce(Machine) -> Fut + Send,
+    Fut: std::future::Future<Output = Machine>,
 {
     let _one = one_vm_at_a_time();
     let w = World::new();
     w.host.block_on(|| async {
         let req = net_guest_request(host, append, &w.cfg);
-        let vm = Target::up(&w.dirs, &req).await.unwrap();
+        let vm = Machine::up(&w.dirs, &req).await.unwrap();
         vm.expect_console("BOMA-TESTGUEST-READY", T).await.unwrap();
         let vm = scenario(vm).await;
-        provision::teardown(vm.vm.clone()).await.unwrap();
+        vm.down().await.unwrap();
     });
 }
 

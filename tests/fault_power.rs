@@ -5,8 +5,8 @@
 mod common;
 
 use boma_qvm::Error;
+use boma_qvm::machine::State;
 use boma_qvm::machine::events::names;
-use boma_qvm::machine::vm::State;
 use common::faults::*;
 use common::*;
 
@@ -26,9 +26,8 @@ async fn a_power_cut_mid_write_leaves_the_vm_bootable_with_no_guest_shutdown() {
     );
 
     vm.power_cut().await.unwrap();
-    assert_eq!(vm.vm.state(), State::Off);
+    assert_eq!(vm.state(), State::Off);
     let exited = vm
-        .vm
         .events()
         .unwrap()
         .into_iter()
@@ -54,7 +53,6 @@ async fn a_power_cut_mid_write_leaves_the_vm_bootable_with_no_guest_shutdown() {
 
     // qemu-img check ran before the boot: at worst leaked clusters, never corruption.
     let check = vm
-        .vm
         .events()
         .unwrap()
         .into_iter()
@@ -97,14 +95,14 @@ async fn reset_and_clean_reboot_through_the_fault_api() {
     assert_eq!(reset.data["reason"], "host-qmp-system-reset");
     vm.expect_console(READY, T).await.unwrap();
     assert_eq!(boots(&vm), 2);
-    assert_eq!(vm.vm.console_count("BOMA-TESTGUEST-SHUTDOWN"), 0);
+    assert_eq!(vm.console_count("BOMA-TESTGUEST-SHUTDOWN"), 0);
 
     vm.clean_reboot().await.unwrap();
     vm.wait_for_event("SHUTDOWN", T).await.unwrap();
     vm.wait_for_event("RESET", T).await.unwrap();
     vm.expect_console(READY, T).await.unwrap();
     assert_eq!(boots(&vm), 3);
-    assert_eq!(vm.vm.console_count("BOMA-TESTGUEST-SHUTDOWN"), 1);
+    assert_eq!(vm.console_count("BOMA-TESTGUEST-SHUTDOWN"), 1);
 
     // A frozen guest can neither be reset nor rebooted through the fault API.
     vm.freeze().await.unwrap();

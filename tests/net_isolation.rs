@@ -17,7 +17,9 @@ fn vm_gets_its_lease_is_reachable_and_is_isolated() {
     let before = w.ruleset();
     let unrelated = w.host.exec_ok("nft list table ip unrelated");
     assert!(before.contains("table ip unrelated"), "{before}");
-    let init_forward = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
+    // The namespace's own forwarding switch (/proc/sys/net is per network namespace).
+    const FORWARD: &str = "cat /proc/sys/net/ipv4/ip_forward";
+    let init_forward = w.host.exec_ok(FORWARD);
 
     let network = w.host.block_on(|| Network::up(&w.dirs, &w.cfg)).unwrap();
     assert_eq!(
@@ -147,8 +149,8 @@ fn vm_gets_its_lease_is_reachable_and_is_isolated() {
     assert_eq!(w.ruleset(), before);
     assert!(w.host.exec("ip link show boma-qvm0").status.code() != Some(0));
     assert_eq!(
-        std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap(),
+        w.host.exec_ok(FORWARD),
         init_forward,
-        "host untouched"
+        "forwarding is back to what it was before the network came up"
     );
 }

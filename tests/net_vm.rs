@@ -5,8 +5,7 @@
 
 mod common;
 
-use boma_qvm::fault::Target;
-use boma_qvm::machine::provision;
+use boma_qvm::machine::Machine;
 use common::faults::*;
 use common::world::{OUTSIDE, World};
 use std::time::Duration;
@@ -45,7 +44,7 @@ fn a_vm_reaches_the_internet_only_with_egress_and_never_the_lan_the_mesh_or_the_
     w.host.block_on(|| async {
         let mut req = net_guest_request("iso", "", &w.cfg);
         req.egress = false; // `boma-qvm up --no-egress`
-        let vm = Target::up(&w.dirs, &req).await.unwrap();
+        let vm = Machine::up(&w.dirs, &req).await.unwrap();
         vm.expect_console("BOMA-TESTGUEST-READY", T).await.unwrap();
         let ip = vm.ip().unwrap();
         assert_eq!(
@@ -66,6 +65,6 @@ fn a_vm_reaches_the_internet_only_with_egress_and_never_the_lan_the_mesh_or_the_
             let want = t.starts_with(OUTSIDE);
             assert_eq!(*ok, want, "{t} ({what}): reached={ok}, expected {want}");
         }
-        provision::teardown(vm.vm.clone()).await.unwrap();
+        vm.down().await.unwrap();
     });
 }

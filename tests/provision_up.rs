@@ -1,10 +1,10 @@
-//! `provision::up` on the isolated network (inside a namespace this test creates).
+//! `Machine::up` on the isolated network (inside a namespace this test creates).
 
 mod common;
 
 use boma_qvm::Error;
 use boma_qvm::machine::accel::Accel;
-use boma_qvm::machine::provision::{self, OsSource, UpRequest};
+use boma_qvm::machine::{Machine, OsSource, UpRequest};
 use boma_qvm::stage::Stages;
 use common::netns::Netns;
 use common::*;
@@ -30,9 +30,10 @@ fn a_first_boot_kernel_panic_is_retried_once_then_reported() {
     let req = guest_request("panicky", "boma.net=1 boma.panic=1");
     let mut stages = Stages::new();
     let err = ns
-        .block_on(|| provision::up(&env.dirs, &req, &mut stages))
-        .unwrap_err();
-    assert!(matches!(err, Error::GuestFailure { .. }), "{err}");
+        .block_on(|| Machine::up_staged(&env.dirs, &req, &mut stages))
+        .err()
+        .expect("a guest that always panics");
+    assert!(matches!(err.inner(), Error::GuestFailure { .. }), "{err}");
     let boots = stages.records.iter().filter(|s| s.name == "boot").count();
     assert_eq!(boots, 2, "booted twice: the retry happened");
     let kept: Vec<_> = std::fs::read_dir(env.dirs.state.join("panics"))
@@ -48,11 +49,8 @@ fn up_gets_a_lease_and_teardown_leaves_no_network_behind() {
     let env = Env::new();
     let ns = Netns::new("up");
     let req = guest_request("leased", "boma.net=1");
-    let up = ns.block_on(|| async {
-        let mut stages = Stages::new();
-        provision::up(&env.dirs, &req, &mut stages).await.unwrap()
-    });
-    let ip = up.ip.expect("a lease");
+    let m = ns.block_on(|| Machine::up(&env.dirs, &req)).unwrap();
+    let ip = m.ip().expect("a lease");
     let echoed = ns.exec_ok(&format!(
         "echo 'echo $((6*7))' | timeout 10 busybox nc {ip} 7000"
     ));
@@ -61,10 +59,7 @@ fn up_gets_a_lease_and_teardown_leaves_no_network_behind() {
         "42",
         "the host reaches the VM on its lease address"
     );
-    ns.block_on(|| provision::teardown(up.vm)).unwrap();
-    let left = ns.exec_ok("ip -o link show; nft list tables; pgrep -a dnsmasq || true");
-    assert!(
-        !left.contains("boma-qvm0") && !left.contains("boma_qvm") && !left.contains("bq-"),
-        "{left}"
-    );
+    ns.block_on(|| m.down()).unwrap();
+    let left = ns.leftovers(&env.dirs.state);
+    assert!(left.is_empty(), "left behind:\n{left}");
 }

@@ -94,14 +94,25 @@ impl PlaybookOutcome {
                 self.summary()
             );
             return Err(match self.playbook {
-                Playbook::Verify => Error::VerifyFailed(what),
+                Playbook::Verify => Error::verify_failed(
+                    what,
+                    format!(
+                        "the VM is kept: `boma-qvm console {host} --log` shows why SSH is gone"
+                    ),
+                ),
                 Playbook::Site => {
                     Error::ansible(what, "inspect the kept VM's console (boma-qvm console)")
                 }
             });
         }
         Err(match self.playbook {
-            Playbook::Verify => Error::VerifyFailed(self.summary()),
+            Playbook::Verify => Error::verify_failed(
+                self.summary(),
+                format!(
+                    "the VM is kept: inspect it (`boma-qvm ssh {host}`), fix the change under test, \
+                     then `boma-qvm verify {host}` (or run the cycle again)"
+                ),
+            ),
             Playbook::Site => Error::ansible(
                 self.summary(),
                 format!(

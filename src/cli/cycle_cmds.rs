@@ -1,10 +1,9 @@
 //! The main job and its pieces: `cycle HOST`, and `apply`, `assert`, `reset` on a kept VM.
 
 use super::vm_cmds::{MachineArgs, NetArgs, image_choice, request};
-use boma_qvm::ansible::{CertTier, Playbook};
-use boma_qvm::cycle::{self, CycleConfig, steps};
-use boma_qvm::machine::provision::{self, OsSource};
-use boma_qvm::machine::vm::Vm;
+use boma_qvm::ansible::CertTier;
+use boma_qvm::cycle::{self, CycleConfig, Kept};
+use boma_qvm::machine::OsSource;
 use boma_qvm::paths::Dirs;
 use boma_qvm::{Error, Result};
 use clap::Args;
@@ -86,56 +85,37 @@ pub struct KeptVmArgs {
     pub vm: Option<String>,
 }
 
-/// The kept VM, its cycle config, the ansible session, and a fresh log path in its run dir.
-fn kept(dirs: &Dirs, a: &KeptVmArgs, what: &str) -> Result<(Vm, CycleConfig, PathBuf)> {
-    let vm = Vm::resolve(dirs, a.vm.as_deref())?;
-    let cfg = CycleConfig::load(&vm)?;
-    let dir = cfg.run_dir.clone().unwrap_or_else(|| vm.run.dir.clone());
-    let stamp = boma_qvm::cycle::config::utc_stamp(boma_qvm::machine::events::now() as u64);
-    Ok((vm, cfg, dir.join(format!("{what}-{stamp}.log"))))
-}
-
-/// Run one playbook against a kept VM, logging into its cycle's run directory.
-async fn kept_playbook(dirs: &Dirs, a: KeptVmArgs, pb: Playbook, what: &str) -> Result<()> {
-    let (vm, cfg, log) = kept(dirs, &a, what)?;
-    let session = cycle::session(&cfg, &vm, provision::vm_ip(dirs, &vm)?)?;
-    boma_qvm::stage::Stages::new()
-        .run(what, steps::playbook(&session, pb, &log))
-        .await?;
-    println!("{what} passed; log: {}", log.display());
+/// Run `step` on a kept VM, timed, with its log in the cycle's run directory.
+async fn on_kept<F>(dirs: &Dirs, a: KeptVmArgs, what: &str, step: F) -> Result<()>
+where
+    F: AsyncFnOnce(&mut Kept) -> Result<()>,
+{
+    let mut k = Kept::open(dirs, a.vm.as_deref())?;
+    step(&mut k).await?;
+    println!(
+        "{what} passed on {} in {:.0}s; logs in {}",
+        k.machine.name(),
+        k.stages.total_seconds(),
+        k.run_dir.display()
+    );
     Ok(())
 }
 
 pub async fn apply(dirs: &Dirs, a: KeptVmArgs) -> Result<()> {
-    kept_playbook(dirs, a, Playbook::Site, "apply").await
+    on_kept(dirs, a, "apply", async |k| k.apply().await.map(drop)).await
 }
 
-pub async fn assert(dirs: &Dirs, a: KeptVmArgs) -> Result<()> {
-    kept_playbook(dirs, a, Playbook::Verify, "verify").await
+pub async fn verify(dirs: &Dirs, a: KeptVmArgs) -> Result<()> {
+    on_kept(dirs, a, "verify", async |k| {
+        k.verify("verify").await.map(drop)
+    })
+    .await
 }
 
-/// Back to the post-apply snapshot, then reboot + assert again without re-applying.
+/// Back to the post-apply snapshot, then reboot + verify again without re-applying.
 pub async fn reset(dirs: &Dirs, a: KeptVmArgs) -> Result<()> {
-    let (vm, cfg, log) = kept(dirs, &a, "verify-after-reset")?;
-    let session = cycle::session(&cfg, &vm, provision::vm_ip(dirs, &vm)?)?;
-    let conn = provision::ssh_conn(dirs, &vm)?;
-    let mut stages = boma_qvm::stage::Stages::new();
-    stages
-        .run("restore snapshot", steps::snapshot_load(&vm))
-        .await?;
-    stages
-        .run("reboot", steps::reboot_proven(&vm, &conn))
-        .await?;
-    stages
-        .run(
-            "verify after reboot",
-            steps::playbook(&session, Playbook::Verify, &log),
-        )
-        .await?;
-    println!(
-        "reset: reboot + verify passed in {:.0}s; log: {}",
-        stages.total_seconds(),
-        log.display()
-    );
-    Ok(())
+    on_kept(dirs, a, "reset (reboot + verify)", async |k| {
+        k.reset().await
+    })
+    .await
 }

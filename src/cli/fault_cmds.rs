@@ -1,9 +1,9 @@
 //! `boma-qvm fault VM FAULT`: inject one fault from the shell (for Ansible- or shell-driven
-//! tests). The work is `boma_qvm::fault::Target::inject`; this prints what it did.
+//! tests). The work is `Machine::inject`; this prints what it did.
 
 use boma_qvm::Result;
-use boma_qvm::fault::{Fault, Target};
-use boma_qvm::machine::vm::Vm;
+use boma_qvm::fault::Fault;
+use boma_qvm::machine::Machine;
 use boma_qvm::paths::Dirs;
 use clap::Args;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
@@ -25,12 +25,11 @@ fn fault_parser() -> impl TypedValueParser<Value = Fault> {
 }
 
 pub async fn fault(dirs: &Dirs, a: FaultArgs) -> Result<()> {
-    let vm = Vm::resolve(dirs, Some(&a.vm))?;
-    let target = Target::attach(dirs, vm);
-    let rec = target.inject(a.fault).await?;
+    let m = Machine::attach(dirs, &a.vm)?;
+    let rec = m.inject(a.fault).await?;
     println!(
         "{}: {}: {}",
-        target.name(),
+        m.name(),
         a.fault.name(),
         rec.data["detail"].as_str().unwrap_or("done")
     );

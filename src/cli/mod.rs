@@ -38,9 +38,10 @@ enum Cmd {
     Cycle(Box<cycle_cmds::CycleArgs>),
     /// Re-run the apply (site.yml) on a VM kept by `cycle`.
     Apply(cycle_cmds::KeptVmArgs),
-    /// Re-run the verify playbook on a VM kept by `cycle`.
-    Assert(cycle_cmds::KeptVmArgs),
-    /// Restore the post-apply snapshot (`cycle --snapshot`), then reboot + assert again.
+    /// Re-run the verify playbook on a VM kept by `cycle` (`assert` is an alias).
+    #[command(alias = "assert")]
+    Verify(cycle_cmds::KeptVmArgs),
+    /// Restore the post-apply snapshot (`cycle --snapshot`), then reboot + verify again.
     Reset(cycle_cmds::KeptVmArgs),
     /// Create a VM and power it on.
     Up(Box<vm_cmds::UpArgs>),
@@ -150,7 +151,7 @@ async fn dispatch(cmd: Cmd, dirs: &Dirs) -> Result<()> {
     match cmd {
         Cmd::Cycle(a) => cycle_cmds::cycle(dirs, *a).await,
         Cmd::Apply(a) => cycle_cmds::apply(dirs, a).await,
-        Cmd::Assert(a) => cycle_cmds::assert(dirs, a).await,
+        Cmd::Verify(a) => cycle_cmds::verify(dirs, a).await,
         Cmd::Reset(a) => cycle_cmds::reset(dirs, a).await,
         Cmd::Up(a) => vm_cmds::up(dirs, *a).await,
         Cmd::Start(a) => vm_cmds::start(dirs, a).await,

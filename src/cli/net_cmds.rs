@@ -1,10 +1,10 @@
 //! Network and host-check subcommands: `net up|down|status`, `doctor`.
 
+use boma_qvm::machine::Machine;
 use boma_qvm::machine::accel::KvmProbe;
-use boma_qvm::machine::provision::saved_net_config;
 use boma_qvm::net::{self, NetConfig, Network};
 use boma_qvm::paths::Dirs;
-use boma_qvm::{Error, Result, machine::vm};
+use boma_qvm::{Error, Result};
 use clap::{Args, Subcommand};
 
 #[derive(Subcommand, Debug)]
@@ -34,20 +34,18 @@ pub async fn net(dirs: &Dirs, cmd: NetCmd) -> Result<()> {
             println!("{}", n.status().await?);
         }
         NetCmd::Down => {
-            let vms = vm::list(dirs);
+            let vms = Machine::list(dirs);
             if !vms.is_empty() {
                 return Err(Error::input(
                     format!("VMs still exist: {}", vms.join(", ")),
                     "`boma-qvm down` them first (or `boma-qvm prune`)",
                 ));
             }
-            Network::attach(dirs, &saved_net_config(dirs))
-                .down()
-                .await?;
+            Network::saved(dirs).down().await?;
             println!("network down");
         }
         NetCmd::Status => {
-            let n = Network::attach(dirs, &saved_net_config(dirs));
+            let n = Network::saved(dirs);
             println!("{}", n.status().await?);
         }
     }
@@ -98,7 +96,7 @@ pub async fn doctor(dirs: &Dirs, _a: DoctorArgs) -> Result<()> {
             println!("MISSING: {tool} (install with the integration_test role: `make setup`)");
         }
     }
-    for w in net::doctor(&saved_net_config(dirs))? {
+    for w in net::doctor(&Network::saved_config(dirs))? {
         problems += 1;
         println!("WARNING: {}\n  fix: {}", w.problem, w.fix);
     }

@@ -1,10 +1,8 @@
 //! VM lifecycle subcommands: up, start, down, status, list, console, reboot, shutdown, prune.
 
 use boma_qvm::machine::accel::{self, AccelChoice, KvmProbe};
-use boma_qvm::machine::power::{self, RebootMode, ShutdownOutcome};
-use boma_qvm::machine::provision::{self, OsSource, UpRequest};
-use boma_qvm::machine::vm::{self, StartOptions, State, Vm};
-use boma_qvm::net::NetConfig;
+use boma_qvm::machine::{Machine, OsSource, ShutdownOutcome, StartOptions, State, UpRequest};
+use boma_qvm::net::{NetConfig, Network};
 use boma_qvm::paths::Dirs;
 use boma_qvm::stage::Stages;
 use boma_qvm::{Error, Result, machine::console, machine::prune as prune_mod};
@@ -206,11 +204,11 @@ pub async fn up(dirs: &Dirs, a: UpArgs) -> Result<()> {
     req.image_reason = reason;
     req.wait_ssh &= !a.no_wait_ssh;
     let mut stages = Stages::new();
-    let up = provision::up(dirs, &req, &mut stages).await?;
-    let ip = up.ip.map(|ip| format!(" at {ip}")).unwrap_or_default();
+    let m = Machine::up_staged(dirs, &req, &mut stages).await?;
+    let ip = m.ip().map(|ip| format!(" at {ip}")).unwrap_or_default();
     println!(
         "{} is up{ip} ({} accel, {:.0}s); `boma-qvm ssh {}`, `boma-qvm console {}`",
-        up.vm.name,
+        m.name(),
         req.accel.as_str(),
         stages.total_seconds(),
         a.host,
@@ -220,26 +218,26 @@ pub async fn up(dirs: &Dirs, a: UpArgs) -> Result<()> {
 }
 
 pub async fn start(dirs: &Dirs, a: VmArg) -> Result<()> {
-    let vm = Vm::resolve(dirs, Some(&a.vm))?;
-    provision::start(dirs, &vm, &StartOptions::default()).await?;
-    println!("{} is running", vm.name);
+    let m = Machine::attach(dirs, &a.vm)?;
+    m.start().await?;
+    println!("{} is running", m.name());
     Ok(())
 }
 
 pub async fn down(dirs: &Dirs, a: VmArg) -> Result<()> {
-    let vm = Vm::resolve(dirs, Some(&a.vm))?;
-    let name = vm.name.clone();
-    provision::teardown(vm).await?;
+    let m = Machine::attach(dirs, &a.vm)?;
+    let name = m.name().to_string();
+    m.down().await?;
     println!("{name} destroyed");
     Ok(())
 }
 
-fn describe(vm: &Vm) -> Result<String> {
-    let spec = vm.spec()?;
-    let state = vm.state();
+fn describe(m: &Machine) -> Result<String> {
+    let spec = m.spec()?;
+    let state = m.state();
     let mut s = format!(
         "{}  {}  accel={} cpus={} memory={}MiB",
-        vm.name,
+        m.name(),
         state.as_str(),
         spec.accel.as_str(),
         spec.cpus,
@@ -247,39 +245,38 @@ fn describe(vm: &Vm) -> Result<String> {
     );
     if let State::Running { supervisor, qemu } = state {
         s.push_str(&format!("  qemu-pid={qemu} supervisor-pid={supervisor}"));
-        if let Ok(pty) = std::fs::read_to_string(vm.run.console_pty()) {
-            s.push_str(&format!("  console={pty}"));
+        if let Some(pty) = m.console_pty() {
+            s.push_str(&format!("  console={}", pty.display()));
         }
     }
-    if let Ok(ip) = provision::vm_ip(&vm.dirs, vm) {
+    if let Ok(ip) = m.ip() {
         s.push_str(&format!("  ip={ip}"));
     }
-    if let Some(last) = vm.events()?.last() {
+    if let Some(last) = m.events()?.last() {
         s.push_str(&format!("  last-event={}", last.event));
     }
-    s.push_str(&format!("\n  run dir: {}", vm.run.dir.display()));
+    s.push_str(&format!("\n  run dir: {}", m.run_dir().display()));
     Ok(s)
 }
 
 pub async fn status(dirs: &Dirs, a: OptVmArg) -> Result<()> {
-    let vms = match a.vm {
-        Some(n) => vec![Vm::resolve(dirs, Some(&n))?],
-        None => vm::list(dirs)
+    let machines = match a.vm {
+        Some(n) => vec![Machine::attach(dirs, &n)?],
+        None => Machine::list(dirs)
             .iter()
-            .map(|n| Vm::open(dirs, n))
+            .map(|n| Machine::attach(dirs, n))
             .collect::<Result<_>>()?,
     };
-    if vms.is_empty() {
+    if machines.is_empty() {
         println!("no VMs");
     }
     let mut networked = false;
-    for vm in &vms {
-        println!("{}", describe(vm)?);
-        networked |= vm.spec()?.nic.is_some();
+    for m in &machines {
+        println!("{}", describe(m)?);
+        networked |= m.spec()?.nic.is_some();
     }
     if networked {
-        let net = boma_qvm::net::Network::attach(dirs, &provision::saved_net_config(dirs));
-        let st = net.status().await?;
+        let st = Network::saved(dirs).status().await?;
         print!("network:\n{st}");
         if !st.healthy() {
             println!("  fix: `boma-qvm net up` (or `boma-qvm start VM`) repairs it");
@@ -289,66 +286,69 @@ pub async fn status(dirs: &Dirs, a: OptVmArg) -> Result<()> {
 }
 
 pub fn list(dirs: &Dirs) -> Result<()> {
-    for name in vm::list(dirs) {
-        let vm = Vm::open(dirs, &name)?;
-        println!("{name}\t{}", vm.state().as_str());
+    for name in Machine::list(dirs) {
+        let m = Machine::attach(dirs, &name)?;
+        println!("{name}\t{}", m.state().as_str());
     }
     Ok(())
 }
 
 pub async fn console(dirs: &Dirs, a: ConsoleArgs) -> Result<()> {
-    let vm = Vm::resolve(dirs, a.vm.as_deref())?;
+    let m = Machine::resolve(dirs, a.vm.as_deref())?;
     if a.log {
-        return console::print_log(&vm.run.console_log(), a.follow, || vm.is_running()).await;
+        return console::print_log(&m.console_log(), a.follow, || m.is_running()).await;
     }
-    let pty = std::fs::read_to_string(vm.run.console_pty()).map_err(|_| {
+    let pty = m.console_pty().ok_or_else(|| {
         Error::qemu(
             format!(
                 "{} has no live console (it is {})",
-                vm.name,
-                vm.state().as_str()
+                m.name(),
+                m.state().as_str()
             ),
             format!(
                 "read the captured log with `boma-qvm console {} --log`",
-                vm.name
+                m.name()
             ),
         )
     })?;
-    let name = vm.name.clone();
-    tokio::task::spawn_blocking(move || console::attach(std::path::Path::new(pty.trim()), &name))
+    let name = m.name().to_string();
+    tokio::task::spawn_blocking(move || console::attach(&pty, &name))
         .await
         .expect("console task")
 }
 
-fn scaled(vm: &Vm, explicit: Option<u64>, kvm_default: u64) -> Result<Duration> {
-    Ok(match explicit {
-        Some(s) => Duration::from_secs(s),
-        None => vm.spec()?.accel.scale(Duration::from_secs(kvm_default)),
-    })
-}
-
 pub async fn reboot(dirs: &Dirs, a: RebootArgs) -> Result<()> {
-    let vm = Vm::resolve(dirs, a.vm.as_deref())?;
-    let mode = if a.hard {
-        RebootMode::Hard
-    } else {
-        RebootMode::Clean
-    };
-    power::reboot(&vm, mode, scaled(&vm, a.timeout, 60)?).await?;
+    let m = Machine::resolve(dirs, a.vm.as_deref())?;
+    if a.hard {
+        m.hard_reset().await?;
+        println!("{} rebooted (hard reset)", m.name());
+        return Ok(());
+    }
+    let timeout = a.timeout.map(Duration::from_secs);
+    let r = m.reboot_within(timeout).await?;
     println!(
-        "{} rebooted ({})",
-        vm.name,
-        if a.hard { "hard reset" } else { "clean" }
+        "{} rebooted cleanly (guest shutdown {:.1}s, boot {:.1}s{})",
+        m.name(),
+        r.shutdown_secs,
+        r.boot_secs,
+        match &r.boot_ids {
+            Some((a, b)) => format!(", boot_id {a} -> {b}"),
+            None => String::new(),
+        }
     );
     Ok(())
 }
 
 pub async fn shutdown(dirs: &Dirs, a: ShutdownArgs) -> Result<()> {
-    let vm = Vm::resolve(dirs, a.vm.as_deref())?;
-    match power::shutdown(&vm, scaled(&vm, a.timeout, 60)?).await? {
-        ShutdownOutcome::Clean => println!("{} shut down cleanly", vm.name),
+    let m = Machine::resolve(dirs, a.vm.as_deref())?;
+    let outcome = match a.timeout {
+        Some(s) => m.shutdown_within(Duration::from_secs(s)).await?,
+        None => m.shutdown().await?,
+    };
+    match outcome {
+        ShutdownOutcome::Clean => println!("{} shut down cleanly", m.name()),
         ShutdownOutcome::Forced => {
-            println!("{} did not power off in time; QEMU was stopped", vm.name)
+            println!("{} did not power off in time; QEMU was stopped", m.name())
         }
     }
     Ok(())
@@ -376,8 +376,7 @@ pub struct SshArgs {
 }
 
 pub fn ssh(dirs: &Dirs, a: SshArgs) -> Result<()> {
-    let vm = Vm::resolve(dirs, a.vm.as_deref())?;
-    let conn = provision::ssh_conn(dirs, &vm)?;
+    let conn = Machine::resolve(dirs, a.vm.as_deref())?.conn()?;
     let cmd = (!a.cmd.is_empty()).then_some(a.cmd.as_slice());
     match boma_qvm::guest::ssh::exec_shell(&conn, cmd)? {}
 }

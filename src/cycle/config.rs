@@ -3,7 +3,7 @@
 
 use crate::ansible::{CertOptions, CertPlan, CertTier};
 use crate::error::IoContext;
-use crate::machine::vm::Vm;
+use crate::machine::Machine;
 use crate::net::Subnet;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -51,19 +51,19 @@ impl CycleConfig {
         Ok(dir)
     }
 
-    pub fn save(&self, vm: &Vm, run_dir: &Path) -> Result<()> {
-        let mut c = self.clone();
-        c.run_dir = Some(run_dir.to_path_buf());
-        let text = serde_json::to_string_pretty(&c).expect("config serialises");
-        std::fs::write(vm.run.dir.join("cycle.json"), text).ctx(|| "writing cycle.json".into())
+    /// Write `cycle.json` into the VM's run directory.
+    pub fn save(&self, vm_dir: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self).expect("config serialises");
+        std::fs::write(vm_dir.join("cycle.json"), text).ctx(|| "writing cycle.json".into())
     }
 
-    pub fn load(vm: &Vm) -> Result<CycleConfig> {
-        let p = vm.run.dir.join("cycle.json");
+    /// The config of the cycle that made the VM in `vm_dir`.
+    pub fn load(vm_dir: &Path, name: &str) -> Result<CycleConfig> {
+        let p = vm_dir.join("cycle.json");
         let text = std::fs::read_to_string(&p).map_err(|_| {
             Error::not_found(
-                format!("a cycle for {}", vm.name),
-                "apply/assert/reset work on a VM made by `boma-qvm cycle`",
+                format!("a cycle for {name}"),
+                "apply/verify/reset work on a VM made by `boma-qvm cycle`",
             )
         })?;
         serde_json::from_str(&text).map_err(|e| {
@@ -95,7 +95,7 @@ fn first_line(program: &str, args: &[&str]) -> String {
 }
 
 /// Versions for the report; `vm` (when there is one) names the golden image behind its overlay.
-pub fn versions(vm: Option<&Vm>) -> super::report::Versions {
+pub fn versions(vm: Option<&Machine>) -> super::report::Versions {
     super::report::Versions {
         boma_qvm: env!("CARGO_PKG_VERSION").into(),
         qemu: first_line("qemu-system-x86_64", &["--version"]),
@@ -105,7 +105,7 @@ pub fn versions(vm: Option<&Vm>) -> super::report::Versions {
 }
 
 /// `debian-13-built (created 2026-..., sha256 0257c02d...)` for the image backing `vm`'s overlay.
-fn golden_of(vm: &Vm) -> Option<String> {
+fn golden_of(vm: &Machine) -> Option<String> {
     let overlay = vm.spec().ok()?.disk?;
     let backing = crate::guest::image::overlay::info(&overlay).ok()?.backing?;
     let dir = backing.parent()?.to_path_buf();

@@ -6,8 +6,8 @@
 
 use crate::Result;
 use crate::error::IoContext;
-use crate::machine::vm::Vm;
-use crate::{guest::ssh, machine::qga};
+use crate::guest::ssh;
+use crate::machine::{Machine, qga};
 use std::path::Path;
 use std::time::Duration;
 
@@ -26,7 +26,10 @@ pub const GUEST_COMMANDS: &[(&str, &str)] = &[
 
 /// Copy the console log and events, and capture the guest commands if SSH answers. Returns the
 /// list of files written. Never fails the run further: a capture that fails is noted in its file.
-pub async fn collect(vm: &Vm, conn: Option<&ssh::Conn>, out: &Path) -> Result<Vec<String>> {
+pub async fn collect(m: &Machine, out: &Path) -> Result<Vec<String>> {
+    let vm = &m.vm;
+    let conn = m.conn().ok();
+    let conn = conn.as_ref();
     std::fs::create_dir_all(out).ctx(|| format!("creating {}", out.display()))?;
     let mut written = Vec::new();
     for (src, name) in [
@@ -67,7 +70,7 @@ pub async fn collect(vm: &Vm, conn: Option<&ssh::Conn>, out: &Path) -> Result<Ve
 }
 
 /// The same capture without the network: the guest agent runs the command as root.
-async fn through_agent(vm: &Vm, cmd: &str) -> String {
+async fn through_agent(vm: &crate::machine::vm::Vm, cmd: &str) -> String {
     let plain = cmd.strip_prefix("sudo -n ").unwrap_or(cmd);
     match qga::exec(
         &vm.run.qga_sock(),
@@ -94,7 +97,7 @@ pub fn inspect_text(host: &str, run_dir: &Path) -> String {
          \n  boma-qvm console {host} --log    the captured console\
          \n  boma-qvm ssh {host}              a shell as `ansible` (sudo works)\
          \n  boma-qvm status {host}           state, address, last event\
-         \n  boma-qvm assert {host}           re-run the verify playbook\
+         \n  boma-qvm verify {host}           re-run the verify playbook\
          \n  boma-qvm down {host}             destroy it (or `make test-integration-clean`)\
          \n\nEvidence: {}\n",
         run_dir.display()

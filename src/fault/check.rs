@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 /// The record `power_on` writes with the overlay's `qemu-img check` result.
-pub const DISK_CHECK: &str = "DISK_CHECK";
+pub use crate::machine::events::names::DISK_CHECK;
 
 /// `qemu-img check` of a VM's overlay.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +56,7 @@ pub async fn check_overlay(vm: &Vm) -> Result<Option<OverlayCheck>> {
     };
     let Some(check) = parsed else {
         return Err(Error::Command {
+            fix: crate::error::COMMAND_FIX.into(),
             cmd: format!("qemu-img check --output=json {}", disk.display()),
             status: out.status.to_string(),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),

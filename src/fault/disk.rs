@@ -15,7 +15,8 @@
 //! nodes. Flushes are not failed: `blockdev-reopen` flushes the node first, and a failing flush
 //! would make the way back impossible.
 
-use super::{Fault, Target, refused};
+use super::{Fault, refused};
+use crate::machine::Machine;
 use crate::machine::events::Record;
 use crate::machine::qemu::argv::DISK_NODE;
 use crate::machine::qmp::Qmp;
@@ -91,7 +92,12 @@ impl Graph {
 }
 
 fn options(v: Value) -> Result<BlockdevOptions> {
-    serde_json::from_value(v).map_err(|e| Error::Qmp(format!("building blockdev options: {e}")))
+    serde_json::from_value(v).map_err(|e| {
+        Error::qmp(
+            format!("building blockdev options: {e}"),
+            "this QEMU's block layer differs from what boma-qvm expects: report it with `qemu-system-x86_64 --version`",
+        )
+    })
 }
 
 /// `disk0` reopened on `file` and `backing` (`None`: it has no backing).
@@ -156,7 +162,7 @@ async fn errors_on(ctl: &Qmp, file: &str, backing: Option<&str>) -> Result<()> {
     r
 }
 
-impl Target {
+impl Machine {
     /// Make the VM's disk fail every read and write with EIO (`true`), or work again (`false`).
     /// The guest sees EIO; QEMU records BLOCK_IO_ERROR events; the VM keeps running.
     /// Idempotent. See the module docs for the QMP commands.

@@ -2,13 +2,13 @@
 //! VM's state first (refusing with the fix), records itself, injects, and returns once the event
 //! that proves it is in events.jsonl where there is one (QEMU_EXITED, RESET, STOP, RESUME).
 
-use super::{Fault, Target, refused};
+use super::{Fault, refused};
+use crate::Result;
+use crate::machine::Machine;
 use crate::machine::events::Record;
 use crate::machine::power::{self, RebootMode};
 use crate::machine::qemu::argv::NETDEV_ID;
 use crate::machine::qmp::Qmp;
-use crate::net::Network;
-use crate::{Result, machine::provision};
 use qapi::qmp::{RunState, cont, inject_nmi, query_status, set_link, stop};
 use serde_json::json;
 use std::time::Duration;
@@ -23,7 +23,7 @@ fn run_state_name(s: RunState) -> String {
         .unwrap_or_else(|| format!("{s:?}"))
 }
 
-impl Target {
+impl Machine {
     async fn run_state(&self, ctl: &Qmp) -> Result<RunState> {
         Ok(ctl.run(query_status {}).await?.status)
     }
@@ -65,7 +65,7 @@ impl Target {
     pub async fn hard_reset(&self) -> Result<Record> {
         let f = Fault::Reset;
         drop(self.require_guest_running(f).await?);
-        let t = self.accel_scaled(Duration::from_secs(30));
+        let t = self.scaled(Duration::from_secs(30));
         self.injecting(
             f,
             "system_reset: the reset button, no guest shutdown".into(),
@@ -75,17 +75,16 @@ impl Target {
         .await
     }
 
-    /// A clean reboot over QMP (ACPI power button, guest shutdown path, reset). Returns after
-    /// the RESET that follows the guest's SHUTDOWN.
+    /// A clean reboot as a recorded fault: `Machine::reboot` (ACPI power button, the guest's
+    /// shutdown path, reset; proven by RESET and, with SSH, a new boot_id).
     pub async fn clean_reboot(&self) -> Result<Record> {
         let f = Fault::Reboot;
         drop(self.require_guest_running(f).await?);
-        let t = self.accel_scaled(Duration::from_secs(60));
         self.injecting(
             f,
             "ACPI power button, guest shutdown, then reset".into(),
             json!({}),
-            power::reboot(&self.vm, RebootMode::Clean, t),
+            self.reboot(),
         )
         .await
     }
@@ -208,7 +207,7 @@ impl Target {
         self.require_running(f)?;
         self.require_nic(f)?;
         let ip = self.ip()?;
-        let network = Network::attach(&self.dirs, &provision::saved_net_config(&self.dirs));
+        let network = crate::net::Network::saved(&self.dirs);
         let detail = format!(
             "outbound NAT {} for {ip} (nft set no_egress)",
             if on { "restored" } else { "cut" }

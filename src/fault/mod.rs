@@ -1,19 +1,19 @@
-//! Fault injection: what a host survives, not only a clean reboot. A [`Target`] wraps a VM so a
-//! Rust test reads like the scenario it checks:
+//! Fault injection: what a host survives, not only a clean reboot. Faults are methods of
+//! [`Machine`], so a test reads like the scenario it checks:
 //!
 //! ```no_run
-//! # async fn scenario(dirs: &boma_qvm::paths::Dirs, req: &boma_qvm::provision::UpRequest) -> boma_qvm::Result<()> {
-//! use boma_qvm::fault::Target;
+//! # async fn scenario(dirs: &boma_qvm::paths::Dirs, req: &boma_qvm::machine::UpRequest) -> boma_qvm::Result<()> {
+//! use boma_qvm::machine::Machine;
 //! use std::time::Duration;
 //! let t = Duration::from_secs(120);
-//! let vm = Target::up(dirs, req).await?;
-//! vm.expect_console("PROBE ok", t).await?;
-//! vm.egress(false).await?;
-//! vm.expect_console("PROBE fail", t).await?; // the service notices
-//! vm.egress(true).await?;
-//! vm.expect_console("PROBE ok", t).await?;
-//! vm.hard_reset().await?;
-//! vm.wait_for_event("RESET", t).await?;
+//! let m = Machine::up(dirs, req).await?;
+//! m.expect_console("PROBE ok", t).await?;
+//! m.egress(false).await?;
+//! m.expect_console("PROBE fail", t).await?; // the service notices
+//! m.egress(true).await?;
+//! m.expect_console("PROBE ok", t).await?;
+//! m.hard_reset().await?;
+//! m.wait_for_event("RESET", t).await?;
 //! # Ok(()) }
 //! ```
 //!
@@ -34,105 +34,21 @@ mod disk;
 mod inject;
 mod kind;
 mod power;
-mod watch;
 
 pub use check::{DISK_CHECK, OverlayCheck, check_overlay};
 pub use disk::{BACKING_FAULT_NODE, FAULT_NODE};
 pub use kind::Fault;
 
-use crate::machine::events::{self, Record, Source, Tail, names};
-use crate::machine::provision::{self, UpRequest};
-use crate::machine::vm::{StartOptions, Vm};
-use crate::paths::Dirs;
-use crate::stage::Stages;
-use crate::{Error, Result, guest::ssh};
+use crate::machine::Machine;
+use crate::machine::events::{self, Record, Source, names};
+use crate::{Error, Result};
 use serde_json::{Value, json};
-use std::net::Ipv4Addr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// The record written when an injected fault failed after its `FAULT` record.
-pub const FAULT_FAILED: &str = "FAULT_FAILED";
+pub const FAULT_FAILED: &str = names::FAULT_FAILED;
 
-/// A VM under test, with cursors into its event log and console so waits see what happened
-/// after the previous wait, not before.
-pub struct Target {
-    pub vm: Vm,
-    dirs: Dirs,
-    start: StartOptions,
-    events: tokio::sync::Mutex<Tail>,
-    console: std::sync::Mutex<u64>,
-}
-
-impl Target {
-    /// Create and boot a VM (`provision::up`: image or kernel, network, lease, SSH when asked).
-    /// The cursors start at the VM's first event and console byte.
-    pub async fn up(dirs: &Dirs, req: &UpRequest) -> Result<Target> {
-        let p = provision::up(dirs, req, &mut Stages::new()).await?;
-        let t = Target::new(dirs, p.vm, 0).with_start_options(req.start.clone());
-        *t.events.lock().await = t.vm.tail_from_start();
-        Ok(t)
-    }
-
-    /// Take over an existing VM; the cursors start now (only what happens from here on).
-    pub fn attach(dirs: &Dirs, vm: Vm) -> Target {
-        let len = watch::console_len(&vm);
-        Target::new(dirs, vm, len)
-    }
-
-    fn new(dirs: &Dirs, vm: Vm, console_at: u64) -> Target {
-        let tail = vm.tail();
-        Target {
-            dirs: dirs.clone(),
-            start: StartOptions::default(),
-            events: tokio::sync::Mutex::new(tail),
-            console: std::sync::Mutex::new(console_at),
-            vm,
-        }
-    }
-
-    /// How `power_on` starts QEMU (the supervisor binary, resource guard).
-    pub fn with_start_options(mut self, opts: StartOptions) -> Self {
-        self.start = opts;
-        self
-    }
-
-    pub fn name(&self) -> &str {
-        &self.vm.name
-    }
-
-    pub fn dirs(&self) -> &Dirs {
-        &self.dirs
-    }
-
-    /// The VM's address on the isolated network.
-    pub fn ip(&self) -> Result<Ipv4Addr> {
-        provision::vm_ip(&self.dirs, &self.vm)
-    }
-
-    fn accel_scaled(&self, kvm: Duration) -> Duration {
-        self.vm
-            .spec()
-            .map(|s| s.accel.scale(kvm))
-            .unwrap_or(kvm * 5)
-    }
-
-    /// Wait until SSH logins with the run's key work (image VMs).
-    pub async fn wait_ssh(&self, timeout: Duration) -> Result<()> {
-        let conn = provision::ssh_conn(&self.dirs, &self.vm)?;
-        let ip = self.ip()?;
-        provision::watched(&self.vm, async {
-            crate::net::wait_for_ssh(ip, timeout).await?;
-            ssh::wait_for_login(&conn, timeout).await
-        })
-        .await
-    }
-
-    /// Run `cmd` in the guest over SSH; its stdout, or `Error::Command` when it fails.
-    pub async fn ssh(&self, cmd: &str, timeout: Duration) -> Result<String> {
-        let conn = provision::ssh_conn(&self.dirs, &self.vm)?;
-        ssh::run_ok(&conn, cmd, timeout).await
-    }
-
+impl Machine {
     /// Inject `fault` by name (what `boma-qvm fault VM <fault>` runs). Returns its record.
     pub async fn inject(&self, fault: Fault) -> Result<Record> {
         match fault {

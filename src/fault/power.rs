@@ -1,9 +1,11 @@
 //! Power faults: pull the plug (SIGKILL QEMU) and power on again.
 
-use super::{Fault, Target, check, refused};
+use super::{Fault, check, refused};
+use crate::machine::Machine;
 use crate::machine::events::{Record, names};
+use crate::machine::procs;
 use crate::machine::vm::State;
-use crate::{Error, Result, machine::procs, machine::provision};
+use crate::{Error, Result};
 use nix::sys::signal::Signal;
 use serde_json::json;
 use std::time::Duration;
@@ -11,7 +13,7 @@ use std::time::Duration;
 /// How long QEMU may take to die after SIGKILL and the supervisor to record it and exit.
 const DEATH_TIMEOUT: Duration = Duration::from_secs(30);
 
-impl Target {
+impl Machine {
     /// Pull the plug: SIGKILL the QEMU process. No ACPI, no guest shutdown path, and whatever
     /// QEMU had not yet written (in-flight requests, dirty qcow2 metadata) is lost, as a disk's
     /// volatile cache would be; data QEMU had written sits in the host's page cache and
@@ -90,13 +92,6 @@ impl Target {
             Some(c) => json!({"disk_check": c}),
             None => json!({}),
         };
-        let fresh = self.vm.tail();
-        let rec = self
-            .injecting(f, detail, data, async {
-                provision::start(&self.dirs, &self.vm, &self.start).await
-            })
-            .await?;
-        *self.events.lock().await = fresh;
-        Ok(rec)
+        self.injecting(f, detail, data, self.start()).await
     }
 }

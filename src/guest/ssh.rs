@@ -166,6 +166,7 @@ pub async fn run_ok(conn: &Conn, cmd: &str, timeout: Duration) -> Result<String>
     let out = run(conn, cmd, timeout).await?;
     if !out.status.success() {
         return Err(Error::Command {
+            fix: crate::error::COMMAND_FIX.into(),
             cmd: format!("ssh {} -- {cmd}", conn.target()),
             status: out.status.to_string(),
             stderr: tool::tail(&out.stderr, 2000),
@@ -209,6 +210,7 @@ pub async fn wait_for_login(conn: &Conn, timeout: Duration) -> Result<()> {
     let out = run_retrying(conn, "true", per_try, timeout).await?;
     if !out.status.success() {
         return Err(Error::Command {
+            fix: crate::error::COMMAND_FIX.into(),
             cmd: format!("ssh {} -- true", conn.target()),
             status: out.status.to_string(),
             stderr: tool::tail(&out.stderr, 500),

@@ -28,11 +28,23 @@ pub enum Source {
 
 /// Record names boma-qvm writes itself (QEMU's use QMP's names: RESET, SHUTDOWN, ...).
 pub mod names {
+    // QEMU's own (QMP events).
+    pub const RESET: &str = "RESET";
+    pub const SHUTDOWN: &str = "SHUTDOWN";
+    pub const POWERDOWN: &str = "POWERDOWN";
+    pub const STOP: &str = "STOP";
+    pub const RESUME: &str = "RESUME";
+    pub const GUEST_PANICKED: &str = "GUEST_PANICKED";
+    pub const BLOCK_IO_ERROR: &str = "BLOCK_IO_ERROR";
+    // boma-qvm's own.
     pub const QEMU_STARTED: &str = "QEMU_STARTED";
     pub const QEMU_EXITED: &str = "QEMU_EXITED";
     pub const CONSOLE_FAILURE: &str = "CONSOLE_FAILURE";
     pub const CONSOLE_BOOT: &str = "CONSOLE_BOOT";
     pub const FAULT: &str = "FAULT";
+    pub const FAULT_FAILED: &str = "FAULT_FAILED";
+    /// `qemu-img check` of the overlay before a power-on.
+    pub const DISK_CHECK: &str = "DISK_CHECK";
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -199,6 +211,9 @@ pub fn fail_fast(r: &Record) -> Result<()> {
         return Err(Error::GuestFailure {
             pattern: r.data["pattern"].as_str().unwrap_or("?").to_string(),
             detail: r.data["line"].as_str().unwrap_or("").to_string(),
+            fix: "read the console log (`boma-qvm console VM --log`): under TCG a first-boot \
+                  kernel panic is a known emulator race and `up`/`cycle` retry it once"
+                .into(),
         });
     }
     if r.is(names::QEMU_EXITED) {

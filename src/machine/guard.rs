@@ -14,15 +14,23 @@ pub const HEADROOM_MIB: u64 = 1024;
 /// `MemAvailable` from /proc/meminfo, in MiB.
 pub fn mem_available_mib() -> Result<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ctx(|| "reading /proc/meminfo".into())?;
-    parse_mem_available(&text)
-        .ok_or_else(|| Error::Guard("/proc/meminfo has no MemAvailable line".into()))
+    parse_mem_available(&text).ok_or_else(|| {
+        Error::guard(
+            "/proc/meminfo has no MemAvailable line",
+            "run on Linux 3.14 or newer with /proc mounted",
+        )
+    })
 }
 
 /// `MemTotal` from /proc/meminfo, in MiB: no guest can be larger than the host.
 pub fn mem_total_mib() -> Result<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ctx(|| "reading /proc/meminfo".into())?;
-    meminfo_mib(&text, "MemTotal:")
-        .ok_or_else(|| Error::Guard("/proc/meminfo has no MemTotal line".into()))
+    meminfo_mib(&text, "MemTotal:").ok_or_else(|| {
+        Error::guard(
+            "/proc/meminfo has no MemTotal line",
+            "run on Linux with /proc mounted",
+        )
+    })
 }
 
 pub fn parse_mem_available(meminfo: &str) -> Option<u64> {
@@ -50,9 +58,10 @@ pub fn check_memory(available_mib: u64, guest_mib: u64, explicit: Option<u64>) -
         Some(_) => "the configured minimum (--min-free-mib / BOMA_QVM_MIN_FREE_MIB)".to_string(),
         None => format!("guest {guest_mib} MiB + {HEADROOM_MIB} MiB headroom for QEMU"),
     };
-    Err(Error::Guard(format!(
-        "{available_mib} MiB of RAM available, {need} MiB needed ({why})\n  fix: stop other VMs or programs, give the VM less --memory, or lower the threshold"
-    )))
+    Err(Error::guard(
+        format!("{available_mib} MiB of RAM available, {need} MiB needed ({why})"),
+        "stop other VMs or programs, give the VM less --memory, or lower the threshold",
+    ))
 }
 
 /// A held VM slot: an open file with an exclusive flock. The lock belongs to the open file

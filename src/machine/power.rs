@@ -33,8 +33,18 @@ async fn set_shutdown_action(ctl: &Qmp, action: ShutdownAction) -> Result<()> {
     Ok(())
 }
 
-/// Reboot the VM. `timeout` bounds the guest's shutdown path (clean) or the RESET (hard).
-pub async fn reboot(vm: &Vm, mode: RebootMode, timeout: Duration) -> Result<()> {
+/// How long the halves of a reboot took (the boot half only up to the RESET here).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Halves {
+    /// Power button -> SHUTDOWN (0 for a hard reset).
+    pub shutdown_secs: f64,
+    /// `system_reset` -> RESET.
+    pub reset_secs: f64,
+}
+
+/// Reboot the VM: the mechanism, over QMP. `timeout` bounds the guest's shutdown path (clean)
+/// or the RESET (hard). `Machine::reboot` is the proven reboot built on it.
+pub(crate) async fn reboot(vm: &Vm, mode: RebootMode, timeout: Duration) -> Result<Halves> {
     let ctl = vm.ctl().await?;
     let mut tail = vm.tail();
     let started = Instant::now();
@@ -45,22 +55,22 @@ pub async fn reboot(vm: &Vm, mode: RebootMode, timeout: Duration) -> Result<()> 
             .wait_for(
                 "the guest to shut down after the ACPI power button",
                 timeout,
-                |r| r.is("SHUTDOWN"),
+                |r| r.is(names::SHUTDOWN),
             )
             .await;
         if let Err(e) = down {
             let _ = set_shutdown_action(&ctl, ShutdownAction::poweroff).await;
             return Err(match e {
-                Error::Timeout { what, secs, .. } => Error::timeout(
-                    what,
-                    secs,
-                    format!(
-                        " (does the guest handle the ACPI power button?)\n  fix: `boma-qvm reboot --hard {}` presses reset instead\n--- console tail ---\n{}",
-                        vm.name,
-                        vm.console_tail(15)
+                Error::Timeout { what, secs, .. } => vm.explain(Error::Reboot {
+                    problem: format!(
+                        "timed out after {secs}s waiting for {what} (does the guest handle the ACPI power button?)"
                     ),
-                ),
-                other => other,
+                    fix: format!(
+                        "`boma-qvm reboot --hard {}` presses reset instead",
+                        vm.name
+                    ),
+                }),
+                other => vm.explain(other),
             });
         }
         tracing::info!(
@@ -69,20 +79,31 @@ pub async fn reboot(vm: &Vm, mode: RebootMode, timeout: Duration) -> Result<()> 
             started.elapsed().as_secs_f64()
         );
     }
+    let shutdown_secs = if mode == RebootMode::Clean {
+        started.elapsed().as_secs_f64()
+    } else {
+        0.0
+    };
+    let reset = Instant::now();
     ctl.run(system_reset {}).await?;
     if mode == RebootMode::Clean {
         set_shutdown_action(&ctl, ShutdownAction::poweroff).await?;
         ctl.run(cont {}).await?;
     }
-    tail.wait_for("RESET", Duration::from_secs(30), |r| r.is("RESET"))
-        .await?;
+    tail.wait_for(names::RESET, Duration::from_secs(30), |r| {
+        r.is(names::RESET)
+    })
+    .await?;
     tracing::info!(
-        "{}: {:?} reboot done in {:.1}s",
+        "{}: {:?} reboot: reset after {:.1}s",
         vm.name,
         mode,
         started.elapsed().as_secs_f64()
     );
-    Ok(())
+    Ok(Halves {
+        shutdown_secs,
+        reset_secs: reset.elapsed().as_secs_f64(),
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,7 +115,7 @@ pub enum ShutdownOutcome {
 }
 
 /// Press the power button and wait for QEMU to exit; force it after `timeout`.
-pub async fn shutdown(vm: &Vm, timeout: Duration) -> Result<ShutdownOutcome> {
+pub(crate) async fn shutdown(vm: &Vm, timeout: Duration) -> Result<ShutdownOutcome> {
     let ctl = vm.ctl().await?;
     let mut tail = vm.tail();
     let qemu_pid = RunDir::read_pid(&vm.run.qemu_pid());

@@ -101,6 +101,12 @@ impl UpRequest {
                 for (what, p) in std::iter::once(("--kernel", kernel))
                     .chain(initrd.iter().map(|i| ("--initrd", i)))
                 {
+                    if !p.exists() {
+                        return Err(Error::not_found(
+                            format!("{what} {}", p.display()),
+                            format!("give {what} the path of an existing {}", &what[2..]),
+                        ));
+                    }
                     if !p.is_file() {
                         return Err(Error::input(
                             format!("{what} {} is not a file", p.display()),
@@ -119,39 +125,16 @@ impl UpRequest {
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct Provisioned {
-    pub vm: Vm,
-    pub ip: Option<Ipv4Addr>,
-}
-
-/// The network config saved by the last `Network::up`, else the default.
-pub fn saved_net_config(dirs: &Dirs) -> NetConfig {
-    let path = net::files::NetFiles::new(dirs).config();
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default()
-}
-
-/// Run `fut`, but fail fast when the VM's console shows a failure or QEMU exits; a timeout
-/// gets the console tail appended.
-pub async fn watched<T>(vm: &Vm, fut: impl Future<Output = Result<T>>) -> Result<T> {
+/// Run `fut`, but fail fast when the VM's console shows a failure or QEMU exits; a failure
+/// carries the console tail as evidence.
+pub(crate) async fn watched<T>(vm: &Vm, fut: impl Future<Output = Result<T>>) -> Result<T> {
     let r = tokio::select! {
         r = fut => r,
         e = events::first_failure(vm.tail()) => Err(e),
     };
-    r.map_err(|e| match e {
-        Error::Timeout { what, secs, detail } if detail.is_empty() => Error::timeout(
-            what,
-            secs,
-            format!(
-                "\n--- console tail ({}) ---\n{}",
-                vm.run.console_log().display(),
-                vm.console_tail(25)
-            ),
-        ),
-        other => other,
+    r.map_err(|e| match e.inner() {
+        Error::Timeout { .. } | Error::GuestFailure { .. } | Error::Qemu { .. } => vm.explain(e),
+        _ => e,
     })
 }
 
@@ -161,12 +144,17 @@ pub async fn watched<T>(vm: &Vm, fut: impl Future<Output = Result<T>>) -> Result
 /// boots, an Oops in nf_conntrack while Docker starts; a multi-threaded TCG race, not the
 /// guest's fault). Such a boot is retried once with a fresh VM, saying so, and the panicked
 /// console is kept under `<state>/panics/`.
-pub async fn up(dirs: &Dirs, req: &UpRequest, stages: &mut Stages) -> Result<Provisioned> {
+pub(crate) async fn up(dirs: &Dirs, req: &UpRequest, stages: &mut Stages) -> Result<Vm> {
     req.check(dirs)?;
     match up_once(dirs, req, stages).await {
-        Err(Error::GuestFailure { pattern, detail })
-            if req.accel == Accel::Tcg && pattern.contains("Kernel panic") =>
+        Err(e)
+            if req.accel == Accel::Tcg
+                && matches!(e.inner(), Error::GuestFailure { pattern, .. } if pattern.contains("Kernel panic")) =>
         {
+            let detail = match e.inner() {
+                Error::GuestFailure { detail, .. } => detail.clone(),
+                _ => String::new(),
+            };
             let name = spec::vm_name(&req.host)?;
             let vm = Vm::open(dirs, &name)?;
             let kept = dirs
@@ -186,7 +174,7 @@ pub async fn up(dirs: &Dirs, req: &UpRequest, stages: &mut Stages) -> Result<Pro
     }
 }
 
-async fn up_once(dirs: &Dirs, req: &UpRequest, stages: &mut Stages) -> Result<Provisioned> {
+async fn up_once(dirs: &Dirs, req: &UpRequest, stages: &mut Stages) -> Result<Vm> {
     let name = spec::vm_name(&req.host)?;
     if dirs.vm(&name).exists() {
         return Err(Error::AlreadyExists {
@@ -315,12 +303,12 @@ async fn up_once(dirs: &Dirs, req: &UpRequest, stages: &mut Stages) -> Result<Pr
             .await
             .map_err(kept)?;
     }
-    Ok(Provisioned { vm, ip })
+    Ok(vm)
 }
 
 /// Wait for `cloud-init status --wait`: exit 0 is done, 2 is done with recoverable errors
 /// (logged), anything else fails with cloud-init's own account.
-pub async fn cloud_init_done(conn: &ssh::Conn, timeout: Duration) -> Result<()> {
+pub(crate) async fn cloud_init_done(conn: &ssh::Conn, timeout: Duration) -> Result<()> {
     let out = ssh::run_retrying(conn, "cloud-init status --wait --long", timeout, timeout).await?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     match out.status.code() {
@@ -329,11 +317,11 @@ pub async fn cloud_init_done(conn: &ssh::Conn, timeout: Duration) -> Result<()> 
             tracing::warn!("cloud-init finished with recoverable errors:\n{text}");
             Ok(())
         }
-        _ => Err(Error::Command {
-            cmd: "cloud-init status --wait --long".into(),
-            status: out.status.to_string(),
-            stderr: format!("{text}{}", String::from_utf8_lossy(&out.stderr)),
-        }),
+        _ => Err(Error::command(
+            "cloud-init status --wait --long",
+            out.status.to_string(),
+            format!("{text}{}", String::from_utf8_lossy(&out.stderr)),
+        )),
     }
 }
 
@@ -354,8 +342,8 @@ fn write_seed(vm: &Vm, host: &str, vm_net: Option<&net::VmNet>) -> Result<PathBu
 }
 
 /// The VM's address on the isolated network (from its registration).
-pub fn vm_ip(dirs: &Dirs, vm: &Vm) -> Result<Ipv4Addr> {
-    let network = Network::attach(dirs, &saved_net_config(dirs));
+pub(crate) fn vm_ip(dirs: &Dirs, vm: &Vm) -> Result<Ipv4Addr> {
+    let network = Network::saved(dirs);
     network
         .vms()?
         .into_iter()
@@ -370,7 +358,7 @@ pub fn vm_ip(dirs: &Dirs, vm: &Vm) -> Result<Ipv4Addr> {
 }
 
 /// SSH to the VM as `ansible` with the run's key.
-pub fn ssh_conn(dirs: &Dirs, vm: &Vm) -> Result<ssh::Conn> {
+pub(crate) fn ssh_conn(dirs: &Dirs, vm: &Vm) -> Result<ssh::Conn> {
     if !vm.run.ssh_key().exists() {
         return Err(Error::not_found(
             format!("an SSH key for {}", vm.name),
@@ -384,21 +372,21 @@ pub fn ssh_conn(dirs: &Dirs, vm: &Vm) -> Result<ssh::Conn> {
 }
 
 /// Power on an existing VM (its network is brought back first if it has a NIC).
-pub async fn start(dirs: &Dirs, vm: &Vm, opts: &StartOptions) -> Result<()> {
+pub(crate) async fn start(dirs: &Dirs, vm: &Vm, opts: &StartOptions) -> Result<()> {
     if vm.spec()?.nic.is_some() {
-        Network::up(dirs, &saved_net_config(dirs)).await?;
+        Network::up(dirs, &Network::saved_config(dirs)).await?;
     }
     vm.start(opts).await
 }
 
 /// Destroy the VM and its network registration; take the network down when it was the last VM.
-pub async fn teardown(vm: Vm) -> Result<()> {
+pub(crate) async fn teardown(vm: Vm) -> Result<()> {
     let dirs = vm.dirs.clone();
     let name = vm.name.clone();
     let had_nic = vm.spec().map(|s| s.nic.is_some()).unwrap_or(false);
     vm.destroy().await?;
     if had_nic {
-        let network = Network::attach(&dirs, &saved_net_config(&dirs));
+        let network = Network::saved(&dirs);
         network.unregister_vm(&name)?;
         if network.vms()?.is_empty() {
             network.down().await?;

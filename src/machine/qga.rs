@@ -18,10 +18,17 @@ pub struct ExecOutput {
     pub stderr: String,
 }
 
+/// What to do when the agent does not answer.
+const NO_AGENT_FIX: &str = "the image needs qemu-guest-agent running (the built image has it; \
+     Debian's genericcloud image does not): use SSH or the console instead";
+
 async fn connect(sock: &Path) -> Result<(QapiService<Writer>, tokio::task::JoinHandle<()>)> {
-    let stream = QgaStreamTokio::open_uds(sock)
-        .await
-        .map_err(|e| Error::Qmp(format!("guest agent socket {}: {e}", sock.display())))?;
+    let stream = QgaStreamTokio::open_uds(sock).await.map_err(|e| {
+        Error::qmp(
+            format!("guest agent socket {}: {e}", sock.display()),
+            "the VM is not running, or was started without the agent channel",
+        )
+    })?;
     let (service, events) = stream.into_parts();
     let driver = events.spawn_tokio();
     // The agent answers nothing until a sync; a guest without a running agent never answers.
@@ -32,11 +39,15 @@ async fn connect(sock: &Path) -> Result<(QapiService<Writer>, tokio::task::JoinH
     .await;
     match sync {
         Ok(Ok(())) => Ok((service, driver)),
-        Ok(Err(e)) => Err(Error::Qmp(format!("guest agent sync failed: {e}"))),
+        Ok(Err(e)) => Err(Error::qmp(
+            format!("guest agent sync failed: {e}"),
+            NO_AGENT_FIX,
+        )),
         Err(_) => {
             driver.abort();
-            Err(Error::Qmp(
-                "the guest agent does not answer (not running in the guest?)".into(),
+            Err(Error::qmp(
+                "the guest agent does not answer (not running in the guest?)",
+                NO_AGENT_FIX,
             ))
         }
     }
@@ -55,13 +66,13 @@ pub async fn exec(sock: &Path, argv: &[&str], timeout: Duration) -> Result<ExecO
                 input_data: None,
             })
             .await
-            .map_err(|e| Error::Qmp(format!("guest-exec {argv:?}: {e}")))?;
+            .map_err(|e| Error::qmp(format!("guest-exec {argv:?}: {e}"), NO_AGENT_FIX))?;
         let deadline = Instant::now() + timeout;
         loop {
             let st = service
                 .execute(guest_exec_status { pid: started.pid })
                 .await
-                .map_err(|e| Error::Qmp(format!("guest-exec-status: {e}")))?;
+                .map_err(|e| Error::qmp(format!("guest-exec-status: {e}"), NO_AGENT_FIX))?;
             if st.exited {
                 let text = |d: Option<Vec<u8>>| {
                     String::from_utf8_lossy(&d.unwrap_or_default()).into_owned()

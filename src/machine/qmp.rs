@@ -38,17 +38,21 @@ pub async fn open(path: &Path, timeout: Duration) -> Result<(QapiService<Writer>
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Ok(Err(e)) => {
-                return Err(Error::Qmp(format!(
-                    "cannot connect to {}: {e}\n  fix: is the VM running? check `boma-qvm status`",
-                    path.display()
-                )));
+                return Err(Error::qmp(
+                    format!("cannot connect to {}: {e}", path.display()),
+                    "QEMU is not running behind it: `boma-qvm status` says why (a crash shows in \
+                     `boma-qvm console VM --log`); `boma-qvm start VM` powers it on",
+                ));
             }
             Err(_) => {
-                return Err(Error::Qmp(format!(
-                    "{} did not answer within {}s (another boma-qvm command may be connected, or QEMU is hung)\n  fix: retry; if it persists, `boma-qvm down` the VM",
-                    path.display(),
-                    timeout.as_secs()
-                )));
+                return Err(Error::qmp(
+                    format!(
+                        "{} did not answer within {}s (another boma-qvm command may be connected, or QEMU is hung)",
+                        path.display(),
+                        timeout.as_secs()
+                    ),
+                    "retry; if it persists, `boma-qvm down` the VM",
+                ));
             }
         }
     }
@@ -76,11 +80,17 @@ impl Qmp {
         let label = format!("{cmd:?}");
         match tokio::time::timeout(COMMAND_TIMEOUT, self.service.execute(cmd)).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(Error::Qmp(format!("{label} failed: {e}"))),
-            Err(_) => Err(Error::Qmp(format!(
-                "{label} got no answer within {}s\n  fix: QEMU may be hung; `boma-qvm down` the VM",
-                COMMAND_TIMEOUT.as_secs()
-            ))),
+            Ok(Err(e)) => Err(Error::qmp(
+                format!("{label} failed: {e}"),
+                "QEMU refused the command in the VM's current state: `boma-qvm status` shows it",
+            )),
+            Err(_) => Err(Error::qmp(
+                format!(
+                    "{label} got no answer within {}s",
+                    COMMAND_TIMEOUT.as_secs()
+                ),
+                "QEMU may be hung; `boma-qvm down` the VM",
+            )),
         }
     }
 }

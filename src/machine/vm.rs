@@ -269,33 +269,13 @@ impl Vm {
             .unwrap_or(0)
     }
 
-    /// Wait until `needle` has appeared `occurrences` times on the console. Fails fast when the
-    /// console watcher reports a guest failure or QEMU exits; on timeout the error carries the
-    /// console tail.
-    pub async fn wait_console(
-        &self,
-        needle: &str,
-        occurrences: usize,
-        timeout: Duration,
-    ) -> Result<()> {
-        let seen = async {
-            let deadline = std::time::Instant::now() + timeout;
-            while self.console_count(needle) < occurrences {
-                if std::time::Instant::now() >= deadline {
-                    return Err(Error::timeout(
-                        format!("`{needle}` x{occurrences} on {}'s console", self.name),
-                        timeout.as_secs(),
-                        format!("\n--- console tail ---\n{}", self.console_tail(20)),
-                    ));
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Ok(())
-        };
-        tokio::select! {
-            r = seen => r,
-            e = events::first_failure(self.tail()) => Err(e),
-        }
+    /// Attach the console tail to `e` as evidence (the one place that does): a wait that timed
+    /// out or a guest that failed is explained by what the guest printed last.
+    pub fn explain(&self, e: Error) -> Error {
+        e.with_evidence(
+            format!("console tail ({})", self.run.console_log().display()),
+            self.console_tail(25),
+        )
     }
 
     pub fn console_tail(&self, lines: usize) -> String {

@@ -31,6 +31,10 @@ impl NetFiles {
         self.dir.join("dnsmasq.pid")
     }
     /// dnsmasq's lease file (`wait_for_lease` reads it).
+    /// Present while IPv4 forwarding is on because we turned it on.
+    pub fn ip_forward_marker(&self) -> PathBuf {
+        self.dir.join("ip_forward.ours")
+    }
     pub fn leases(&self) -> PathBuf {
         self.dir.join("dnsmasq.leases")
     }

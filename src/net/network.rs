@@ -31,6 +31,19 @@ impl Network {
         }
     }
 
+    /// The network in `dirs` as its last `up` saved it (the default config when there is none).
+    pub fn saved(dirs: &Dirs) -> Network {
+        Network::attach(dirs, &Network::saved_config(dirs))
+    }
+
+    /// The config the last `up` in `dirs` saved, else the default.
+    pub fn saved_config(dirs: &Dirs) -> NetConfig {
+        std::fs::read_to_string(NetFiles::new(dirs).config())
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default()
+    }
+
     /// Build the network, or repair/reuse what exists (idempotent): bridge with the gateway
     /// address, IPv4 forwarding, our nft table, our dnsmasq (restarted if it died).
     pub async fn up(dirs: &Dirs, cfg: &NetConfig) -> Result<Network> {
@@ -54,7 +67,7 @@ impl Network {
             cfg.gateway(),
             cfg.subnet.prefix()
         );
-        sysctl::enable_ip_forward()?;
+        sysctl::enable_ip_forward(&files.ip_forward_marker())?;
 
         let vms = registry::load_all(files)?;
         let no_egress: Vec<Ipv4Addr> = vms.iter().filter(|v| !v.egress).map(|v| v.ip).collect();
@@ -110,6 +123,7 @@ impl Network {
         if bridge::delete(&rtnl, &self.cfg.bridge).await? {
             tracing::info!("deleted bridge {}", self.cfg.bridge);
         }
+        sysctl::restore_ip_forward(&self.files.ip_forward_marker())?;
         tracing::info!("network down in {:.2}s", start.elapsed().as_secs_f64());
         Ok(())
     }

@@ -68,6 +68,12 @@ pub async fn prune(dirs: &Dirs) -> Result<PruneReport> {
                 .push(format!("{} {}", if tap { "tap" } else { "bridge" }, l.name));
         }
     }
+    if files.ip_forward_marker().exists() {
+        super::sysctl::restore_ip_forward(&files.ip_forward_marker())?;
+        report
+            .removed
+            .push("IPv4 forwarding (was off before)".to_string());
+    }
     for path in [
         files.pid(),
         files.leases(),

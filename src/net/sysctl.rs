@@ -2,6 +2,7 @@
 
 use crate::Result;
 use crate::error::IoContext;
+use std::path::Path;
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
@@ -10,19 +11,32 @@ pub fn ip_forward_on() -> bool {
     std::fs::read_to_string(IP_FORWARD).is_ok_and(|s| s.trim() == "1")
 }
 
-/// Turn on IPv4 forwarding (the VMs' NAT needs it) and say so. Never turned off again: other
-/// things on the host (Docker, ...) may rely on it too.
-pub fn enable_ip_forward() -> Result<()> {
+/// Turn on IPv4 forwarding (the VMs' NAT needs it) and say so. When it was off, `marker` is
+/// written: forwarding was ours, and `restore_ip_forward` turns it off again at teardown. When
+/// it was on already (Docker, a router), it is not ours and stays on.
+pub fn enable_ip_forward(marker: &Path) -> Result<()> {
     let now = std::fs::read_to_string(IP_FORWARD).ctx(|| format!("reading {IP_FORWARD}"))?;
     if now.trim() == "1" {
         tracing::info!("IPv4 forwarding (net.ipv4.ip_forward) already on");
     } else {
+        std::fs::write(marker, "0\n").ctx(|| format!("writing {}", marker.display()))?;
         std::fs::write(IP_FORWARD, "1")
             .ctx(|| format!("writing 1 to {IP_FORWARD} (run as root)"))?;
         tracing::info!(
-            "enabled IPv4 forwarding (net.ipv4.ip_forward=1) for the VMs' NAT; boma-qvm leaves it on"
+            "enabled IPv4 forwarding (net.ipv4.ip_forward=1) for the VMs' NAT; it goes off again with the network"
         );
     }
+    Ok(())
+}
+
+/// Put forwarding back to 0 if `enable_ip_forward` turned it on (its marker says so).
+pub fn restore_ip_forward(marker: &Path) -> Result<()> {
+    if !marker.exists() {
+        return Ok(());
+    }
+    std::fs::write(IP_FORWARD, "0").ctx(|| format!("writing 0 to {IP_FORWARD}"))?;
+    std::fs::remove_file(marker).ctx(|| format!("removing {}", marker.display()))?;
+    tracing::info!("turned IPv4 forwarding off again (boma-qvm had turned it on)");
     Ok(())
 }
 

@@ -67,6 +67,7 @@ pub fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String> 
     let out = output(program, args, stdin)?;
     if !out.status.success() {
         return Err(Error::Command {
+            fix: crate::error::COMMAND_FIX.into(),
             cmd: format!("{program} {}", args.join(" ")),
             status: out.status.to_string(),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),

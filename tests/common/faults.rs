@@ -5,10 +5,8 @@
 #![allow(dead_code)]
 
 use super::{BOOT, Env, READY, start_options, test_guest};
-use boma_qvm::fault::Target;
 use boma_qvm::machine::accel::Accel;
-use boma_qvm::machine::provision::{OsSource, UpRequest};
-use boma_qvm::machine::vm::Vm;
+use boma_qvm::machine::{Machine, OsSource, UpRequest};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,31 +21,35 @@ pub struct OneVm(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);
 pub fn one_vm_at_a_time() -> OneVm {
     let dir = boma_qvm::paths::Dirs::from_env().cache;
     std::fs::create_dir_all(&dir).unwrap();
-    let f = std::fs::File::create(dir.join("fault-tests.lock")).unwrap();
-    OneVm(nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).unwrap())
+    // A fault test takes a minute or two; nextest kills any test after 15.
+    OneVm(super::lock_or_panic(
+        &dir.join("fault-tests.lock"),
+        Duration::from_secs(600),
+    ))
 }
 
-/// Create a test guest with a fresh qcow2 disk of `mib` MiB (its /dev/vda), start it, wait for
-/// READY, and attach a `Target` (its cursors start after READY).
-pub async fn boot_with_disk(env: &Env, host: &str, append: &str, mib: u64) -> Target {
+/// Create a test guest with a fresh qcow2 disk of `mib` MiB (its /dev/vda), start it and wait
+/// for READY (the cursors are past it).
+pub async fn boot_with_disk(env: &Env, host: &str, append: &str, mib: u64) -> Machine {
     let mut spec = env.guest_spec(host, append);
-    let vm = Vm::create(&env.dirs, &spec).unwrap();
-    let disk = vm.run.overlay();
+    // The run directory's overlay path, so the disk goes when the VM does.
+    let disk = boma_qvm::machine::rundir::RunDir::new(env.dirs.vm(&spec.name)).overlay();
+    spec.disk = Some(disk.clone());
+    let m = Machine::create(&env.dirs, &spec)
+        .unwrap()
+        .with_start_options(start_options());
     super::netns::sh_ok(&format!(
         "qemu-img create -q -f qcow2 {} {mib}M",
         disk.display()
     ));
-    spec.disk = Some(disk);
-    vm.run.write_spec(&spec).unwrap();
-    vm.start(&start_options()).await.unwrap();
-    vm.wait_console(READY, 1, T).await.unwrap();
-    Target::attach(&env.dirs, vm).with_start_options(start_options())
+    m.start().await.unwrap();
+    m.expect_console(READY, T).await.unwrap();
+    m
 }
 
-/// Boot a test guest without a disk and attach a Target to it.
-pub async fn boot(env: &Env, host: &str, append: &str) -> Target {
-    let vm = env.boot(host, append).await;
-    Target::attach(&env.dirs, vm).with_start_options(start_options())
+/// Boot a test guest without a disk.
+pub async fn boot(env: &Env, host: &str, append: &str) -> Machine {
+    env.boot(host, append).await
 }
 
 /// A kernel-boot test guest on the isolated network (`boma.net=1` plus `append`), 1 vCPU,
@@ -71,8 +73,8 @@ pub fn net_guest_request(host: &str, append: &str, cfg: &boma_qvm::net::NetConfi
 }
 
 /// How often the guest has booted (its BOOT marker on the console).
-pub fn boots(t: &Target) -> usize {
-    t.vm.console_count(BOOT)
+pub fn boots(t: &Machine) -> usize {
+    t.console_count(BOOT)
 }
 
 /// Run `cmd` in the test guest through its command service on TCP 7000: connect (bounded by
@@ -98,8 +100,8 @@ pub async fn guest_cmd(ip: Ipv4Addr, cmd: &str, timeout: Duration) -> Result<Str
 }
 
 /// Names of the events (QMP's and ours), FAULT records as `FAULT:<kind>`.
-pub fn timeline(t: &Target) -> Vec<String> {
-    t.vm.events()
+pub fn timeline(t: &Machine) -> Vec<String> {
+    t.events()
         .unwrap()
         .into_iter()
         .map(|r| match r.data["kind"].as_str() {

@@ -11,7 +11,7 @@ pub mod world;
 
 use boma_qvm::machine::accel::Accel;
 use boma_qvm::machine::spec::{Boot, VmSpec};
-use boma_qvm::machine::vm::{StartOptions, Vm};
+use boma_qvm::machine::{Machine, StartOptions};
 use boma_qvm::paths::Dirs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -29,8 +29,7 @@ pub fn test_guest() -> (PathBuf, PathBuf) {
         .cache
         .join(format!("testguest-{}", sources_hash(&guest)));
     std::fs::create_dir_all(&out).unwrap();
-    let lock = std::fs::File::create(out.with_extension("lock")).unwrap();
-    let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).unwrap();
+    let _held = lock_or_panic(&out.with_extension("lock"), Duration::from_secs(600));
     let script = guest.join("build.sh");
     let st = Command::new(&script)
         .arg(&out)
@@ -38,6 +37,30 @@ pub fn test_guest() -> (PathBuf, PathBuf) {
         .expect("run tests/guest/build.sh");
     assert!(st.success(), "building the test guest failed: {st}");
     (out.join("vmlinuz"), out.join("initrd.img"))
+}
+
+/// An exclusive flock on `path`, or a panic saying who waited how long for what.
+pub fn lock_or_panic(path: &Path, wait: Duration) -> nix::fcntl::Flock<std::fs::File> {
+    use nix::fcntl::{Flock, FlockArg};
+    let deadline = std::time::Instant::now() + wait;
+    let mut file = std::fs::File::create(path).unwrap();
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => return l,
+            Err((f, nix::errno::Errno::EWOULDBLOCK)) if std::time::Instant::now() < deadline => {
+                file = f;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err((_, e)) => {
+                let path = path.display();
+                panic!(
+                    "waited {}s for the lock {path} ({e}): another test process holds it; \
+                     `fuser {path}` shows which",
+                    wait.as_secs()
+                )
+            }
+        }
+    }
 }
 
 /// The first 12 hex digits of a SHA-256 over build.sh and the rootfs files (sorted by name).
@@ -102,14 +125,21 @@ impl Env {
         spec
     }
 
-    /// Create and start a test guest, and wait for its READY marker.
-    pub async fn boot(&self, host: &str, extra_append: &str) -> Vm {
-        let vm = Vm::create(&self.dirs, &self.guest_spec(host, extra_append)).unwrap();
-        vm.start(&start_options()).await.unwrap();
-        vm.wait_console(READY, 1, Duration::from_secs(120))
+    /// Create and start a test guest and wait for its READY marker; the cursors are past it.
+    pub async fn boot(&self, host: &str, extra_append: &str) -> Machine {
+        self.boot_spec(self.guest_spec(host, extra_append)).await
+    }
+
+    /// Create and start a VM from `spec` and wait for the test guest's READY marker.
+    pub async fn boot_spec(&self, spec: VmSpec) -> Machine {
+        let m = Machine::create(&self.dirs, &spec)
+            .unwrap()
+            .with_start_options(start_options());
+        m.start().await.unwrap();
+        m.expect_console(READY, Duration::from_secs(120))
             .await
             .unwrap();
-        vm
+        m
     }
 }
 
@@ -144,6 +174,6 @@ pub fn qemus_under(dir: &Path) -> Vec<i32> {
     })
 }
 
-pub fn event_names(vm: &Vm) -> Vec<String> {
+pub fn event_names(vm: &Machine) -> Vec<String> {
     vm.events().unwrap().into_iter().map(|r| r.event).collect()
 }

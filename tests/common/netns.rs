@@ -139,6 +139,35 @@ impl Netns {
         })
     }
 
+    /// What boma-qvm left in this namespace for the state dir `state`: links with our names
+    /// (bridge, taps), our nft table, and processes whose argv mentions `state` (dnsmasq runs
+    /// as `dnsmasq --conf-file=<state>/net/dnsmasq.conf`, QEMU and the supervisor under
+    /// `<state>/vms/`). Empty when nothing is left.
+    pub fn leftovers(&self, state: &std::path::Path) -> String {
+        let mut left = Vec::new();
+        let links = self.exec_ok("ip -o link show");
+        left.extend(
+            links
+                .lines()
+                .filter(|l| l.contains("boma-qvm") || l.contains(": bq-"))
+                .map(str::to_string),
+        );
+        let tables = self.exec_ok("nft list tables");
+        left.extend(
+            tables
+                .lines()
+                .filter(|l| l.contains("boma_qvm"))
+                .map(str::to_string),
+        );
+        for pid in self.pids() {
+            let argv = boma_qvm::machine::procs::cmdline(pid);
+            if boma_qvm::machine::procs::mentions(&argv, state) {
+                left.push(format!("pid {pid}: {}", argv.join(" ")));
+            }
+        }
+        left.join("\n")
+    }
+
     /// Pids of the processes in this namespace.
     pub fn pids(&self) -> Vec<i32> {
         let out = sh(&format!("ip netns pids {}", self.name));

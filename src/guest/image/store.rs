@@ -37,7 +37,10 @@ pub struct Lock {
 }
 
 /// Take the image-cache lock, waiting (and saying so) if another boma-qvm holds it. Stale staging
-/// directories left by a killed process are removed once the lock is held.
+/// directories left by a killed process are removed once the lock is held. Waits at most
+/// `LOCK_WAIT` for another holder (an image build takes a few minutes).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(20 * 60);
+
 pub async fn lock(dirs: &Dirs) -> Result<Lock> {
     let images = dirs.images();
     std::fs::create_dir_all(&images).ctx(|| format!("creating {}", show(&images)))?;
@@ -48,19 +51,37 @@ pub async fn lock(dirs: &Dirs) -> Result<Lock> {
         .write(true)
         .open(&path)
         .ctx(|| format!("opening {}", show(&path)))?;
-    let flock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(f) => f,
-        Err((file, Errno::EWOULDBLOCK)) => {
-            tracing::info!(
-                "another boma-qvm image operation holds {}; waiting",
-                show(&path)
-            );
-            tokio::task::spawn_blocking(move || Flock::lock(file, FlockArg::LockExclusive))
-                .await
-                .map_err(|e| Error::image(format!("lock task failed: {e}"), "retry"))?
-                .map_err(|(_, e)| lock_err(&path, e))?
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let mut file = file;
+    let mut said = false;
+    let flock = loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(f) => break f,
+            Err((f, Errno::EWOULDBLOCK)) if std::time::Instant::now() < deadline => {
+                if !said {
+                    tracing::info!(
+                        "another boma-qvm image operation holds {}; waiting (up to {} min)",
+                        show(&path),
+                        LOCK_WAIT.as_secs() / 60
+                    );
+                    said = true;
+                }
+                file = f;
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err((_, Errno::EWOULDBLOCK)) => {
+                return Err(Error::image(
+                    format!(
+                        "another image operation held {} for {} min",
+                        show(&path),
+                        LOCK_WAIT.as_secs() / 60
+                    ),
+                    "see whether a `boma-qvm image build` or `pull` is still running \
+                     (`pgrep -a boma-qvm`); the lock frees itself when its holder exits",
+                ));
+            }
+            Err((_, e)) => return Err(lock_err(&path, e)),
         }
-        Err((_, e)) => return Err(lock_err(&path, e)),
     };
     clean_stale(&images);
     Ok(Lock { _flock: flock })

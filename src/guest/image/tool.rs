@@ -35,11 +35,7 @@ fn check(cmd: String, out: Output) -> Result<Output> {
     if stderr.is_empty() {
         stderr = tail(&out.stdout, 2000);
     }
-    Err(Error::Command {
-        cmd,
-        status: out.status.to_string(),
-        stderr,
-    })
+    Err(Error::command(cmd, out.status.to_string(), stderr))
 }
 
 /// Run a short tool to completion (blocking); a non-zero exit becomes `Error::Command`.

@@ -2,14 +2,14 @@
 //! (`wait_for_event`) and one into its console log (`expect_console`). Each wait sees what came
 //! after the previous one and moves the cursor past what it found.
 
-use super::Target;
+use super::Machine;
+use super::vm::Vm;
 use crate::machine::events::{self, Record};
-use crate::machine::vm::Vm;
 use crate::{Error, Result};
 use std::io::{Read, Seek, SeekFrom};
 use std::time::{Duration, Instant};
 
-impl Target {
+impl Machine {
     /// Wait for the next `event` record (QMP's names: RESET, STOP, BLOCK_IO_ERROR, ...; ours:
     /// QEMU_EXITED, FAULT, ...) after the cursor, and move the cursor past it. Fails fast when
     /// the console shows a guest failure or QEMU exits (unless that is what is awaited).
@@ -28,6 +28,13 @@ impl Target {
         tail.wait_for(what, timeout, pred)
             .await
             .map_err(|e| self.with_console(e))
+    }
+
+    /// Move both cursors back to the VM's first event and console byte (a VM attached after
+    /// its boot, whose READY line is already printed).
+    pub async fn rewind(&self) {
+        *self.events.lock().await = self.vm.tail_from_start();
+        *self.console.lock().expect("console cursor") = 0;
     }
 
     /// Move the event cursor to now: later waits see only later events.
@@ -86,20 +93,13 @@ impl Target {
         String::from_utf8_lossy(&read_from(&self.vm, from)).into_owned()
     }
 
-    /// A timeout gets the console tail appended.
+    /// A wait that failed carries the console tail.
     fn with_console(&self, e: Error) -> Error {
-        match e {
-            Error::Timeout { what, secs, detail } if detail.is_empty() => Error::timeout(
-                what,
-                secs,
-                format!("\n--- console tail ---\n{}", self.vm.console_tail(20)),
-            ),
-            other => other,
-        }
+        self.vm.explain(e)
     }
 }
 
-pub(super) fn console_len(vm: &Vm) -> u64 {
+pub(crate) fn console_len(vm: &Vm) -> u64 {
     std::fs::metadata(vm.run.console_log())
         .map(|m| m.len())
         .unwrap_or(0)
