@@ -169,7 +169,8 @@ mod tests {
                 .unwrap()
                 .success()
         };
-        if !(sh("test -e /dev/kvm") && !sh("grep -qwE 'vmx|svm' /proc/cpuinfo")) {
+        let pvm_host = sh("test -e /dev/kvm") && !sh("grep -qwE 'vmx|svm' /proc/cpuinfo");
+        if !pvm_host {
             eprintln!("skipped: this host is not a PVM host (no /dev/kvm, or the CPU has vmx/svm)");
             return;
         }
