@@ -14,8 +14,8 @@ use boma_qvm::guest::image::{self, ImageChoice};
 use boma_qvm::machine::Machine;
 use boma_qvm::machine::events::names;
 use boma_qvm::stage::StageRecord;
-use common::Env;
 use common::netns::Netns;
+use common::{Env, Run};
 use std::path::{Path, PathBuf};
 
 fn make(ns: &Netns, env: &Env, runs: &Path, knobs: &str) -> std::process::Output {
@@ -27,24 +27,6 @@ fn make(ns: &Netns, env: &Env, runs: &Path, knobs: &str) -> std::process::Output
         runs.display(),
         env!("CARGO_BIN_EXE_boma-qvm"),
     ))
-}
-
-fn cli(ns: &Netns, env: &Env, args: &str) -> std::process::Output {
-    ns.exec(&format!(
-        "BOMA_QVM_STATE_DIR={} BOMA_QVM_CACHE_DIR={} {} {args}",
-        env.dirs.state.display(),
-        env.dirs.cache.display(),
-        env!("CARGO_BIN_EXE_boma-qvm")
-    ))
-}
-
-/// A command's stdout and stderr, for assertion messages.
-fn output_text(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn only_run_dir(runs: &Path) -> PathBuf {
@@ -85,7 +67,7 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
     // 1. Red: today's base role, no container-forward drop-in.
     let red_runs = env.tmp.path().join("runs-red");
     let out = make(&ns, &env, &red_runs, "SNAPSHOT=1");
-    let text = output_text(&out);
+    let text = common::text(&out);
     assert_eq!(
         out.status.code(),
         Some(2),
@@ -159,8 +141,8 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
         .iter()
         .filter(|r| r.is(names::RESET))
         .count();
-    let o = cli(&ns, &env, "reset askari");
-    let text = output_text(&o);
+    let o = env.cli_in(&ns).run(&["reset", "askari"]);
+    let text = common::text(&o);
     assert_eq!(
         o.status.code(),
         Some(14),
@@ -190,7 +172,7 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
     // 2. Green: the same cycle with the docker_host container-forward drop-in.
     let green_runs = env.tmp.path().join("runs-green");
     let out = make(&ns, &env, &green_runs, "FIX=1");
-    let text = output_text(&out);
+    let text = common::text(&out);
     assert!(
         out.status.success(),
         "the fixed state must pass across the reboot:\n{text}"

@@ -31,18 +31,6 @@ fn guest_args(host: &str) -> Vec<String> {
     .collect()
 }
 
-fn run(env: &Env, args: &[&str]) -> Output {
-    env.cli().args(args).output().unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 fn up(env: &Env, host: &str) -> Output {
     env.cli().args(guest_args(host)).output().unwrap()
 }
@@ -94,31 +82,31 @@ async fn up_console_reboot_shutdown_down_from_the_shell() {
     let seen = String::from_utf8_lossy(&out.stdout);
     assert!(seen.contains("42-from-guest"), "console output: {seen}");
     assert!(out.status.success());
-    let log = run(&env, &["console", "sh1", "--log"]);
+    let log = env.cli().run(&["console", "sh1", "--log"]);
     assert!(
         String::from_utf8_lossy(&log.stdout).contains("42-from-guest"),
         "captured while attached"
     );
 
-    let o = run(&env, &["reboot", "sh1"]);
+    let o = env.cli().run(&["reboot", "sh1"]);
     assert!(o.status.success(), "{}", text(&o));
     m.expect_console(READY, Duration::from_secs(120))
         .await
         .unwrap();
-    let o = run(&env, &["reboot", "--hard", "sh1"]);
+    let o = env.cli().run(&["reboot", "--hard", "sh1"]);
     assert!(o.status.success(), "{}", text(&o));
     m.expect_console(READY, Duration::from_secs(120))
         .await
         .unwrap();
-    let o = run(&env, &["shutdown", "sh1"]);
+    let o = env.cli().run(&["shutdown", "sh1"]);
     assert!(
         o.status.success() && text(&o).contains("shut down cleanly"),
         "{}",
         text(&o)
     );
-    let o = run(&env, &["status", "sh1"]);
+    let o = env.cli().run(&["status", "sh1"]);
     assert!(text(&o).contains(" off "), "{}", text(&o));
-    let o = run(&env, &["down", "sh1"]);
+    let o = env.cli().run(&["down", "sh1"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(!env.dirs.vm("boma-it-sh1").exists());
     assert!(qemus_under(&env.dirs.state).is_empty());
@@ -146,7 +134,7 @@ async fn prune_reaps_a_vm_whose_cli_was_killed_mid_up() {
         !qemus_under(&env.dirs.state).is_empty(),
         "QEMU outlived the killed CLI"
     );
-    let o = run(&env, &["prune"]);
+    let o = env.cli().run(&["prune"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(qemus_under(&env.dirs.state).is_empty(), "no QEMU left");
     assert!(
@@ -198,13 +186,12 @@ fn kvm_is_refused_where_it_is_not_usable() {
 async fn clear_errors_with_distinct_exit_codes() {
     let env = Env::new();
     // A missing kernel.
-    let o = run(
-        &env,
-        &["up", "nok", "--kernel", "/nonexistent/vmlinuz", "--no-net"],
-    );
+    let o = env
+        .cli()
+        .run(&["up", "nok", "--kernel", "/nonexistent/vmlinuz", "--no-net"]);
     assert_eq!(o.status.code(), Some(4), "{}", text(&o));
     // An unknown VM.
-    let o = run(&env, &["reboot", "ghost"]);
+    let o = env.cli().run(&["reboot", "ghost"]);
     assert_eq!(o.status.code(), Some(4), "{}", text(&o));
     assert!(text(&o).contains("boma-qvm list"));
     // No QEMU on PATH.
@@ -235,13 +222,13 @@ async fn clear_errors_with_distinct_exit_codes() {
     let _holder =
         std::os::unix::net::UnixStream::connect(env.dirs.vm("boma-it-one").join("ctl.sock"))
             .unwrap();
-    let o = run(&env, &["reboot", "--hard", "one"]);
+    let o = env.cli().run(&["reboot", "--hard", "one"]);
     assert_eq!(o.status.code(), Some(8), "{}", text(&o));
     assert!(text(&o).contains("did not answer"), "{}", text(&o));
     drop(_holder);
     // A stopped VM.
-    assert!(run(&env, &["shutdown", "one"]).status.success());
-    let o = run(&env, &["reboot", "one"]);
+    assert!(env.cli().run(&["shutdown", "one"]).status.success());
+    let o = env.cli().run(&["reboot", "one"]);
     assert_eq!(o.status.code(), Some(7), "{}", text(&o));
     assert!(
         text(&o).contains("not running") && text(&o).contains("boma-qvm start"),

@@ -14,8 +14,7 @@ use boma_qvm::machine::Machine;
 use boma_qvm::machine::events::names;
 use common::faults::*;
 use common::netns::Netns;
-use common::{Env, start_options};
-use std::process::Output;
+use common::{Env, Run, start_options};
 use std::time::{Duration, Instant};
 
 /// One SSH command.
@@ -47,33 +46,6 @@ fn sha256(path: &std::path::Path) -> String {
     boma_qvm::guest::image::tool::sha256_file(path).unwrap()
 }
 
-struct Cli<'a> {
-    ns: &'a Netns,
-    env: &'a Env,
-}
-
-impl Cli<'_> {
-    fn run(&self, args: &str) -> Output {
-        self.ns.exec(&format!(
-            "BOMA_QVM_STATE_DIR={} BOMA_QVM_CACHE_DIR={} {} {args}",
-            self.env.dirs.state.display(),
-            self.env.dirs.cache.display(),
-            env!("CARGO_BIN_EXE_boma-qvm")
-        ))
-    }
-
-    fn ok(&self, args: &str) -> String {
-        let o = self.run(args);
-        let out = format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        assert!(o.status.success(), "`boma-qvm {args}` failed:\n{out}");
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-}
-
 #[tokio::test]
 async fn debian_guest_boots_to_ssh_survives_faults_and_leaves_the_golden_image_untouched() {
     let _one = one_vm_at_a_time();
@@ -83,29 +55,44 @@ async fn debian_guest_boots_to_ssh_survives_faults_and_leaves_the_golden_image_u
         .expect("golden image (built offline if missing)");
     let before = sha256(&golden.disk);
     let ns = Netns::new("deb");
-    let cli = Cli { ns: &ns, env: &env };
 
-    let up = cli.ok("up e2e --memory 2048 --dns-name askari.wingu.me");
+    let up = env.cli_in(&ns).ok(&[
+        "up",
+        "e2e",
+        "--memory",
+        "2048",
+        "--dns-name",
+        "askari.wingu.me",
+    ]);
     assert!(up.contains("boma-it-e2e is up at 192.168.231."), "{up}");
 
-    let status = cli.ok("ssh e2e -- cloud-init status --wait");
+    let status = env
+        .cli_in(&ns)
+        .ok(&["ssh", "e2e", "--", "cloud-init", "status", "--wait"]);
     assert!(status.contains("status: done"), "{status}");
     assert_eq!(
-        cli.ok("ssh e2e -- systemctl is-active docker").trim(),
+        env.cli_in(&ns)
+            .ok(&["ssh", "e2e", "--", "systemctl", "is-active", "docker"])
+            .trim(),
         "active"
     );
     assert_eq!(
-        cli.ok("ssh e2e -- id -un").trim(),
+        env.cli_in(&ns)
+            .ok(&["ssh", "e2e", "--", "id", "-un"])
+            .trim(),
         "ansible",
         "logged in with the run's key as ansible"
     );
     assert!(
-        cli.ok("ssh e2e -- sudo -n nft list ruleset")
+        env.cli_in(&ns)
+            .ok(&["ssh", "e2e", "--", "sudo", "-n", "nft", "list", "ruleset"])
             .contains("table"),
         "passwordless sudo works"
     );
-    let resolved = cli.ok("ssh e2e -- getent hosts askari.wingu.me");
-    let ip = cli.ok("ssh e2e -- hostname -I");
+    let resolved = env
+        .cli_in(&ns)
+        .ok(&["ssh", "e2e", "--", "getent", "hosts", "askari.wingu.me"]);
+    let ip = env.cli_in(&ns).ok(&["ssh", "e2e", "--", "hostname", "-I"]);
     assert!(
         resolved
             .split_whitespace()
@@ -114,7 +101,9 @@ async fn debian_guest_boots_to_ssh_survives_faults_and_leaves_the_golden_image_u
         "{resolved} vs {ip}"
     );
 
-    let boot_id = cli.ok("ssh e2e -- cat /proc/sys/kernel/random/boot_id");
+    let boot_id =
+        env.cli_in(&ns)
+            .ok(&["ssh", "e2e", "--", "cat", "/proc/sys/kernel/random/boot_id"]);
     let vm = Machine::attach(&env.dirs, "e2e")
         .unwrap()
         .with_start_options(start_options());
@@ -211,7 +200,7 @@ async fn debian_guest_boots_to_ssh_survives_faults_and_leaves_the_golden_image_u
 
     });
 
-    cli.ok("down e2e");
+    env.cli_in(&ns).ok(&["down", "e2e"]);
     let left = ns.leftovers(&env.dirs.state);
     assert!(left.is_empty(), "left behind:\n{left}");
     assert_eq!(

@@ -4,23 +4,13 @@ mod common;
 
 use common::faults::*;
 use common::*;
-use std::process::Output;
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {}\nstdout: {}\nstderr: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 #[tokio::test]
 async fn fault_freeze_and_thaw_from_the_shell_and_a_clear_refusal_on_a_stopped_vm() {
     let _one = one_vm_at_a_time();
     let env = Env::new();
     let vm = boot(&env, "clif", "boma.tick=1").await;
-    let fault = |what: &str| env.cli().args(["fault", "clif", what]).output().unwrap();
+    let fault = |what: &str| env.cli().run(&["fault", "clif", what]);
 
     let o = fault("freeze");
     assert!(o.status.success(), "{}", text(&o));

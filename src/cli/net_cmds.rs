@@ -69,7 +69,7 @@ pub async fn doctor(dirs: &Dirs, _a: DoctorArgs) -> Result<()> {
     }
     let avail = boma_qvm::machine::guard::mem_available_mib()?;
     let need = boma_qvm::machine::guard::threshold_mib(
-        3072,
+        boma_qvm::machine::spec::DEFAULT_MEMORY_MIB as u64,
         std::env::var("BOMA_QVM_MIN_FREE_MIB")
             .ok()
             .and_then(|v| v.parse().ok()),

@@ -5,7 +5,7 @@
 use super::{Fault, refused};
 use crate::Result;
 use crate::machine::Machine;
-use crate::machine::events::Record;
+use crate::machine::events::{Record, names};
 use crate::machine::power::{self, RebootMode};
 use crate::machine::qemu::argv::NETDEV_ID;
 use crate::machine::qmp::Qmp;
@@ -135,7 +135,8 @@ impl Machine {
         let mut tail = self.vm.tail();
         self.injecting(f, "stop: vCPUs halted".into(), json!({}), async {
             ctl.run(stop {}).await?;
-            tail.wait_for("STOP", EVENT_TIMEOUT, |r| r.is("STOP")).await
+            tail.wait_for(names::STOP, EVENT_TIMEOUT, |r| r.is(names::STOP))
+                .await
         })
         .await
     }
@@ -169,7 +170,7 @@ impl Machine {
         let mut tail = self.vm.tail();
         self.injecting(f, "cont: vCPUs run again".into(), json!({}), async {
             ctl.run(cont {}).await?;
-            tail.wait_for("RESUME", EVENT_TIMEOUT, |r| r.is("RESUME"))
+            tail.wait_for(names::RESUME, EVENT_TIMEOUT, |r| r.is(names::RESUME))
                 .await
         })
         .await

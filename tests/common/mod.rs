@@ -39,6 +39,40 @@ pub fn test_guest() -> (PathBuf, PathBuf) {
     (out.join("vmlinuz"), out.join("initrd.img"))
 }
 
+/// Running the CLI: `env.cli().run(&["status"])`, or `.ok(..)` when it must succeed.
+pub trait Run {
+    fn run(&mut self, args: &[&str]) -> std::process::Output;
+    /// Its stdout; panics with both streams when it fails.
+    fn ok(&mut self, args: &[&str]) -> String;
+}
+
+impl Run for Command {
+    fn run(&mut self, args: &[&str]) -> std::process::Output {
+        self.args(args).output().expect("run boma-qvm")
+    }
+
+    fn ok(&mut self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "`boma-qvm {}` failed:\n{}",
+            args.join(" "),
+            text(&o)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+}
+
+/// A finished command's status, stdout and stderr, for assertion messages.
+pub fn text(o: &std::process::Output) -> String {
+    format!(
+        "status {}\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
 /// An exclusive flock on `path`, or a panic saying who waited how long for what.
 pub fn lock_or_panic(path: &Path, wait: Duration) -> nix::fcntl::Flock<std::fs::File> {
     use nix::fcntl::{Flock, FlockArg};
@@ -99,12 +133,25 @@ impl Env {
         Env { tmp, dirs }
     }
 
-    /// The CLI, pointed at this env's state dir.
+    /// The CLI, pointed at this env's state and cache dirs: the one way tests run it.
     pub fn cli(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_boma-qvm"));
-        c.env("BOMA_QVM_STATE_DIR", &self.dirs.state)
-            .env("BOMA_QVM_CACHE_DIR", &self.dirs.cache);
+        self.point(&mut c);
         c
+    }
+
+    /// The CLI inside network namespace `ns` (`ip netns exec`), pointed like `cli`.
+    pub fn cli_in(&self, ns: &netns::Netns) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &ns.name, env!("CARGO_BIN_EXE_boma-qvm")]);
+        self.point(&mut c);
+        c
+    }
+
+    fn point(&self, c: &mut Command) {
+        c.env("BOMA_QVM_STATE_DIR", &self.dirs.state)
+            .env("BOMA_QVM_CACHE_DIR", &self.dirs.cache)
+            .env("BOMA_QVM_RUNS_DIR", self.tmp.path().join("runs"));
     }
 
     /// A test-guest VM spec: 1 vCPU is plenty for busybox and leaves the other core to the host.
