@@ -115,18 +115,16 @@ impl NetArgs {
     }
 }
 
-/// Resolve the accelerator, printing the one-line fallback warning.
-pub fn resolve_accel(m: &MachineArgs) -> Result<boma_qvm::accel::Accel> {
-    let (accel, warning) = accel::resolve(m.accel, &KvmProbe::read(), m.force_accel)?;
-    if let Some(w) = warning {
-        eprintln!("{w}");
-    }
-    Ok(accel)
+/// Resolve the accelerator, and the one-line fallback warning for the caller to print once the
+/// rest of the input is known to be good.
+pub fn resolve_accel(m: &MachineArgs) -> Result<(boma_qvm::accel::Accel, Option<String>)> {
+    accel::resolve(m.accel, &KvmProbe::read(), m.force_accel)
 }
 
 /// An `UpRequest` from the shared flags.
 pub fn request(host: &str, os: OsSource, m: &MachineArgs, n: &NetArgs) -> Result<UpRequest> {
-    let mut req = UpRequest::new(host, os, resolve_accel(m)?);
+    let (accel, accel_warning) = resolve_accel(m)?;
+    let mut req = UpRequest::new(host, os, accel);
     req.cpus = m.cpus;
     req.memory_mib = m.memory;
     req.disk_gib = m.disk_gib;
@@ -136,6 +134,10 @@ pub fn request(host: &str, os: OsSource, m: &MachineArgs, n: &NetArgs) -> Result
     req.net = n.config()?;
     req.egress = !n.no_egress;
     req.dns_names = n.dns_names.clone();
+    // Only now, with every flag checked: a warning before a refusal is noise.
+    if let Some(w) = accel_warning {
+        eprintln!("{w}");
+    }
     Ok(req)
 }
 
