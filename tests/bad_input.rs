@@ -115,3 +115,60 @@ fn the_kvm_warning_comes_only_once_the_flags_are_good() {
     );
     assert!(!t.dirs().vm("boma-it-w").exists());
 }
+
+/// Entries of the image cache other than its lock: nothing half-made may be left.
+fn cache_junk(t: &Tmp) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(t.dirs().images()) else {
+        return vec![];
+    };
+    let mut v: Vec<String> = rd
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != ".lock")
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn import_of_a_directory_or_a_device_says_what_it_is() {
+    let t = Tmp::new();
+    let dir = t.path("adir");
+    std::fs::create_dir(&dir).unwrap();
+    let o = t.run(&["image", "import", s(&dir)]);
+    expect(
+        &o,
+        2,
+        &["adir is a directory, not a disk image file", "fix:"],
+    );
+    assert!(!text(&o).contains("does not exist"), "{}", text(&o));
+    let o = t.run(&["image", "import", "/dev/zero", "--name", "zero"]);
+    expect(&o, 2, &["/dev/zero is a character device", "fix:"]);
+    // The good kind stays good: a missing file is "not found".
+    let o = t.run(&["image", "import", s(&t.path("nope.qcow2"))]);
+    expect(&o, 4, &["nope.qcow2 does not exist"]);
+    assert_eq!(cache_junk(&t), Vec::<String>::new());
+}
+
+#[test]
+fn import_of_a_corrupt_qcow2_is_an_image_error_with_a_fix() {
+    let t = Tmp::new();
+    let q = t.qcow2("broken.qcow2");
+    // Keep the magic (so it is still taken for a qcow2), break the version field.
+    let mut bytes = std::fs::read(&q).unwrap();
+    bytes[4..8].copy_from_slice(&99u32.to_be_bytes());
+    std::fs::write(&q, bytes).unwrap();
+    let o = t.run(&["image", "import", s(&q)]);
+    expect(
+        &o,
+        12,
+        &[
+            "image: ",
+            "broken.qcow2 is not a readable disk image",
+            "qcow2 version",
+            "fix: ",
+            "qemu-img check",
+        ],
+    );
+    assert_eq!(cache_junk(&t), Vec::<String>::new());
+}
