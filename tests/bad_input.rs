@@ -172,3 +172,22 @@ fn import_of_a_corrupt_qcow2_is_an_image_error_with_a_fix() {
     );
     assert_eq!(cache_junk(&t), Vec::<String>::new());
 }
+
+#[test]
+fn cycle_with_a_file_for_repo_says_it_is_a_file() {
+    let t = Tmp::new();
+    let f = t.path("site.yml");
+    std::fs::write(&f, "- hosts: all\n").unwrap();
+    let o = t.run(&["cycle", "askari", "--repo", s(&f)]);
+    expect(
+        &o,
+        2,
+        &[
+            "site.yml is a file, not a directory",
+            "fix: pass --repo DIR",
+        ],
+    );
+    assert!(!text(&o).contains("does not exist"), "{}", text(&o));
+    assert!(!t.dirs().runs.exists(), "a run directory was made");
+    assert!(!t.dirs().vm("boma-it-askari").exists());
+}
