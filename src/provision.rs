@@ -344,12 +344,13 @@ pub async fn start(dirs: &Dirs, vm: &Vm, opts: &StartOptions) -> Result<()> {
 pub async fn teardown(vm: Vm) -> Result<()> {
     let dirs = vm.dirs.clone();
     let name = vm.name.clone();
-    let had_nic = vm.spec().map(|s| s.nic.is_some()).unwrap_or(false);
+    // Without a readable spec, whether it had a NIC is unknown: its network registration says.
+    let nic = vm.spec().map(|s| s.nic.is_some()).ok();
     vm.destroy().await?;
-    if had_nic {
+    if nic != Some(false) {
         let network = Network::attach(&dirs, &saved_net_config(&dirs));
-        network.unregister_vm(&name)?;
-        if network.vms()?.is_empty() {
+        let registered = network.unregister_vm(&name)?;
+        if (nic == Some(true) || registered) && network.vms()?.is_empty() {
             network.down().await?;
         }
     }

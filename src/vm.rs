@@ -91,9 +91,11 @@ impl Vm {
         })
     }
 
+    /// The VM whose run directory is `name`. A run directory without a readable spec still opens
+    /// (so `down` can remove it); what needs the spec says what is wrong with it.
     pub fn open(dirs: &Dirs, name: &str) -> Result<Vm> {
         let run = RunDir::new(dirs.vm(name));
-        if !run.spec().exists() {
+        if !run.dir.is_dir() {
             return Err(Error::not_found(
                 format!("VM {name}"),
                 "list VMs with `boma-qvm list`",
@@ -348,7 +350,9 @@ pub fn supervised_by_us(pid: i32, run: &RunDir) -> bool {
 pub fn list(dirs: &Dirs) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dirs.vms())
         .map(|rd| {
-            rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.path().is_dir())
+                .filter_map(|e| e.file_name().into_string().ok())
                 .filter(|n| n.starts_with(VM_PREFIX))
                 .collect()
         })

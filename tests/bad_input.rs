@@ -191,3 +191,61 @@ fn cycle_with_a_file_for_repo_says_it_is_a_file() {
     assert!(!t.dirs().runs.exists(), "a run directory was made");
     assert!(!t.dirs().vm("boma-it-askari").exists());
 }
+
+/// A VM that was created but never started (a spec and a run directory, nothing running).
+fn made_vm(t: &Tmp, host: &str) -> boma_qvm::vm::Vm {
+    let spec = boma_qvm::spec::VmSpec::new(
+        &format!("boma-it-{host}"),
+        boma_qvm::accel::Accel::Tcg,
+        boma_qvm::spec::Boot::Kernel {
+            kernel: t.path("vmlinuz"),
+            initrd: None,
+            append: "console=ttyS0".into(),
+        },
+    );
+    boma_qvm::vm::Vm::create(&t.dirs(), &spec).unwrap()
+}
+
+#[test]
+fn a_vm_dir_without_a_spec_is_marked_broken_and_the_others_still_list() {
+    let t = Tmp::new();
+    made_vm(&t, "good");
+    let bad = t.dirs().vm("boma-it-bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::write(bad.join("console.log"), "half a boot\n").unwrap();
+
+    let o = t.run(&["list"]);
+    expect(
+        &o,
+        0,
+        &[
+            "boma-it-good\toff",
+            "boma-it-bad\tBROKEN\t",
+            "has no spec.json",
+            "fix: remove it with `boma-qvm down boma-it-bad`",
+        ],
+    );
+    let o = t.run(&["status"]);
+    expect(
+        &o,
+        0,
+        &[
+            "boma-it-good  off",
+            "boma-it-bad  BROKEN",
+            "has no spec.json",
+            "boma-qvm down boma-it-bad",
+        ],
+    );
+    // Named, it is an error with the same fix; `start` says what is wrong, not "does not exist".
+    for cmd in ["status", "start"] {
+        let o = t.run(&[cmd, "bad"]);
+        expect(&o, 2, &["has no spec.json", "boma-qvm down boma-it-bad"]);
+        assert!(!text(&o).contains("does not exist"), "{}", text(&o));
+    }
+    // The fix works, and leaves the good VM alone.
+    expect(&t.run(&["down", "bad"]), 0, &["boma-it-bad destroyed"]);
+    assert!(!bad.exists());
+    let o = t.run(&["list"]);
+    expect(&o, 0, &["boma-it-good\toff"]);
+    assert!(!text(&o).contains("bad"), "{}", text(&o));
+}

@@ -256,7 +256,13 @@ fn describe(vm: &Vm) -> Result<String> {
     Ok(s)
 }
 
+/// An error on one line (`problem; fix: ...`), for a row of a listing.
+fn one_line(e: &Error) -> String {
+    e.to_string().replace("\n  ", "; ")
+}
+
 pub async fn status(dirs: &Dirs, a: OptVmArg) -> Result<()> {
+    let named = a.vm.is_some();
     let vms = match a.vm {
         Some(n) => vec![Vm::resolve(dirs, Some(&n))?],
         None => vm::list(dirs)
@@ -269,8 +275,13 @@ pub async fn status(dirs: &Dirs, a: OptVmArg) -> Result<()> {
     }
     let mut networked = false;
     for vm in &vms {
-        println!("{}", describe(vm)?);
-        networked |= vm.spec()?.nic.is_some();
+        match describe(vm) {
+            Ok(d) => println!("{d}"),
+            // One broken run directory must not hide the others: mark it and go on.
+            Err(e) if !named => println!("{}  BROKEN\n  {e}", vm.name),
+            Err(e) => return Err(e),
+        }
+        networked |= vm.spec().is_ok_and(|s| s.nic.is_some());
     }
     if networked {
         let net = boma_qvm::net::Network::attach(dirs, &provision::saved_net_config(dirs));
@@ -286,7 +297,10 @@ pub async fn status(dirs: &Dirs, a: OptVmArg) -> Result<()> {
 pub fn list(dirs: &Dirs) -> Result<()> {
     for name in vm::list(dirs) {
         let vm = Vm::open(dirs, &name)?;
-        println!("{name}\t{}", vm.state().as_str());
+        match vm.spec() {
+            Ok(_) => println!("{name}\t{}", vm.state().as_str()),
+            Err(e) => println!("{name}\tBROKEN\t{}", one_line(&e)),
+        }
     }
     Ok(())
 }
