@@ -249,3 +249,33 @@ fn a_vm_dir_without_a_spec_is_marked_broken_and_the_others_still_list() {
     expect(&o, 0, &["boma-it-good\toff"]);
     assert!(!text(&o).contains("bad"), "{}", text(&o));
 }
+
+#[test]
+fn pull_from_a_malformed_url_is_refused_before_anything_starts() {
+    let t = Tmp::new();
+    for (url, why) in [
+        ("ht!tp:/bad url", "relative URL without a base"),
+        ("file:///srv/images/", "only http and https"),
+    ] {
+        let o = t.run(&["image", "pull", "--base-url", url]);
+        expect(
+            &o,
+            2,
+            &[
+                &format!("`{url}` is not a usable image server URL"),
+                why,
+                "fix: give the http:// or https:// URL",
+            ],
+        );
+        assert!(!text(&o).contains("check the network"), "{}", text(&o));
+    }
+    // The same check for the setting, where `up --image cloud` would pull.
+    let o = t
+        .cli()
+        .env("BOMA_QVM_IMAGE_URL", "ht!tp:/bad url")
+        .args(["image", "pull"])
+        .output()
+        .unwrap();
+    expect(&o, 2, &["BOMA_QVM_IMAGE_URL"]);
+    assert_eq!(cache_junk(&t), Vec::<String>::new());
+}
