@@ -279,3 +279,23 @@ fn pull_from_a_malformed_url_is_refused_before_anything_starts() {
     expect(&o, 2, &["BOMA_QVM_IMAGE_URL"]);
     assert_eq!(cache_junk(&t), Vec::<String>::new());
 }
+
+#[test]
+fn build_with_a_silly_size_is_refused_before_debootstrap() {
+    let t = Tmp::new();
+    // 17179869184 GiB << 30 overflows u64 to 0.
+    for size in ["0", "1", "4096", "17179869184", "18446744073709551615"] {
+        let o = t.run(&["image", "build", "--size-gib", size]);
+        expect(
+            &o,
+            2,
+            &[
+                &format!("--size-gib {size} is out of range"),
+                "fix: give --size-gib between 2 and 2048",
+            ],
+        );
+        assert!(!text(&o).contains("debootstrap"), "{}", text(&o));
+    }
+    // Nothing started: no build log, no staging directory, no cache at all.
+    assert!(!t.dirs().cache.exists(), "{:?}", cache_junk(&t));
+}
