@@ -38,9 +38,18 @@ pub async fn open(path: &Path, timeout: Duration) -> Result<(QapiService<Writer>
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Ok(Err(e)) => {
+                let dir = path.parent().unwrap_or(Path::new("."));
+                let vm = dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "VM".into());
                 return Err(Error::Qmp(format!(
-                    "cannot connect to {}: {e}\n  fix: is the VM running? check `boma-qvm status`",
-                    path.display()
+                    "cannot connect to {}: {e} (QEMU has exited, or is starting or stopping)\n  \
+                     fix: see why in `boma-qvm console {vm} --log` and {}; once it is off, \
+                     `boma-qvm start {vm}` powers it on again, and `boma-qvm down {vm}` (or \
+                     `boma-qvm prune`) removes it",
+                    path.display(),
+                    dir.join("qemu.log").display()
                 )));
             }
             Err(_) => {

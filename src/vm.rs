@@ -130,9 +130,14 @@ impl Vm {
         self.run.read_spec()
     }
 
+    /// Running only when the pid files name live processes that really are this VM's supervisor
+    /// and its QEMU child: pid files outlive their processes, and pids get reused.
     pub fn state(&self) -> State {
-        let sup = RunDir::read_pid(&self.run.supervisor_pid()).filter(|p| procs::alive(*p));
-        let qemu = RunDir::read_pid(&self.run.qemu_pid()).filter(|p| procs::alive(*p));
+        let sup = RunDir::read_pid(&self.run.supervisor_pid())
+            .filter(|p| procs::alive(*p) && supervised_by_us(*p, &self.run));
+        let qemu = sup.and_then(|s| {
+            RunDir::read_pid(&self.run.qemu_pid()).filter(|q| qemu_of_us(*q, s, &self.run))
+        });
         match (sup, qemu) {
             (Some(supervisor), Some(qemu)) => State::Running { supervisor, qemu },
             _ => State::Off,
@@ -326,7 +331,7 @@ impl Vm {
             procs::terminate(pid, Duration::from_secs(20)).await;
         }
         if let Some(pid) = RunDir::read_pid(&self.run.qemu_pid())
-            .filter(|p| procs::mentions(&procs::cmdline(*p), &self.run.dir))
+            .filter(|p| is_qemu_of(&procs::cmdline(*p), &self.run))
         {
             procs::terminate(pid, Duration::from_secs(10)).await;
         }
@@ -344,6 +349,23 @@ impl Vm {
 pub fn supervised_by_us(pid: i32, run: &RunDir) -> bool {
     let argv = procs::cmdline(pid);
     argv.iter().any(|a| a == "__supervise") && procs::mentions(&argv, &run.dir)
+}
+
+/// True when `argv` is a QEMU started for `run`: `-name NAME,...` (see `qemu::argv::base`) and
+/// paths into the run directory. A `tail -f` of its console log is neither.
+pub fn is_qemu_of(argv: &[String], run: &RunDir) -> bool {
+    let name = format!("{},", run.name());
+    argv.windows(2)
+        .any(|w| w[0] == "-name" && w[1].starts_with(&name))
+        && procs::mentions(argv, &run.dir)
+}
+
+/// True when `pid` is the QEMU of `run`: alive, a child of its supervisor, and its argv is
+/// QEMU's for this VM.
+pub fn qemu_of_us(pid: i32, supervisor: i32, run: &RunDir) -> bool {
+    procs::alive(pid)
+        && procs::ppid(pid) == Some(supervisor)
+        && is_qemu_of(&procs::cmdline(pid), run)
 }
 
 /// Names of all VMs with a run directory.

@@ -63,6 +63,21 @@ impl Tmp {
     }
 }
 
+impl Drop for Tmp {
+    /// Reap any VM a test left (also when it panicked), as `common::Env` does.
+    fn drop(&mut self) {
+        let dirs = self.dirs();
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(boma_qvm::prune::prune(&dirs))
+        })
+        .join();
+    }
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -298,4 +313,104 @@ fn build_with_a_silly_size_is_refused_before_debootstrap() {
     }
     // Nothing started: no build log, no staging directory, no cache at all.
     assert!(!t.dirs().cache.exists(), "{:?}", cache_junk(&t));
+}
+
+/// `up HOST` of the busybox test guest: no network, 1 vCPU, 256 MiB.
+fn up_guest(t: &Tmp, host: &str) -> Output {
+    let (k, i) = common::test_guest();
+    t.run(&[
+        "up",
+        host,
+        "--kernel",
+        s(&k),
+        "--initrd",
+        s(&i),
+        "--memory",
+        "256",
+        "--cpus",
+        "1",
+        "--no-net",
+    ])
+}
+
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(cmd: &str) -> Child {
+    Child(
+        Command::new("sh")
+            .args(["-c", &format!("exec {cmd}")])
+            .spawn()
+            .unwrap(),
+    )
+}
+
+#[test]
+fn pid_files_naming_unrelated_processes_do_not_make_a_vm_running() {
+    let t = Tmp::new();
+    let vm = made_vm(&t, "ghost");
+    std::fs::write(vm.run.console_log(), "old boot\n").unwrap();
+    // Live processes that are not its supervisor or QEMU; one even looks into its run dir.
+    let sleeper = spawn("sleep 300");
+    let tail = spawn(&format!("tail -f {}", s(&vm.run.console_log())));
+    std::fs::write(vm.run.supervisor_pid(), sleeper.0.id().to_string()).unwrap();
+    std::fs::write(vm.run.qemu_pid(), tail.0.id().to_string()).unwrap();
+
+    expect(&t.run(&["status", "ghost"]), 0, &["boma-it-ghost  off "]);
+    expect(&t.run(&["list"]), 0, &["boma-it-ghost\toff"]);
+    let o = t.run(&["reboot", "ghost"]);
+    expect(
+        &o,
+        7,
+        &[
+            "VM boma-it-ghost is not running",
+            "`boma-qvm start boma-it-ghost`",
+        ],
+    );
+    assert!(
+        !text(&o).contains("check `boma-qvm status`"),
+        "{}",
+        text(&o)
+    );
+    expect(&t.run(&["down", "ghost"]), 0, &["destroyed"]);
+    for (what, c) in [("sleep", &sleeper), ("tail", &tail)] {
+        assert!(
+            common::lite::proc_alive(c.0.id()),
+            "`down` killed the unrelated {what}"
+        );
+    }
+}
+
+#[test]
+fn a_real_vm_is_running_and_a_dead_qmp_socket_points_somewhere_useful() {
+    let t = Tmp::new();
+    let o = up_guest(&t, "real");
+    expect(&o, 0, &["boma-it-real is up"]);
+    expect(&t.run(&["status", "real"]), 0, &["boma-it-real  running "]);
+    expect(&t.run(&["list"]), 0, &["boma-it-real\trunning"]);
+    std::fs::remove_file(t.dirs().vm("boma-it-real").join("ctl.sock")).unwrap();
+    let o = t.run(&["reboot", "--hard", "real"]);
+    expect(
+        &o,
+        8,
+        &[
+            "cannot connect to",
+            "fix: see why in `boma-qvm console boma-it-real --log`",
+            "qemu.log",
+            "`boma-qvm down boma-it-real`",
+        ],
+    );
+    assert!(
+        !text(&o).contains("check `boma-qvm status`"),
+        "{}",
+        text(&o)
+    );
+    expect(&t.run(&["down", "real"]), 0, &["destroyed"]);
+    assert!(common::qemus_under(&t.dirs().state).is_empty());
 }
