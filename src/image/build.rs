@@ -45,7 +45,7 @@ pub fn disk_size_from_gib(gib: u64) -> Result<u64> {
 }
 
 fn check_disk_size(bytes: u64) -> Result<()> {
-    if bytes % (1 << 30) == 0 {
+    if bytes.is_multiple_of(1 << 30) {
         disk_size_from_gib(bytes >> 30).map(drop)
     } else {
         Err(Error::input(
