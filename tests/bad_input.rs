@@ -32,8 +32,21 @@ impl Tmp {
     }
 
     fn cli(&self) -> Command {
+        self.cli_via(&[])
+    }
+
+    /// The CLI run through a wrapper (`nsenter --net=...`), with the same environment.
+    fn cli_via(&self, wrapper: &[&str]) -> Command {
         let d = self.dirs();
-        let mut c = Command::new(env!("CARGO_BIN_EXE_boma-qvm"));
+        let bin = env!("CARGO_BIN_EXE_boma-qvm");
+        let mut c = match wrapper {
+            [] => Command::new(bin),
+            [w, rest @ ..] => {
+                let mut c = Command::new(w);
+                c.args(rest).arg(bin);
+                c
+            }
+        };
         c.env("BOMA_QVM_STATE_DIR", &d.state)
             .env("BOMA_QVM_CACHE_DIR", &d.cache)
             .env("BOMA_QVM_RUNS_DIR", &d.runs)
@@ -413,4 +426,171 @@ fn a_real_vm_is_running_and_a_dead_qmp_socket_points_somewhere_useful() {
     );
     expect(&t.run(&["down", "real"]), 0, &["destroyed"]);
     assert!(common::qemus_under(&t.dirs().state).is_empty());
+}
+
+/// A tmpfs mounted at a path for the test's length.
+struct Mount(PathBuf);
+
+impl Mount {
+    fn tmpfs(at: &Path) -> Mount {
+        std::fs::create_dir_all(at).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            at,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=1m"),
+        )
+        .unwrap();
+        Mount(at.to_path_buf())
+    }
+
+    fn is_mounted(&self) -> bool {
+        std::fs::read_to_string("/proc/self/mounts")
+            .unwrap()
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some(s(&self.0)))
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        while self.is_mounted() {
+            if nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+#[test]
+fn prune_reaps_stale_staging_and_never_follows_a_symlink() {
+    let t = Tmp::new();
+    let images = t.dirs().images();
+    std::fs::create_dir_all(images.join(".tmp-pull-stale/deeper")).unwrap();
+    std::fs::write(images.join(".tmp-pull-stale/disk.qcow2"), "partial").unwrap();
+    // A staging name that is a symlink to a directory holding a mount and a file of value.
+    let target = t.path("elsewhere");
+    let mnt = Mount::tmpfs(&target.join("mnt"));
+    std::fs::write(target.join("mnt/inside"), "x").unwrap();
+    std::fs::write(target.join("precious"), "x").unwrap();
+    std::os::unix::fs::symlink(&target, images.join(".tmp-build-link")).unwrap();
+    // One that belongs to another user.
+    let other = images.join(".tmp-import-other");
+    std::fs::create_dir(&other).unwrap();
+    std::os::unix::fs::chown(&other, Some(4242), Some(4242)).unwrap();
+
+    // In a network namespace of its own (prune also reaps the network), same mount namespace.
+    let ns = common::netns::Netns::new("prune");
+    let net = format!("--net=/run/netns/{}", ns.name);
+    let o = t.cli_via(&["nsenter", &net]).arg("prune").output().unwrap();
+    expect(
+        &o,
+        0,
+        &[
+            "image cache: removed 2 stale staging entries",
+            ".tmp-pull-stale",
+            ".tmp-build-link",
+            "belongs to uid 4242",
+        ],
+    );
+    assert!(!images.join(".tmp-pull-stale").exists());
+    assert!(
+        std::fs::symlink_metadata(images.join(".tmp-build-link")).is_err(),
+        "the link is gone"
+    );
+    assert!(
+        mnt.is_mounted(),
+        "prune unmounted something a symlink pointed at"
+    );
+    assert!(target.join("mnt/inside").exists() && target.join("precious").exists());
+    assert!(
+        other.exists(),
+        "another user's staging directory was removed"
+    );
+
+    // While an image command holds the cache lock, its staging directory is live: hands off.
+    std::fs::create_dir(images.join(".tmp-pull-live")).unwrap();
+    let lock = std::fs::File::create(images.join(".lock")).unwrap();
+    let held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).unwrap();
+    let o = t.cli_via(&["nsenter", &net]).arg("prune").output().unwrap();
+    expect(&o, 0, &["another image command is running"]);
+    assert!(images.join(".tmp-pull-live").exists());
+    drop(held);
+}
+
+#[test]
+fn an_image_command_removes_a_stale_staging_symlink_as_a_link() {
+    let t = Tmp::new();
+    let images = t.dirs().images();
+    std::fs::create_dir_all(&images).unwrap();
+    let target = t.path("elsewhere");
+    let mnt = Mount::tmpfs(&target.join("mnt"));
+    std::fs::write(target.join("mnt/inside"), "x").unwrap();
+    std::os::unix::fs::symlink(&target, images.join(".tmp-pull-link")).unwrap();
+    // Any image command takes the lock and reaps stale staging entries first.
+    let o = t.run(&["image", "rm", "nosuch"]);
+    expect(&o, 4, &["golden image `nosuch` does not exist"]);
+    assert!(std::fs::symlink_metadata(images.join(".tmp-pull-link")).is_err());
+    assert!(mnt.is_mounted(), "the cleanup unmounted through a symlink");
+    assert!(target.join("mnt/inside").exists());
+}
+
+/// Names in the image cache that start with `.tmp-`.
+fn staging(t: &Tmp) -> Vec<String> {
+    cache_junk(t)
+        .into_iter()
+        .filter(|n| n.starts_with(".tmp-"))
+        .collect()
+}
+
+/// Send `sig` to a pull that is mid-download; it must exit 128+sig, say so, and leave no
+/// staging directory.
+async fn interrupt_a_pull(sig: nix::sys::signal::Signal, code: i32) {
+    use common::http::{Reply, Server};
+    let t = Tmp::new();
+    let srv = Server::start().await;
+    let file = "debian-13-genericcloud-amd64.qcow2";
+    srv.set_sums(file, &"a".repeat(128));
+    srv.set(
+        file,
+        Reply::Stall {
+            body: vec![0x55; 4 << 20],
+            claimed: 64 << 20,
+        },
+    );
+    let child = tokio::process::Command::from(t.cli())
+        .args(["image", "pull", "--base-url", &srv.base_url()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    // Mid-download: the staging directory holds part of the file.
+    while !staging(&t).iter().any(|n| {
+        std::fs::metadata(t.dirs().images().join(n).join("disk.qcow2")).is_ok_and(|m| m.len() > 0)
+    }) {
+        assert!(t0.elapsed().as_secs() < 30, "the pull never started");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, sig).unwrap();
+    let o = tokio::time::timeout(std::time::Duration::from_secs(20), child.wait_with_output())
+        .await
+        .expect("the pull did not stop")
+        .unwrap();
+    expect(
+        &o,
+        code,
+        &[
+            &format!("interrupted by {sig}"),
+            "image cache: no stale staging directories",
+        ],
+    );
+    assert_eq!(staging(&t), Vec::<String>::new(), "partial download left");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_or_sigterm_during_a_pull_leaves_no_partial_download() {
+    interrupt_a_pull(nix::sys::signal::Signal::SIGINT, 130).await;
+    interrupt_a_pull(nix::sys::signal::Signal::SIGTERM, 143).await;
 }

@@ -125,7 +125,21 @@ pub fn main() -> i32 {
                 .enable_all()
                 .build()
                 .expect("tokio runtime");
-            rt.block_on(dispatch(cmd, &dirs))
+            let caught = Interruptible::of(&cmd);
+            let outcome = rt.block_on(async {
+                match caught {
+                    None => Ok(dispatch(cmd, &dirs).await),
+                    Some(what) => interruptible(what, dispatch(cmd, &dirs), &dirs).await,
+                }
+            });
+            match outcome {
+                Ok(r) => r,
+                Err(code) => {
+                    // A blocking task (a lock wait, a hash) must not hold the exit up.
+                    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+                    return code;
+                }
+            }
         }
     };
     match result {
@@ -135,6 +149,54 @@ pub fn main() -> i32 {
             e.exit_code()
         }
     }
+}
+
+/// Commands that catch SIGINT and SIGTERM instead of dying on the spot: the command's work is
+/// dropped, so its destructors clean up (a staging directory, a half-built root filesystem,
+/// child tools), and the user is told what is left and how to reap it. Exit 130 (SIGINT) or
+/// 143 (SIGTERM), as a shell reports a death by that signal.
+enum Interruptible {
+    Image,
+}
+
+impl Interruptible {
+    fn of(cmd: &Cmd) -> Option<Interruptible> {
+        match cmd {
+            Cmd::Image(_) => Some(Interruptible::Image),
+            _ => None,
+        }
+    }
+}
+
+/// Run `work` until it finishes (`Ok`) or SIGINT/SIGTERM arrives (`Err(exit code)`, after
+/// saying what is left).
+async fn interruptible(
+    what: Interruptible,
+    work: impl std::future::Future<Output = Result<()>>,
+    dirs: &Dirs,
+) -> std::result::Result<Result<()>, i32> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return Ok(work.await); // no signal handling: the default (die) is all we have
+    };
+    let (name, code) = tokio::select! {
+        biased;
+        _ = int.recv() => ("SIGINT", 130),
+        _ = term.recv() => ("SIGTERM", 143),
+        r = work => return Ok(r),
+    };
+    // `work` is dropped by now: its staging directories and child processes are gone.
+    let left = match what {
+        Interruptible::Image => match vm_cmds::prune_image_staging(dirs) {
+            Ok(s) => s,
+            Err(e) => format!("image cache: {e}"),
+        },
+    };
+    eprintln!("interrupted by {name}; nothing was installed in the image cache\n{left}");
+    Err(code)
 }
 
 /// The supervisor runs on a current-thread runtime: QEMU's parent-death signal is tied to the

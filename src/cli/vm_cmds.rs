@@ -373,7 +373,29 @@ pub async fn prune(dirs: &Dirs) -> Result<()> {
     println!("pruned {} VM(s){stray}", r.vms.len());
     let n = boma_qvm::net::prune(dirs).await?;
     println!("{n}");
+    println!("{}", prune_image_staging(dirs)?);
     Ok(())
+}
+
+/// Reap the image cache's stale staging directories (never waiting on a running image command).
+pub fn prune_image_staging(dirs: &Dirs) -> Result<String> {
+    use boma_qvm::image::store::{StagingPrune, prune_staging};
+    Ok(match prune_staging(dirs)? {
+        StagingPrune::Removed(v) if v.is_empty() => {
+            "image cache: no stale staging directories".into()
+        }
+        StagingPrune::Removed(v) => format!(
+            "image cache: removed {} stale staging entr{} ({})",
+            v.len(),
+            if v.len() == 1 { "y" } else { "ies" },
+            v.join(", ")
+        ),
+        StagingPrune::Busy => format!(
+            "image cache: another image command is running (it holds {}); staging directories \
+             left alone, run `boma-qvm prune` again once it is done",
+            dirs.images().join(".lock").display()
+        ),
+    })
 }
 
 #[derive(Args, Debug)]
