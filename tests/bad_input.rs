@@ -594,3 +594,58 @@ async fn sigint_or_sigterm_during_a_pull_leaves_no_partial_download() {
     interrupt_a_pull(nix::sys::signal::Signal::SIGINT, 130).await;
     interrupt_a_pull(nix::sys::signal::Signal::SIGTERM, 143).await;
 }
+
+#[tokio::test]
+async fn sigint_of_up_during_the_wait_says_what_is_left_and_down_reaps_it() {
+    let t = Tmp::new();
+    let ns = common::netns::Netns::new("upint");
+    let net = format!("--net=/run/netns/{}", ns.name);
+    let (k, i) = common::test_guest();
+    // With the network but without `boma.net=1` the guest never asks for a lease: `up` waits.
+    let child = tokio::process::Command::from(t.cli_via(&["nsenter", &net]))
+        .args(["up", "lw", "--kernel", s(&k), "--initrd", s(&i)])
+        .args(["--memory", "256", "--cpus", "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let run = t.dirs().vm("boma-it-lw");
+    let t0 = std::time::Instant::now();
+    while !std::fs::read_to_string(run.join("console.log")).is_ok_and(|c| c.contains(common::READY))
+    {
+        assert!(t0.elapsed().as_secs() < 120, "the guest never booted");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let o = tokio::time::timeout(std::time::Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("up did not stop")
+        .unwrap();
+    expect(
+        &o,
+        130,
+        &[
+            "interrupted by SIGINT during `up lw`",
+            "VM boma-it-lw is running",
+            "`boma-qvm console lw --log`",
+            "the isolated network is up (bridge boma-qvm0",
+            "VMs on it: boma-it-lw",
+            "fix: `boma-qvm down lw`",
+        ],
+    );
+    // It is as the message says, and the fix reaps all of it.
+    expect(&t.run(&["status", "lw"]), 0, &["boma-it-lw  running "]);
+    let o = t
+        .cli_via(&["nsenter", &net])
+        .args(["down", "lw"])
+        .output()
+        .unwrap();
+    expect(&o, 0, &["boma-it-lw destroyed"]);
+    assert!(common::qemus_under(&t.dirs().state).is_empty());
+    assert!(
+        ns.exec("ip link show boma-qvm0").status.code() != Some(0),
+        "the bridge outlived `down`"
+    );
+    assert!(ns.pids().is_empty(), "processes left in the namespace");
+}

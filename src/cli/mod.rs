@@ -155,14 +155,32 @@ pub fn main() -> i32 {
 /// dropped, so its destructors clean up (a staging directory, a half-built root filesystem,
 /// child tools), and the user is told what is left and how to reap it. Exit 130 (SIGINT) or
 /// 143 (SIGTERM), as a shell reports a death by that signal.
+///
+/// A VM that `up`, `cycle` or `start` already booted is kept, running, on purpose: a Ctrl-C
+/// during a slow boot is how one looks at it (`console --log`); the message says it is there
+/// and that `down HOST` removes it.
 enum Interruptible {
     Image,
+    /// `up`/`cycle`/`start` of this host (or VM name).
+    Vm {
+        verb: &'static str,
+        host: String,
+    },
 }
 
 impl Interruptible {
     fn of(cmd: &Cmd) -> Option<Interruptible> {
+        let vm = |verb, host: &str| {
+            Some(Interruptible::Vm {
+                verb,
+                host: host.to_string(),
+            })
+        };
         match cmd {
             Cmd::Image(_) => Some(Interruptible::Image),
+            Cmd::Up(a) => vm("up", &a.host),
+            Cmd::Cycle(a) => vm("cycle", &a.host),
+            Cmd::Start(a) => vm("start", &a.vm),
             _ => None,
         }
     }
@@ -189,13 +207,19 @@ async fn interruptible(
         r = work => return Ok(r),
     };
     // `work` is dropped by now: its staging directories and child processes are gone.
-    let left = match what {
-        Interruptible::Image => match vm_cmds::prune_image_staging(dirs) {
-            Ok(s) => s,
-            Err(e) => format!("image cache: {e}"),
-        },
-    };
-    eprintln!("interrupted by {name}; nothing was installed in the image cache\n{left}");
+    match what {
+        Interruptible::Image => {
+            let left = match vm_cmds::prune_image_staging(dirs) {
+                Ok(s) => s,
+                Err(e) => format!("image cache: {e}"),
+            };
+            eprintln!("interrupted by {name}; nothing was installed in the image cache\n{left}");
+        }
+        Interruptible::Vm { verb, host } => {
+            let left = vm_cmds::left_behind(dirs, &host).await;
+            eprintln!("interrupted by {name} during `{verb} {host}`\n{left}");
+        }
+    }
     Err(code)
 }
 

@@ -377,6 +377,55 @@ pub async fn prune(dirs: &Dirs) -> Result<()> {
     Ok(())
 }
 
+/// What an interrupted `up`/`cycle`/`start` of `host` left behind, and how to reap it.
+pub async fn left_behind(dirs: &Dirs, host: &str) -> String {
+    let Ok(name) = boma_qvm::spec::vm_name(host) else {
+        return "  nothing was made".into();
+    };
+    let mut lines = Vec::new();
+    let vm = Vm::open(dirs, &name).ok();
+    if let Some(vm) = &vm {
+        lines.push(match vm.state() {
+            State::Running { qemu, .. } => format!(
+                "  VM {name} is running (QEMU pid {qemu}), kept so you can see how far it got: \
+                 `boma-qvm console {host} --log`, `boma-qvm status {host}`"
+            ),
+            State::Off => format!(
+                "  VM {name} was made but is not running: {}",
+                vm.run.dir.display()
+            ),
+        });
+    }
+    let net = boma_qvm::net::Network::attach(dirs, &provision::saved_net_config(dirs));
+    let mut idle_net = false;
+    match net.status().await {
+        Ok(st) if !st.is_down() => {
+            let on: Vec<&str> = st.vms.iter().map(|v| v.name.as_str()).collect();
+            idle_net = on.is_empty();
+            lines.push(format!(
+                "  the isolated network is up (bridge {}, nft table inet boma_qvm, dnsmasq); VMs on it: {}",
+                st.bridge_name,
+                if on.is_empty() { "none".into() } else { on.join(", ") }
+            ));
+        }
+        Ok(_) => {}
+        Err(e) => lines.push(format!("  the network's state is unknown: {e}")),
+    }
+    if vm.is_some() {
+        lines.push(format!(
+            "  fix: `boma-qvm down {host}` removes the VM and, once no VM uses it, the network; \
+             `boma-qvm prune` reaps every boma-qvm VM and the network"
+        ));
+    } else if idle_net {
+        lines.push("  fix: `boma-qvm net down` (or `boma-qvm prune`) removes the network".into());
+    }
+    if lines.is_empty() {
+        "  nothing was left behind".into()
+    } else {
+        format!("left behind:\n{}", lines.join("\n"))
+    }
+}
+
 /// Reap the image cache's stale staging directories (never waiting on a running image command).
 pub fn prune_image_staging(dirs: &Dirs) -> Result<String> {
     use boma_qvm::image::store::{StagingPrune, prune_staging};
