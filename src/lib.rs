@@ -24,6 +24,7 @@ pub mod qga;
 pub mod qmp;
 pub mod rundir;
 pub mod seed;
+pub mod settings;
 pub mod spec;
 pub mod ssh;
 pub mod stage;

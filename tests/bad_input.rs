@@ -649,3 +649,195 @@ async fn sigint_of_up_during_the_wait_says_what_is_left_and_down_reaps_it() {
     );
     assert!(ns.pids().is_empty(), "processes left in the namespace");
 }
+
+impl Tmp {
+    /// Write the config file the CLI reads.
+    fn config(&self, text: &str) -> String {
+        let p = self.path("config.env");
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    }
+}
+
+#[test]
+fn a_bad_value_in_config_env_names_the_file_and_line() {
+    let t = Tmp::new();
+    let cfg = t.config("# machine defaults\nBOMA_QVM_MAX_VMS=1\nBOMA_QVM_MIN_FREE_MIB=-5\n");
+    let kernel = t.path("vmlinuz");
+    std::fs::write(&kernel, "k").unwrap();
+    let blame = format!("BOMA_QVM_MIN_FREE_MIB=-5 (from line 3 of {cfg}) is not a whole number");
+    let fix = format!("fix: fix line 3 of {cfg}: BOMA_QVM_MIN_FREE_MIB=");
+    for args in [
+        &["up", "c", "--kernel", s(&kernel), "--no-net"][..],
+        &["start", "c"],
+    ] {
+        let o = t.run(args);
+        expect(&o, 2, &[&blame, &fix]);
+        assert!(!text(&o).contains("--min-free-mib"), "{}", text(&o));
+    }
+    assert!(!t.dirs().vms().exists(), "something was made");
+    // Commands that only look or clean up go on, with the same words as a warning.
+    let o = t.run(&["list"]);
+    expect(&o, 0, &[&format!("warning: {blame}")]);
+}
+
+#[test]
+fn garbage_in_config_env_is_warned_about_line_by_line() {
+    let t = Tmp::new();
+    let cfg = t.config("nonsense\nBOMA_QVM_MAX_VM=2\nBOMA_QVM_MAX_VMS=1\n");
+    let o = t.run(&["list"]);
+    expect(
+        &o,
+        0,
+        &[
+            &format!("warning: {cfg} line 1: `nonsense` is not KEY=value; ignored"),
+            &format!("warning: {cfg} line 2: BOMA_QVM_MAX_VM is not a boma-qvm setting"),
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&o.stderr).lines().count(), 2);
+}
+
+#[test]
+fn boma_qvm_config_naming_a_directory_or_a_missing_file_is_refused() {
+    let t = Tmp::new();
+    let o = t
+        .cli()
+        .env("BOMA_QVM_CONFIG", t.path(""))
+        .arg("list")
+        .output()
+        .unwrap();
+    expect(
+        &o,
+        2,
+        &[
+            "is a directory, not a config file",
+            "fix: point BOMA_QVM_CONFIG",
+        ],
+    );
+    let o = t
+        .cli()
+        .env("BOMA_QVM_CONFIG", t.path("nope.env"))
+        .arg("list")
+        .output()
+        .unwrap();
+    expect(
+        &o,
+        4,
+        &[
+            "nope.env (BOMA_QVM_CONFIG) does not exist",
+            "fix: point BOMA_QVM_CONFIG",
+        ],
+    );
+}
+
+#[test]
+fn doctor_fails_on_a_setting_exactly_as_up_would() {
+    let t = Tmp::new();
+    let with = |args: &[&str]| {
+        t.cli()
+            .env("BOMA_QVM_MIN_FREE_MIB", "lots")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let blame = "BOMA_QVM_MIN_FREE_MIB=lots (from the environment) is not a whole number of MiB";
+    let o = with(&["doctor"]);
+    expect(
+        &o,
+        2,
+        &[
+            &format!("BAD SETTING: {blame}"),
+            "fix: set BOMA_QVM_MIN_FREE_MIB",
+        ],
+    );
+    assert!(!text(&o).contains("all good"), "{}", text(&o));
+    let kernel = t.path("vmlinuz");
+    std::fs::write(&kernel, "k").unwrap();
+    let o = with(&["up", "d", "--kernel", s(&kernel), "--no-net"]);
+    expect(&o, 2, &[&format!("error: {blame}")]);
+    assert!(!text(&o).contains("--min-free-mib"), "{}", text(&o));
+}
+
+#[test]
+fn an_unusable_state_cache_or_runs_dir_names_its_setting() {
+    let t = Tmp::new();
+    let file = t.path("plainfile");
+    std::fs::write(&file, "").unwrap();
+    let kernel = t.path("vmlinuz");
+    std::fs::write(&kernel, "k").unwrap();
+    let state_is = |dir: &Path, args: &[&str]| {
+        t.cli()
+            .env("BOMA_QVM_STATE_DIR", dir)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // The state dir is a regular file: even `status` says so instead of "no VMs".
+    for args in [
+        &["status"][..],
+        &["list"],
+        &["up", "f", "--kernel", s(&kernel), "--no-net"],
+    ] {
+        let o = state_is(&file, args);
+        expect(
+            &o,
+            2,
+            &[
+                &format!(
+                    "the state directory {} (BOMA_QVM_STATE_DIR from the environment) is a regular file, not a directory",
+                    s(&file)
+                ),
+                "fix: point BOMA_QVM_STATE_DIR (or --state-dir) at a directory",
+            ],
+        );
+        assert!(!text(&o).contains("no VMs"), "{}", text(&o));
+    }
+    // Under /proc, and under a file.
+    let o = state_is(
+        Path::new("/proc/bq-state"),
+        &["up", "f", "--kernel", s(&kernel), "--no-net"],
+    );
+    expect(
+        &o,
+        2,
+        &["/proc/bq-state (BOMA_QVM_STATE_DIR from the environment) is on procfs"],
+    );
+    let o = state_is(&file.join("state"), &["net", "status"]);
+    expect(
+        &o,
+        2,
+        &["cannot be created: ", "plainfile is a regular file"],
+    );
+    // The flag is named when the flag gave it.
+    let q = t.qcow2("q.qcow2");
+    let o = t.run(&["--cache-dir", "/proc/bq-cache", "image", "import", s(&q)]);
+    expect(
+        &o,
+        2,
+        &[
+            "the cache directory /proc/bq-cache (--cache-dir) is on procfs",
+            "fix: pass --cache-dir",
+        ],
+    );
+    // And the config file's line, when it came from there.
+    let cfg = t.config(&format!("BOMA_QVM_RUNS_DIR={}/runs\n", s(&file)));
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/boma");
+    let o = t
+        .cli()
+        .env_remove("BOMA_QVM_RUNS_DIR")
+        .args(["cycle", "askari", "--repo", s(&repo)])
+        .output()
+        .unwrap();
+    expect(
+        &o,
+        2,
+        &[
+            &format!(
+                "the runs directory {}/runs (BOMA_QVM_RUNS_DIR from line 1 of {cfg})",
+                s(&file)
+            ),
+            &format!("fix: fix line 1 of {cfg}: BOMA_QVM_RUNS_DIR="),
+        ],
+    );
+    assert!(!t.dirs().state.exists(), "the state dir was made");
+}

@@ -6,9 +6,9 @@ mod fault_cmds;
 mod net_cmds;
 mod vm_cmds;
 
-use boma_qvm::Result;
-use boma_qvm::paths::Dirs;
-use clap::{Parser, Subcommand};
+use boma_qvm::paths::{DirKind, DirOrigin, Dirs};
+use boma_qvm::{Result, settings};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -101,18 +101,62 @@ fn init_logging(verbose: u8) {
 }
 
 pub fn main() -> i32 {
-    for (k, v) in boma_qvm::config_file::defaults_to_apply(&boma_qvm::config_file::path()) {
-        // SAFETY: first thing in main, before any thread exists.
-        unsafe { std::env::set_var(k, v) };
+    // The supervisor inherits the settings from the CLI that started it.
+    let supervising = std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "__supervise");
+    if !supervising {
+        match boma_qvm::config_file::load() {
+            Ok(warnings) => {
+                for w in warnings {
+                    eprintln!("warning: {w}");
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return e.exit_code();
+            }
+        }
     }
-    let cli = Cli::parse();
+    let matches = match Cli::command().try_get_matches() {
+        Ok(m) => m,
+        Err(e) => return clap_failed(e),
+    };
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => return clap_failed(e),
+    };
     init_logging(cli.verbose);
+    let typed = |m: &clap::ArgMatches, id: &str| {
+        m.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+    };
     let mut dirs = Dirs::from_env();
     if let Some(s) = cli.state_dir {
         dirs.state = s;
+        if typed(&matches, "state_dir") {
+            dirs.origins.state = DirOrigin::Flag;
+        }
     }
     if let Some(c) = cli.cache_dir {
         dirs.cache = c;
+        if typed(&matches, "cache_dir") {
+            dirs.origins.cache = DirOrigin::Flag;
+        }
+    }
+    if let Cmd::Cycle(a) = &cli.cmd
+        && let Some(r) = &a.runs_dir
+    {
+        dirs.runs = r.clone();
+        if matches
+            .subcommand_matches("cycle")
+            .is_some_and(|m| typed(m, "runs_dir"))
+        {
+            dirs.origins.runs = DirOrigin::Flag;
+        }
+    }
+    if let Err(e) = preflight(&cli.cmd, &dirs) {
+        eprintln!("error: {e}");
+        return e.exit_code();
     }
     let result = match cli.cmd {
         Cmd::Supervise {
@@ -149,6 +193,83 @@ pub fn main() -> i32 {
             e.exit_code()
         }
     }
+}
+
+/// clap's own error, unless a bad setting is behind it: clap names the flag (`--min-free-mib`)
+/// even when the value came from `BOMA_QVM_MIN_FREE_MIB` in config.env, so say that instead.
+fn clap_failed(e: clap::Error) -> i32 {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) {
+        let problems = settings::check();
+        if !problems.is_empty() {
+            for p in &problems {
+                eprintln!("error: {}", p.error());
+            }
+            return 2;
+        }
+    }
+    e.exit()
+}
+
+/// Before any work: the settings (a command that only inspects or cleans up warns about a bad
+/// one, so a typo never blocks `down` or `prune`; the others refuse; `doctor` reports them), and
+/// the directories the command uses.
+fn preflight(cmd: &Cmd, dirs: &Dirs) -> Result<()> {
+    use boma_qvm::image::cli::ImageCmd;
+    use net_cmds::NetCmd;
+    let inspects_or_cleans = matches!(
+        cmd,
+        Cmd::Down(_)
+            | Cmd::Prune
+            | Cmd::Status(_)
+            | Cmd::List
+            | Cmd::Console(_)
+            | Cmd::Ssh(_)
+            | Cmd::Shutdown(_)
+            | Cmd::Net(NetCmd::Down | NetCmd::Status)
+            | Cmd::Image(ImageCmd::List | ImageCmd::Rm { .. })
+    );
+    if !matches!(cmd, Cmd::Doctor(_) | Cmd::Supervise { .. }) {
+        let mut problems: Vec<_> = settings::check().iter().map(|p| p.error()).collect();
+        if inspects_or_cleans {
+            for p in &problems {
+                eprintln!("warning: {}", p.to_string().replace("\n  ", "; "));
+            }
+        } else if let Some(last) = problems.pop() {
+            for p in problems {
+                eprintln!("error: {p}");
+            }
+            return Err(last);
+        }
+    }
+    let (state, cache, runs) = (DirKind::State, DirKind::Cache, DirKind::Runs);
+    let uses: &[(DirKind, bool)] = match cmd {
+        Cmd::Cycle(_) => &[(state, true), (cache, true), (runs, true)],
+        Cmd::Up(a) if a.kernel.is_some() => &[(state, true)],
+        Cmd::Up(_) => &[(state, true), (cache, true)],
+        Cmd::Start(_) | Cmd::Apply(_) | Cmd::Assert(_) | Cmd::Reset(_) => &[(state, true)],
+        Cmd::Net(NetCmd::Up { .. }) => &[(state, true)],
+        Cmd::Net(_)
+        | Cmd::Down(_)
+        | Cmd::Status(_)
+        | Cmd::List
+        | Cmd::Console(_)
+        | Cmd::Reboot(_)
+        | Cmd::Shutdown(_)
+        | Cmd::Ssh(_)
+        | Cmd::Fault(_) => &[(state, false)],
+        Cmd::Prune => &[(state, false), (cache, false)],
+        Cmd::Image(ImageCmd::List) => &[(cache, false)],
+        Cmd::Image(_) => &[(cache, true)],
+        Cmd::Doctor(_) | Cmd::Supervise { .. } => &[],
+    };
+    for (kind, write) in uses {
+        dirs.check(*kind, *write)?;
+    }
+    Ok(())
 }
 
 /// Commands that catch SIGINT and SIGTERM instead of dying on the spot: the command's work is

@@ -136,10 +136,29 @@ async fn get(client: &reqwest::Client, url: &str) -> Result<reqwest::Response, P
     Ok(resp)
 }
 
-/// `base` as an http(s) URL with a host, or an input error naming the setting and an example.
-pub fn validate_base_url(base: &str) -> Result<reqwest::Url> {
-    let bad = |why: String| {
-        Error::input(
+/// Why `base` is not an http(s) URL with a host, or `None` when it is one.
+pub fn url_problem(base: &str) -> Option<String> {
+    let url = match reqwest::Url::parse(base) {
+        Ok(u) => u,
+        Err(e) => return Some(e.to_string()),
+    };
+    if !matches!(url.scheme(), "http" | "https") {
+        return Some(format!(
+            "the scheme is `{}`, and only http and https are fetched",
+            url.scheme()
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Some("it names no host".into());
+    }
+    None
+}
+
+/// Refuse a base URL that is not http(s) with a host, naming the flag and setting.
+pub fn validate_base_url(base: &str) -> Result<()> {
+    match url_problem(base) {
+        None => Ok(()),
+        Some(why) => Err(Error::input(
             format!(
                 "`{base}` is not a usable image server URL (--base-url or ${BASE_URL_ENV}): {why}"
             ),
@@ -147,19 +166,8 @@ pub fn validate_base_url(base: &str) -> Result<reqwest::Url> {
                 "give the http:// or https:// URL of a directory in Debian's cloud image layout, \
                  e.g. {DEFAULT_BASE_URL}"
             ),
-        )
-    };
-    let url = reqwest::Url::parse(base).map_err(|e| bad(e.to_string()))?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err(bad(format!(
-            "the scheme is `{}`, and only http and https are fetched",
-            url.scheme()
-        )));
+        )),
     }
-    if url.host_str().is_none_or(str::is_empty) {
-        return Err(bad("it names no host".into()));
-    }
-    Ok(url)
 }
 
 pub async fn pull_classified(dirs: &Dirs, opts: &PullOptions) -> Result<Pulled, PullFailure> {
