@@ -42,6 +42,13 @@ impl Profile {
     /// is in it. Runs one short `ansible-inventory` process.
     pub fn load(repo: &Path, host: &str) -> Result<Profile> {
         validate_host_name(host)?;
+        if repo.exists() && !repo.is_dir() {
+            return Err(Error::input(
+                format!("the Ansible repo {} is a file, not a directory", show(repo)),
+                "pass --repo DIR: the repo's top directory (the one holding the inventory, \
+                 site.yml and tests/integration/; see tests/fixtures/boma)",
+            ));
+        }
         if !repo.is_dir() {
             return Err(Error::not_found(
                 format!("Ansible repo {}", show(repo)),

@@ -108,7 +108,7 @@ pub async fn run(dirs: &Dirs, cmd: ImageCmd) -> Result<()> {
             let opts = build::BuildOptions {
                 mirror,
                 name,
-                disk_size: size_gib << 30,
+                disk_size: build::disk_size_from_gib(size_gib)?,
                 extra_packages: packages,
                 ..Default::default()
             };

@@ -7,9 +7,9 @@ mod image_cmds;
 mod net_cmds;
 mod vm_cmds;
 
-use boma_qvm::Result;
-use boma_qvm::paths::Dirs;
-use clap::{Parser, Subcommand};
+use boma_qvm::paths::{DirKind, DirOrigin, Dirs};
+use boma_qvm::{Result, settings};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -91,26 +91,74 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("BOMA_QVM_LOG")
         .unwrap_or_else(|_| level.into());
+    // Colour only for a person at a terminal: logs piped to a file or CI stay plain text.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .with_target(false)
         .init();
 }
 
 pub fn main() -> i32 {
-    for (k, v) in boma_qvm::config_file::defaults_to_apply(&boma_qvm::config_file::path()) {
-        // SAFETY: first thing in main, before any thread exists.
-        unsafe { std::env::set_var(k, v) };
+    // The supervisor inherits the settings from the CLI that started it.
+    let supervising = std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "__supervise");
+    if !supervising {
+        match boma_qvm::config_file::load() {
+            Ok(warnings) => {
+                for w in warnings {
+                    eprintln!("warning: {w}");
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return e.exit_code();
+            }
+        }
     }
-    let cli = Cli::parse();
+    let matches = match Cli::command().try_get_matches() {
+        Ok(m) => m,
+        Err(e) => return clap_failed(e),
+    };
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => return clap_failed(e),
+    };
     init_logging(cli.verbose);
+    let typed = |m: &clap::ArgMatches, id: &str| {
+        m.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+    };
     let mut dirs = Dirs::from_env();
     if let Some(s) = cli.state_dir {
         dirs.state = s;
+        if typed(&matches, "state_dir") {
+            dirs.origins.state = DirOrigin::Flag;
+        }
     }
     if let Some(c) = cli.cache_dir {
         dirs.cache = c;
+        if typed(&matches, "cache_dir") {
+            dirs.origins.cache = DirOrigin::Flag;
+        }
+    }
+    if let Cmd::Cycle(a) = &cli.cmd
+        && let Some(r) = &a.runs_dir
+    {
+        dirs.runs = r.clone();
+        if matches
+            .subcommand_matches("cycle")
+            .is_some_and(|m| typed(m, "runs_dir"))
+        {
+            dirs.origins.runs = DirOrigin::Flag;
+        }
+    }
+    if let Err(e) = preflight(&cli.cmd, &dirs) {
+        eprintln!("error: {e}");
+        return e.exit_code();
     }
     let result = match cli.cmd {
         Cmd::Supervise {
@@ -123,7 +171,21 @@ pub fn main() -> i32 {
                 .enable_all()
                 .build()
                 .expect("tokio runtime");
-            rt.block_on(dispatch(cmd, &dirs))
+            let caught = Interruptible::of(&cmd);
+            let outcome = rt.block_on(async {
+                match caught {
+                    None => Ok(dispatch(cmd, &dirs).await),
+                    Some(what) => interruptible(what, dispatch(cmd, &dirs), &dirs).await,
+                }
+            });
+            match outcome {
+                Ok(r) => r,
+                Err(code) => {
+                    // A blocking task (a lock wait, a hash) must not hold the exit up.
+                    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+                    return code;
+                }
+            }
         }
     };
     match result {
@@ -133,6 +195,155 @@ pub fn main() -> i32 {
             e.exit_code()
         }
     }
+}
+
+/// clap's own error, unless a bad setting is behind it: clap names the flag (`--min-free-mib`)
+/// even when the value came from `BOMA_QVM_MIN_FREE_MIB` in config.env, so say that instead.
+fn clap_failed(e: clap::Error) -> i32 {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) {
+        let problems = settings::check();
+        if !problems.is_empty() {
+            for p in &problems {
+                eprintln!("error: {}", p.error());
+            }
+            return 2;
+        }
+    }
+    e.exit()
+}
+
+/// Before any work: the settings (a command that only inspects or cleans up warns about a bad
+/// one, so a typo never blocks `down` or `prune`; the others refuse; `doctor` reports them), and
+/// the directories the command uses.
+fn preflight(cmd: &Cmd, dirs: &Dirs) -> Result<()> {
+    use image_cmds::ImageCmd;
+    use net_cmds::NetCmd;
+    let inspects_or_cleans = matches!(
+        cmd,
+        Cmd::Down(_)
+            | Cmd::Prune
+            | Cmd::Status(_)
+            | Cmd::List
+            | Cmd::Console(_)
+            | Cmd::Ssh(_)
+            | Cmd::Shutdown(_)
+            | Cmd::Net(NetCmd::Down | NetCmd::Status)
+            | Cmd::Image(ImageCmd::List | ImageCmd::Rm { .. })
+    );
+    if !matches!(cmd, Cmd::Doctor(_) | Cmd::Supervise { .. }) {
+        let mut problems: Vec<_> = settings::check().iter().map(|p| p.error()).collect();
+        if inspects_or_cleans {
+            for p in &problems {
+                eprintln!("warning: {}", p.to_string().replace("\n  ", "; "));
+            }
+        } else if let Some(last) = problems.pop() {
+            for p in problems {
+                eprintln!("error: {p}");
+            }
+            return Err(last);
+        }
+    }
+    let (state, cache, runs) = (DirKind::State, DirKind::Cache, DirKind::Runs);
+    let uses: &[(DirKind, bool)] = match cmd {
+        Cmd::Cycle(_) => &[(state, true), (cache, true), (runs, true)],
+        Cmd::Up(a) if a.kernel.is_some() => &[(state, true)],
+        Cmd::Up(_) => &[(state, true), (cache, true)],
+        Cmd::Start(_) | Cmd::Apply(_) | Cmd::Verify(_) | Cmd::Reset(_) => &[(state, true)],
+        Cmd::Net(NetCmd::Up { .. }) => &[(state, true)],
+        Cmd::Net(_)
+        | Cmd::Down(_)
+        | Cmd::Status(_)
+        | Cmd::List
+        | Cmd::Console(_)
+        | Cmd::Reboot(_)
+        | Cmd::Shutdown(_)
+        | Cmd::Ssh(_)
+        | Cmd::Fault(_) => &[(state, false)],
+        Cmd::Prune => &[(state, false), (cache, false)],
+        Cmd::Image(ImageCmd::List) => &[(cache, false)],
+        Cmd::Image(_) => &[(cache, true)],
+        Cmd::Doctor(_) | Cmd::Supervise { .. } => &[],
+    };
+    for (kind, write) in uses {
+        dirs.check(*kind, *write)?;
+    }
+    Ok(())
+}
+
+/// Commands that catch SIGINT and SIGTERM instead of dying on the spot: the command's work is
+/// dropped, so its destructors clean up (a staging directory, a half-built root filesystem,
+/// child tools), and the user is told what is left and how to reap it. Exit 130 (SIGINT) or
+/// 143 (SIGTERM), as a shell reports a death by that signal.
+///
+/// A VM that `up`, `cycle` or `start` already booted is kept, running, on purpose: a Ctrl-C
+/// during a slow boot is how one looks at it (`console --log`); the message says it is there
+/// and that `down HOST` removes it.
+enum Interruptible {
+    Image,
+    /// `up`/`cycle`/`start` of this host (or VM name).
+    Vm {
+        verb: &'static str,
+        host: String,
+    },
+}
+
+impl Interruptible {
+    fn of(cmd: &Cmd) -> Option<Interruptible> {
+        let vm = |verb, host: &str| {
+            Some(Interruptible::Vm {
+                verb,
+                host: host.to_string(),
+            })
+        };
+        match cmd {
+            Cmd::Image(_) => Some(Interruptible::Image),
+            Cmd::Up(a) => vm("up", &a.host),
+            Cmd::Cycle(a) => vm("cycle", &a.host),
+            Cmd::Start(a) => vm("start", &a.vm),
+            _ => None,
+        }
+    }
+}
+
+/// Run `work` until it finishes (`Ok`) or SIGINT/SIGTERM arrives (`Err(exit code)`, after
+/// saying what is left).
+async fn interruptible(
+    what: Interruptible,
+    work: impl std::future::Future<Output = Result<()>>,
+    dirs: &Dirs,
+) -> std::result::Result<Result<()>, i32> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return Ok(work.await); // no signal handling: the default (die) is all we have
+    };
+    let (name, code) = tokio::select! {
+        biased;
+        _ = int.recv() => ("SIGINT", 130),
+        _ = term.recv() => ("SIGTERM", 143),
+        r = work => return Ok(r),
+    };
+    // `work` is dropped by now: its staging directories and child processes are gone.
+    match what {
+        Interruptible::Image => {
+            let left = match vm_cmds::prune_image_staging(dirs) {
+                Ok(s) => s,
+                Err(e) => format!("image cache: {e}"),
+            };
+            eprintln!("interrupted by {name}; nothing was installed in the image cache\n{left}");
+        }
+        Interruptible::Vm { verb, host } => {
+            let left = vm_cmds::left_behind(dirs, &host).await;
+            eprintln!("interrupted by {name} during `{verb} {host}`\n{left}");
+        }
+    }
+    Err(code)
 }
 
 /// The supervisor runs on a current-thread runtime: QEMU's parent-death signal is tied to the

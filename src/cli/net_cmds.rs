@@ -67,6 +67,14 @@ pub async fn doctor(dirs: &Dirs, _a: DoctorArgs) -> Result<()> {
             probe.reason()
         );
     }
+    let bad = boma_qvm::settings::problems(dirs);
+    if bad.is_empty() {
+        println!("ok: settings and directories");
+    }
+    for e in bad {
+        problems += 1;
+        println!("BAD SETTING: {e}");
+    }
     let avail = boma_qvm::machine::guard::mem_available_mib()?;
     let need = boma_qvm::machine::guard::threshold_mib(
         boma_qvm::machine::spec::DEFAULT_MEMORY_MIB as u64,

@@ -114,13 +114,10 @@ impl NetArgs {
     }
 }
 
-/// Resolve the accelerator, printing the one-line fallback warning.
-pub fn resolve_accel(m: &MachineArgs) -> Result<boma_qvm::machine::accel::Accel> {
-    let (accel, warning) = accel::resolve(m.accel, &KvmProbe::read(), m.force_accel)?;
-    if let Some(w) = warning {
-        eprintln!("{w}");
-    }
-    Ok(accel)
+/// Resolve the accelerator, and the one-line fallback warning for the caller to print once the
+/// rest of the input is known to be good.
+pub fn resolve_accel(m: &MachineArgs) -> Result<(boma_qvm::machine::accel::Accel, Option<String>)> {
+    accel::resolve(m.accel, &KvmProbe::read(), m.force_accel)
 }
 
 /// The image `--image` names (the default when absent), and why, for the log and report.
@@ -135,7 +132,8 @@ pub fn image_choice(flag: Option<&str>) -> Result<(boma_qvm::guest::image::Image
 
 /// An `UpRequest` from the shared flags.
 pub fn request(host: &str, os: OsSource, m: &MachineArgs, n: &NetArgs) -> Result<UpRequest> {
-    let mut req = UpRequest::new(host, os, resolve_accel(m)?);
+    let (accel, accel_warning) = resolve_accel(m)?;
+    let mut req = UpRequest::new(host, os, accel);
     req.cpus = m.cpus;
     req.memory_mib = m.memory;
     req.disk_gib = m.disk_gib;
@@ -145,6 +143,8 @@ pub fn request(host: &str, os: OsSource, m: &MachineArgs, n: &NetArgs) -> Result
     req.net = n.config()?;
     req.egress = !n.no_egress;
     req.dns_names = n.dns_names.clone();
+    // Printed once the rest of the input is checked: a warning before a refusal is noise.
+    req.accel_warning = accel_warning;
     Ok(req)
 }
 
@@ -259,7 +259,13 @@ fn describe(m: &Machine) -> Result<String> {
     Ok(s)
 }
 
+/// An error on one line (`problem; fix: ...`), for a row of a listing.
+fn one_line(e: &Error) -> String {
+    e.to_string().replace("\n  ", "; ")
+}
+
 pub async fn status(dirs: &Dirs, a: OptVmArg) -> Result<()> {
+    let named = a.vm.is_some();
     let machines = match a.vm {
         Some(n) => vec![Machine::attach(dirs, &n)?],
         None => Machine::list(dirs)
@@ -272,8 +278,17 @@ pub async fn status(dirs: &Dirs, a: OptVmArg) -> Result<()> {
     }
     let mut networked = false;
     for m in &machines {
-        println!("{}", describe(m)?);
-        networked |= m.spec()?.nic.is_some();
+        match describe(m) {
+            Ok(d) => println!("{d}"),
+            // One broken run directory must not hide the others: mark it and go on.
+            Err(e) if !named => println!(
+                "{}  BROKEN
+  {e}",
+                m.name()
+            ),
+            Err(e) => return Err(e),
+        }
+        networked |= m.spec().is_ok_and(|s| s.nic.is_some());
     }
     if networked {
         let st = Network::saved(dirs).status().await?;
@@ -288,7 +303,10 @@ pub async fn status(dirs: &Dirs, a: OptVmArg) -> Result<()> {
 pub fn list(dirs: &Dirs) -> Result<()> {
     for name in Machine::list(dirs) {
         let m = Machine::attach(dirs, &name)?;
-        println!("{name}\t{}", m.state().as_str());
+        match m.spec() {
+            Ok(_) => println!("{name}	{}", m.state().as_str()),
+            Err(e) => println!("{name}	BROKEN	{}", one_line(&e)),
+        }
     }
     Ok(())
 }
@@ -364,7 +382,78 @@ pub async fn prune(dirs: &Dirs) -> Result<()> {
     println!("pruned {} VM(s){stray}", r.vms.len());
     let n = boma_qvm::net::prune(dirs).await?;
     println!("{n}");
+    println!("{}", prune_image_staging(dirs)?);
     Ok(())
+}
+
+/// What an interrupted `up`/`cycle`/`start` of `host` left behind, and how to reap it.
+pub async fn left_behind(dirs: &Dirs, host: &str) -> String {
+    let Ok(name) = boma_qvm::machine::spec::vm_name(host) else {
+        return "  nothing was made".into();
+    };
+    let mut lines = Vec::new();
+    let vm = Machine::attach(dirs, &name).ok();
+    if let Some(vm) = &vm {
+        lines.push(match vm.state() {
+            State::Running { qemu, .. } => format!(
+                "  VM {name} is running (QEMU pid {qemu}), kept so you can see how far it got: \
+                 `boma-qvm console {host} --log`, `boma-qvm status {host}`"
+            ),
+            State::Off => format!(
+                "  VM {name} was made but is not running: {}",
+                vm.run_dir().display()
+            ),
+        });
+    }
+    let net = Network::saved(dirs);
+    let mut idle_net = false;
+    match net.status().await {
+        Ok(st) if !st.is_down() => {
+            let on: Vec<&str> = st.vms.iter().map(|v| v.name.as_str()).collect();
+            idle_net = on.is_empty();
+            lines.push(format!(
+                "  the isolated network is up (bridge {}, nft table inet boma_qvm, dnsmasq); VMs on it: {}",
+                st.bridge_name,
+                if on.is_empty() { "none".into() } else { on.join(", ") }
+            ));
+        }
+        Ok(_) => {}
+        Err(e) => lines.push(format!("  the network's state is unknown: {e}")),
+    }
+    if vm.is_some() {
+        lines.push(format!(
+            "  fix: `boma-qvm down {host}` removes the VM and, once no VM uses it, the network; \
+             `boma-qvm prune` reaps every boma-qvm VM and the network"
+        ));
+    } else if idle_net {
+        lines.push("  fix: `boma-qvm net down` (or `boma-qvm prune`) removes the network".into());
+    }
+    if lines.is_empty() {
+        "  nothing was left behind".into()
+    } else {
+        format!("left behind:\n{}", lines.join("\n"))
+    }
+}
+
+/// Reap the image cache's stale staging directories (never waiting on a running image command).
+pub fn prune_image_staging(dirs: &Dirs) -> Result<String> {
+    use boma_qvm::guest::image::store::{StagingPrune, prune_staging};
+    Ok(match prune_staging(dirs)? {
+        StagingPrune::Removed(v) if v.is_empty() => {
+            "image cache: no stale staging directories".into()
+        }
+        StagingPrune::Removed(v) => format!(
+            "image cache: removed {} stale staging entr{} ({})",
+            v.len(),
+            if v.len() == 1 { "y" } else { "ies" },
+            v.join(", ")
+        ),
+        StagingPrune::Busy => format!(
+            "image cache: another image command is running (it holds {}); staging directories \
+             left alone, run `boma-qvm prune` again once it is done",
+            dirs.images().join(".lock").display()
+        ),
+    })
 }
 
 #[derive(Args, Debug)]

@@ -21,6 +21,18 @@ pub fn alive(pid: i32) -> bool {
     }
 }
 
+/// The parent of `pid` (from /proc/PID/stat), or `None` when it is gone.
+pub fn ppid(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid ...`; comm may hold spaces and parentheses, so split at the last ')'.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// The argv of `pid` (empty when it is gone).
 pub fn cmdline(pid: i32) -> Vec<String> {
     std::fs::read(format!("/proc/{pid}/cmdline"))
@@ -78,4 +90,16 @@ pub async fn terminate(pid: i32, grace: Duration) -> bool {
     signal(pid, Signal::SIGKILL);
     wait_gone(pid, Duration::from_secs(5)).await;
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ppid_of_this_process_is_its_parent() {
+        let me = std::process::id() as i32;
+        assert_eq!(ppid(me), Some(nix::unistd::getppid().as_raw()));
+        assert_eq!(ppid(i32::MAX), None);
+    }
 }

@@ -47,6 +47,8 @@ pub struct UpRequest {
     pub tcg_tb_size_mib: Option<u32>,
     /// Why this image (printed and reported); set by whoever chose it.
     pub image_reason: String,
+    /// The accelerator fallback's one-line warning, printed once the request is checked.
+    pub accel_warning: Option<String>,
     /// Wait for SSH login with the run's key (images only).
     pub wait_ssh: bool,
     pub start: StartOptions,
@@ -69,6 +71,7 @@ impl UpRequest {
             console_patterns: Vec::new(),
             tcg_tb_size_mib: None,
             image_reason: String::new(),
+            accel_warning: None,
             wait_ssh,
             start: StartOptions::default(),
         }
@@ -146,6 +149,9 @@ pub(crate) async fn watched<T>(vm: &Vm, fut: impl Future<Output = Result<T>>) ->
 /// console is kept under `<state>/panics/`.
 pub(crate) async fn up(dirs: &Dirs, req: &UpRequest, stages: &mut Stages) -> Result<Vm> {
     req.check(dirs)?;
+    if let Some(w) = &req.accel_warning {
+        eprintln!("{w}");
+    }
     match up_once(dirs, req, stages).await {
         Err(e)
             if req.accel == Accel::Tcg
@@ -383,12 +389,13 @@ pub(crate) async fn start(dirs: &Dirs, vm: &Vm, opts: &StartOptions) -> Result<(
 pub(crate) async fn teardown(vm: Vm) -> Result<()> {
     let dirs = vm.dirs.clone();
     let name = vm.name.clone();
-    let had_nic = vm.spec().map(|s| s.nic.is_some()).unwrap_or(false);
+    // Without a readable spec, whether it had a NIC is unknown: its network registration says.
+    let nic = vm.spec().map(|s| s.nic.is_some()).ok();
     vm.destroy().await?;
-    if had_nic {
+    if nic != Some(false) {
         let network = Network::saved(&dirs);
-        network.unregister_vm(&name)?;
-        if network.vms()?.is_empty() {
+        let registered = network.unregister_vm(&name)?;
+        if (nic == Some(true) || registered) && network.vms()?.is_empty() {
             network.down().await?;
         }
     }

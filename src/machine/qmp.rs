@@ -38,10 +38,22 @@ pub async fn open(path: &Path, timeout: Duration) -> Result<(QapiService<Writer>
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Ok(Err(e)) => {
+                let dir = path.parent().unwrap_or(Path::new("."));
+                let vm = dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "VM".into());
                 return Err(Error::qmp(
-                    format!("cannot connect to {}: {e}", path.display()),
-                    "QEMU is not running behind it: `boma-qvm status` says why (a crash shows in \
-                     `boma-qvm console VM --log`); `boma-qvm start VM` powers it on",
+                    format!(
+                        "cannot connect to {}: {e} (QEMU has exited, or is starting or stopping)",
+                        path.display()
+                    ),
+                    format!(
+                        "see why in `boma-qvm console {vm} --log` and {}; once it is off, \
+                         `boma-qvm start {vm}` powers it on again, and `boma-qvm down {vm}` (or \
+                         `boma-qvm prune`) removes it",
+                        dir.join("qemu.log").display()
+                    ),
                 ));
             }
             Err(_) => {

@@ -69,13 +69,42 @@ impl RunDir {
         self.file("id_ed25519")
     }
 
+    /// The VM's name: its run directory's name.
+    pub fn name(&self) -> String {
+        self.dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
     pub fn read_spec(&self) -> Result<VmSpec> {
-        let text = std::fs::read_to_string(self.spec())
-            .ctx(|| format!("reading {}", self.spec().display()))?;
+        let name = self.name();
+        let remove = format!(
+            "remove it with `boma-qvm down {name}` (or `boma-qvm prune`) and create it again"
+        );
+        let text = match std::fs::read_to_string(self.spec()) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::input(
+                    format!(
+                        "VM {name} is broken: its run directory {} has no spec.json (it was \
+                         half-made, or something deleted the file)",
+                        self.dir.display()
+                    ),
+                    remove,
+                ));
+            }
+            Err(e) => {
+                return Err(e).ctx(|| format!("reading {}", self.spec().display()));
+            }
+        };
         serde_json::from_str(&text).map_err(|e| {
             Error::input(
-                format!("{} is not a valid VM spec: {e}", self.spec().display()),
-                "remove the VM with `boma-qvm down` (or `boma-qvm prune`) and create it again",
+                format!(
+                    "VM {name} is broken: {} is not a valid VM spec: {e}",
+                    self.spec().display()
+                ),
+                remove,
             )
         })
     }

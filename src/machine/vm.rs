@@ -91,9 +91,11 @@ impl Vm {
         })
     }
 
+    /// The VM whose run directory is `name`. A run directory without a readable spec still opens
+    /// (so `down` can remove it); what needs the spec says what is wrong with it.
     pub fn open(dirs: &Dirs, name: &str) -> Result<Vm> {
         let run = RunDir::new(dirs.vm(name));
-        if !run.spec().exists() {
+        if !run.dir.is_dir() {
             return Err(Error::not_found(
                 format!("VM {name}"),
                 "list VMs with `boma-qvm list`",
@@ -128,9 +130,14 @@ impl Vm {
         self.run.read_spec()
     }
 
+    /// Running only when the pid files name live processes that really are this VM's supervisor
+    /// and its QEMU child: pid files outlive their processes, and pids get reused.
     pub fn state(&self) -> State {
-        let sup = RunDir::read_pid(&self.run.supervisor_pid()).filter(|p| procs::alive(*p));
-        let qemu = RunDir::read_pid(&self.run.qemu_pid()).filter(|p| procs::alive(*p));
+        let sup = RunDir::read_pid(&self.run.supervisor_pid())
+            .filter(|p| procs::alive(*p) && supervised_by_us(*p, &self.run));
+        let qemu = sup.and_then(|s| {
+            RunDir::read_pid(&self.run.qemu_pid()).filter(|q| qemu_of_us(*q, s, &self.run))
+        });
         match (sup, qemu) {
             (Some(supervisor), Some(qemu)) => State::Running { supervisor, qemu },
             _ => State::Off,
@@ -304,7 +311,7 @@ impl Vm {
             procs::terminate(pid, Duration::from_secs(20)).await;
         }
         if let Some(pid) = RunDir::read_pid(&self.run.qemu_pid())
-            .filter(|p| procs::mentions(&procs::cmdline(*p), &self.run.dir))
+            .filter(|p| is_qemu_of(&procs::cmdline(*p), &self.run))
         {
             procs::terminate(pid, Duration::from_secs(10)).await;
         }
@@ -324,11 +331,30 @@ pub fn supervised_by_us(pid: i32, run: &RunDir) -> bool {
     argv.iter().any(|a| a == "__supervise") && procs::mentions(&argv, &run.dir)
 }
 
+/// True when `argv` is a QEMU started for `run`: `-name NAME,...` (see `qemu::argv::base`) and
+/// paths into the run directory. A `tail -f` of its console log is neither.
+pub fn is_qemu_of(argv: &[String], run: &RunDir) -> bool {
+    let name = format!("{},", run.name());
+    argv.windows(2)
+        .any(|w| w[0] == "-name" && w[1].starts_with(&name))
+        && procs::mentions(argv, &run.dir)
+}
+
+/// True when `pid` is the QEMU of `run`: alive, a child of its supervisor, and its argv is
+/// QEMU's for this VM.
+pub fn qemu_of_us(pid: i32, supervisor: i32, run: &RunDir) -> bool {
+    procs::alive(pid)
+        && procs::ppid(pid) == Some(supervisor)
+        && is_qemu_of(&procs::cmdline(pid), run)
+}
+
 /// Names of all VMs with a run directory.
 pub fn list(dirs: &Dirs) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dirs.vms())
         .map(|rd| {
-            rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.path().is_dir())
+                .filter_map(|e| e.file_name().into_string().ok())
                 .filter(|n| n.starts_with(VM_PREFIX))
                 .collect()
         })

@@ -20,6 +20,40 @@ pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
 pub const MIRROR_ENV: &str = "BOMA_QVM_DEBIAN_MIRROR";
 pub const SUITE: &str = "trixie";
 pub const DEFAULT_DISK_SIZE: u64 = 8 << 30;
+/// The root filesystem with the default packages is about 1.5 GiB; mkfs.ext4 -d needs room.
+pub const MIN_DISK_GIB: u64 = 2;
+/// A sanity bound (2 TiB): a thin qcow2 costs nothing until written, but a typo should not pass.
+pub const MAX_DISK_GIB: u64 = 2048;
+
+/// `--size-gib` in bytes, refused outside `MIN_DISK_GIB..=MAX_DISK_GIB`.
+pub fn disk_size_from_gib(gib: u64) -> Result<u64> {
+    let bytes = gib.checked_mul(1 << 30);
+    match bytes {
+        Some(b) if (MIN_DISK_GIB..=MAX_DISK_GIB).contains(&gib) => Ok(b),
+        _ => Err(Error::input(
+            format!(
+                "--size-gib {gib} is out of range: the golden image needs at least \
+                 {MIN_DISK_GIB} GiB for its root filesystem, and at most {MAX_DISK_GIB} GiB (2 TiB)"
+            ),
+            format!(
+                "give --size-gib between {MIN_DISK_GIB} and {MAX_DISK_GIB} (default {}); a VM's \
+                 own disk grows with `up --disk-gib`",
+                DEFAULT_DISK_SIZE >> 30
+            ),
+        )),
+    }
+}
+
+fn check_disk_size(bytes: u64) -> Result<()> {
+    if bytes.is_multiple_of(1 << 30) {
+        disk_size_from_gib(bytes >> 30).map(drop)
+    } else {
+        Err(Error::input(
+            format!("disk size {bytes} bytes is not a whole number of GiB"),
+            "give the size in GiB (--size-gib)",
+        ))
+    }
+}
 
 /// What goes into the image besides minbase. docker.io only Recommends docker-cli, so both are
 /// named; busybox-static lets tests build container images offline.
@@ -167,6 +201,7 @@ async fn run_logged(mut cmd: tokio::process::Command, what: &str, log: &Path) ->
 /// same name only once the new one is complete).
 pub async fn build(dirs: &Dirs, opts: &BuildOptions) -> Result<Image> {
     store::validate_name(&opts.name)?;
+    check_disk_size(opts.disk_size)?;
     preflight()?;
     let _lock = store::lock(dirs).await?;
     store::ensure_unused(dirs, &opts.name)?;
@@ -272,4 +307,24 @@ pub async fn build(dirs: &Dirs, opts: &BuildOptions) -> Result<Image> {
         show(&img.dir)
     );
     Ok(img)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_sizes_are_bounded_and_never_overflow() {
+        assert_eq!(disk_size_from_gib(8).unwrap(), DEFAULT_DISK_SIZE);
+        assert_eq!(disk_size_from_gib(2).unwrap(), 2 << 30);
+        assert_eq!(disk_size_from_gib(2048).unwrap(), 2048 << 30);
+        for bad in [0, 1, 2049, 1 << 34, u64::MAX] {
+            let e = disk_size_from_gib(bad).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad}");
+            assert!(e.to_string().contains("between 2 and 2048"), "{e}");
+        }
+        check_disk_size(DEFAULT_DISK_SIZE).unwrap();
+        assert!(check_disk_size(0).is_err());
+        assert!(check_disk_size((8 << 30) + 1).is_err());
+    }
 }

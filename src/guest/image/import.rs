@@ -32,6 +32,50 @@ fn import_name(path: &Path) -> String {
     }
 }
 
+/// Refuse anything but an existing regular file (following symlinks), saying what it is instead.
+fn check_regular_file(path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::not_found(
+                show(path),
+                "give the path of an existing qcow2 file",
+            ));
+        }
+        Err(e) => {
+            return Err(Error::input(
+                format!("cannot read {}: {e}", show(path)),
+                "give the path of a qcow2 file you can read",
+            ));
+        }
+    };
+    let t = meta.file_type();
+    let what = if t.is_file() {
+        return Ok(());
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_fifo() {
+        "a named pipe"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    };
+    Err(Error::input(
+        format!("{} is {what}, not a disk image file", show(path)),
+        if t.is_block_device() {
+            "copy the device into a qcow2 first (`qemu-img convert -O qcow2 DEVICE OUT.qcow2`), then import OUT.qcow2"
+        } else {
+            "give the path of a qcow2 file (`boma-qvm image import PATH/TO/disk.qcow2`)"
+        },
+    ))
+}
+
 /// Copy a bootable qcow2 the user already has into the cache as `name` (default: its file stem),
 /// read-only, with a manifest (boot mode disk). Refuses an existing name and non-qcow2 files.
 pub async fn import(dirs: &Dirs, path: &Path, name: Option<&str>) -> Result<Image> {
@@ -39,13 +83,16 @@ pub async fn import(dirs: &Dirs, path: &Path, name: Option<&str>) -> Result<Imag
         .map(str::to_string)
         .unwrap_or_else(|| import_name(path));
     validate_name(&name)?;
-    if !path.is_file() {
-        return Err(Error::not_found(
-            show(path),
-            "give the path of an existing qcow2 file",
-        ));
-    }
-    let info = super::overlay::info(path)?;
+    check_regular_file(path)?;
+    let info = super::overlay::info(path).map_err(|e| match e {
+        // qemu-img could not open it: a damaged or truncated image, not a bug of ours.
+        Error::Command { stderr, .. } => Error::image(
+            format!("{} is not a readable disk image: {stderr}", show(path)),
+            "the file is damaged or truncated (an interrupted copy or download?); get a good \
+             copy, or repair it with `qemu-img check -r all FILE` and import again",
+        ),
+        other => other,
+    })?;
     if info.format != "qcow2" || info.backing.is_some() {
         return Err(Error::input(
             format!(

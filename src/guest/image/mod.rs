@@ -9,8 +9,10 @@
 //! - `<name>/`                 an imported qcow2 (`image import`); boots from disk.
 //! - `.lock`                   serialises every image operation (pull, build, import, rm).
 //! - `.tmp-*`                  staging directories; a finished operation renames its staging
-//!   directory into place, so a half-done one never looks like an image. Stale ones (from a
-//!   killed process) are removed by the next operation, under the lock.
+//!   directory into place, so a half-done one never looks like an image. An image command
+//!   interrupted by SIGINT/SIGTERM removes its own; stale ones (from a killed process) are
+//!   removed by the next operation or by `boma-qvm prune`, under the lock, never following a
+//!   symlink and leaving other users' entries alone.
 //!
 //! Golden files are mode 0444 and are only ever used as a qcow2 backing file (see `overlay`).
 

@@ -136,8 +136,43 @@ async fn get(client: &reqwest::Client, url: &str) -> Result<reqwest::Response, P
     Ok(resp)
 }
 
+/// Why `base` is not an http(s) URL with a host, or `None` when it is one.
+pub fn url_problem(base: &str) -> Option<String> {
+    let url = match reqwest::Url::parse(base) {
+        Ok(u) => u,
+        Err(e) => return Some(e.to_string()),
+    };
+    if !matches!(url.scheme(), "http" | "https") {
+        return Some(format!(
+            "the scheme is `{}`, and only http and https are fetched",
+            url.scheme()
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Some("it names no host".into());
+    }
+    None
+}
+
+/// Refuse a base URL that is not http(s) with a host, naming the flag and setting.
+pub fn validate_base_url(base: &str) -> Result<()> {
+    match url_problem(base) {
+        None => Ok(()),
+        Some(why) => Err(Error::input(
+            format!(
+                "`{base}` is not a usable image server URL (--base-url or ${BASE_URL_ENV}): {why}"
+            ),
+            format!(
+                "give the http:// or https:// URL of a directory in Debian's cloud image layout, \
+                 e.g. {DEFAULT_BASE_URL}"
+            ),
+        )),
+    }
+}
+
 pub async fn pull_classified(dirs: &Dirs, opts: &PullOptions) -> Result<Pulled, PullFailure> {
     store::validate_name(&opts.name)?;
+    validate_base_url(&opts.base_url)?;
     let _lock = store::lock(dirs).await?;
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(20))
@@ -295,6 +330,28 @@ mod tests {
         );
         assert_eq!(parse_sums(&text, "other.qcow2"), None);
         assert_eq!(parse_sums("abc  x.qcow2", "x.qcow2"), None);
+    }
+
+    #[test]
+    fn base_urls_must_be_http_with_a_host() {
+        for good in [
+            DEFAULT_BASE_URL,
+            "http://127.0.0.1:8080/images/",
+            "https://m/x",
+        ] {
+            validate_base_url(good).unwrap();
+        }
+        for bad in [
+            "ht!tp:/bad url",
+            "file:///srv/images/",
+            "ftp://h/x",
+            "cloud.debian.org/x",
+            "",
+        ] {
+            let e = validate_base_url(bad).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad}: {e}");
+            assert!(e.to_string().contains("--base-url"), "{e}");
+        }
     }
 
     #[test]

@@ -13,23 +13,48 @@ const CLOUD_CFG: &str = "\
 datasource_list: [ NoCloud, None ]
 ";
 
-/// Unmount anything mounted at or below `path` (deepest first, lazily).
-pub fn unmount_under(path: &Path) {
+/// Mount points at or below `root` (a path with no symlinks in it), deepest first.
+fn mounts_under(root: &Path) -> Vec<PathBuf> {
     let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
-        return;
-    };
-    let Ok(root) = std::fs::canonicalize(path) else {
-        return;
+        return Vec::new();
     };
     let mut points: Vec<PathBuf> = mounts
         .lines()
         .filter_map(|l| l.split_whitespace().nth(1))
-        // /proc/self/mounts escapes spaces etc. as octal; our paths have none.
-        .map(PathBuf::from)
-        .filter(|p| p.starts_with(&root))
+        .map(|p| PathBuf::from(unescape_mount_path(p)))
+        .filter(|p| p.starts_with(root))
         .collect();
     points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    for p in points {
+    points
+}
+
+/// /proc/self/mounts writes space, tab, newline and backslash in paths as `\NNN` (octal).
+fn unescape_mount_path(p: &str) -> String {
+    let b = p.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let oct = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], oct) {
+            (b'\\', Some(d)) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Unmount anything mounted at or below `root` (deepest first, lazily). `root` must already be
+/// free of symlinks: it is compared with the mount table as it is, never resolved here.
+fn unmount_under(root: &Path) {
+    for p in mounts_under(root) {
         tracing::warn!("unmounting leftover mount {}", show(&p));
         if let Err(e) = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH) {
             tracing::warn!("cannot unmount {}: {e}", show(&p));
@@ -37,12 +62,41 @@ pub fn unmount_under(path: &Path) {
     }
 }
 
-/// Unmount-then-delete a directory tree that may hold leftover mounts.
+/// Delete a directory tree that may hold leftover mounts (a killed debootstrap's /proc, /sys,
+/// /dev/pts). Never follows a symlink: a symlink (or any non-directory) at `path` is removed as
+/// itself, and nothing it points at is touched or unmounted. A tree that still has a mount in
+/// it after unmounting is refused rather than deleted through (that would reach the host's
+/// files).
 pub fn remove_tree(path: &Path) -> Result<()> {
-    if !path.exists() {
-        return Ok(());
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).ctx(|| format!("lstat {}", show(path))),
+    };
+    if !meta.is_dir() {
+        return std::fs::remove_file(path).ctx(|| format!("removing {}", show(path)));
     }
-    unmount_under(path);
+    // Resolve the parent only: `path` itself is a real directory, and stays as it is.
+    let real = match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) => std::fs::canonicalize(parent)
+            .ctx(|| format!("resolving {}", show(parent)))?
+            .join(name),
+        _ => path.to_path_buf(),
+    };
+    unmount_under(&real);
+    if let Some(m) = mounts_under(&real).first() {
+        return Err(Error::image(
+            format!(
+                "not removing {}: {} is still mounted inside it",
+                show(path),
+                show(m)
+            ),
+            format!(
+                "unmount it (`umount -l {}`), then run `boma-qvm prune` again",
+                show(m)
+            ),
+        ));
+    }
     std::fs::remove_dir_all(path).ctx(|| format!("removing {}", show(path)))
 }
 
@@ -166,4 +220,41 @@ pub fn kernel(root: &Path) -> Result<(String, PathBuf, PathBuf)> {
         ));
     }
     Ok((v, k, i))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_paths_are_unescaped() {
+        assert_eq!(unescape_mount_path("/a\\040b/c"), "/a b/c");
+        assert_eq!(unescape_mount_path("/x\\134y"), "/x\\y");
+        assert_eq!(unescape_mount_path("/plain"), "/plain");
+        assert_eq!(unescape_mount_path("/odd\\9"), "/odd\\9");
+    }
+
+    #[test]
+    fn a_symlink_is_removed_as_a_link_and_its_target_is_untouched() {
+        let t = tempfile::tempdir().unwrap();
+        let target = t.path().join("target");
+        std::fs::create_dir(&target).unwrap();
+        std::fs::write(target.join("keep"), "x").unwrap();
+        let link = t.path().join(".tmp-link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        remove_tree(&link).unwrap();
+        assert!(
+            std::fs::symlink_metadata(&link).is_err(),
+            "link still there"
+        );
+        assert!(
+            target.join("keep").exists(),
+            "the target's contents were removed"
+        );
+        let dir = t.path().join(".tmp-dir");
+        std::fs::create_dir_all(dir.join("a/b")).unwrap();
+        remove_tree(&dir).unwrap();
+        assert!(!dir.exists());
+        remove_tree(&dir).unwrap(); // gone already: fine
+    }
 }

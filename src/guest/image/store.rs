@@ -36,6 +36,15 @@ pub struct Lock {
     _flock: Flock<File>,
 }
 
+fn open_lock_file(path: &Path) -> Result<File> {
+    File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .ctx(|| format!("opening {}", show(path)))
+}
+
 /// Take the image-cache lock, waiting (and saying so) if another boma-qvm holds it. Stale staging
 /// directories left by a killed process are removed once the lock is held. Waits at most
 /// `LOCK_WAIT` for another holder (an image build takes a few minutes).
@@ -45,12 +54,7 @@ pub async fn lock(dirs: &Dirs) -> Result<Lock> {
     let images = dirs.images();
     std::fs::create_dir_all(&images).ctx(|| format!("creating {}", show(&images)))?;
     let path = images.join(".lock");
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .ctx(|| format!("opening {}", show(&path)))?;
+    let file = open_lock_file(&path)?;
     let deadline = std::time::Instant::now() + LOCK_WAIT;
     let mut file = file;
     let mut said = false;
@@ -94,19 +98,66 @@ fn lock_err(path: &Path, e: Errno) -> Error {
     )
 }
 
-/// Remove `.tmp-*` staging directories. Only call with the lock held.
-fn clean_stale(images: &Path) {
-    let Ok(entries) = std::fs::read_dir(images) else {
-        return;
+/// What `prune_staging` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StagingPrune {
+    /// Removed these stale staging entries (paths).
+    Removed(Vec<String>),
+    /// Another image operation holds the lock; its staging directory is live, so nothing was
+    /// touched.
+    Busy,
+}
+
+/// Remove stale `.tmp-*` staging entries from the cache (for `prune`, and after an interrupted
+/// image command). Never waits: when another image operation holds the lock, does nothing. Never
+/// creates the cache.
+pub fn prune_staging(dirs: &Dirs) -> Result<StagingPrune> {
+    let images = dirs.images();
+    if !images.is_dir() {
+        return Ok(StagingPrune::Removed(vec![]));
+    }
+    let path = images.join(".lock");
+    let _flock = match Flock::lock(open_lock_file(&path)?, FlockArg::LockExclusiveNonblock) {
+        Ok(f) => f,
+        Err((_, Errno::EWOULDBLOCK)) => return Ok(StagingPrune::Busy),
+        Err((_, e)) => return Err(lock_err(&path, e)),
     };
+    Ok(StagingPrune::Removed(clean_stale(&images)))
+}
+
+/// Remove `.tmp-*` staging entries; returns the ones removed. Only call with the lock held (every
+/// operation that stages holds it throughout, so with the lock held, any staging entry is stale).
+/// Never follows a symlink (`rootfs::remove_tree`), and leaves alone entries another user owns.
+fn clean_stale(images: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(images) else {
+        return removed;
+    };
+    let me = nix::unistd::geteuid().as_raw();
     for e in entries.flatten() {
-        if e.file_name().to_string_lossy().starts_with(".tmp-") {
-            tracing::info!("removing stale staging directory {}", show(&e.path()));
-            if let Err(err) = super::rootfs::remove_tree(&e.path()) {
-                tracing::warn!("{err}");
-            }
+        if !e.file_name().to_string_lossy().starts_with(".tmp-") {
+            continue;
+        }
+        let path = e.path();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.uid() != me {
+            tracing::warn!(
+                "leaving stale staging entry {} alone: it belongs to uid {}, not to this user (uid {me})",
+                show(&path),
+                meta.uid()
+            );
+            continue;
+        }
+        tracing::info!("removing stale staging entry {}", show(&path));
+        match super::rootfs::remove_tree(&path) {
+            Ok(()) => removed.push(show(&path)),
+            Err(err) => tracing::warn!("{err}"),
         }
     }
+    removed
 }
 
 /// A fresh staging directory inside the cache (same filesystem, so installing is a rename).
