@@ -3,6 +3,7 @@
 //! already set in the environment wins over the file, and a command-line flag wins over both.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 pub const DEFAULT_PATH: &str = "/etc/boma-qvm/config.env";
 
@@ -32,6 +33,33 @@ pub fn defaults_to_apply(file: &Path) -> Vec<(String, String)> {
         .into_iter()
         .filter(|(k, _)| std::env::var_os(k).is_none())
         .collect()
+}
+
+/// The file [`apply`] read and the keys it set (those the environment did not already set).
+static APPLIED: OnceLock<(PathBuf, Vec<String>)> = OnceLock::new();
+
+/// Put `file`'s settings into this process's environment where the environment does not set
+/// them already, and remember which ones came from the file (see [`source_of`]).
+///
+/// # Safety
+/// Sets environment variables: call it first thing in `main`, before any other thread exists.
+pub unsafe fn apply(file: &Path) {
+    let set = defaults_to_apply(file);
+    for (k, v) in &set {
+        // SAFETY: the caller guarantees no other thread exists yet.
+        unsafe { std::env::set_var(k, v) };
+    }
+    let _ = APPLIED.set((
+        file.to_path_buf(),
+        set.into_iter().map(|(k, _)| k).collect(),
+    ));
+}
+
+/// Where the value of setting `key` came from: `Some(file)` when [`apply`] set it from that file,
+/// `None` when it is the process's own environment (or unset).
+pub fn source_of(key: &str) -> Option<&'static Path> {
+    let (file, keys) = APPLIED.get()?;
+    keys.iter().any(|k| k == key).then_some(file.as_path())
 }
 
 #[cfg(test)]

@@ -68,7 +68,8 @@ enum Cmd {
     /// The isolated network: up, down, status.
     #[command(subcommand)]
     Net(net_cmds::NetCmd),
-    /// Check the host: KVM, tools, and firewall tables that would eat the VMs' traffic.
+    /// Check the host: KVM, tools, the Ansible it will run, and firewall tables that would eat the
+    /// VMs' traffic.
     Doctor(net_cmds::DoctorArgs),
     /// Inject a fault into a running VM: power-cut, power-on, reset, link-down, freeze, disk-errors-on, egress-off, nmi, ...
     Fault(fault_cmds::FaultArgs),
@@ -97,10 +98,8 @@ fn init_logging(verbose: u8) {
 }
 
 pub fn main() -> i32 {
-    for (k, v) in boma_qvm::config_file::defaults_to_apply(&boma_qvm::config_file::path()) {
-        // SAFETY: first thing in main, before any thread exists.
-        unsafe { std::env::set_var(k, v) };
-    }
+    // SAFETY: first thing in main, before any thread exists.
+    unsafe { boma_qvm::config_file::apply(&boma_qvm::config_file::path()) };
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let mut dirs = Dirs::from_env();

@@ -4,7 +4,7 @@ use boma_qvm::accel::KvmProbe;
 use boma_qvm::net::{self, NetConfig, Network};
 use boma_qvm::paths::Dirs;
 use boma_qvm::provision::saved_net_config;
-use boma_qvm::{Error, Result, vm};
+use boma_qvm::{Error, Result, ansible, vm};
 use clap::{Args, Subcommand};
 
 #[derive(Subcommand, Debug)]
@@ -57,6 +57,75 @@ pub async fn net(dirs: &Dirs, cmd: NetCmd) -> Result<()> {
 #[derive(Args, Debug)]
 pub struct DoctorArgs {}
 
+/// The Ansible boma-qvm will run, its version and where that choice came from; the number of
+/// problems found.
+fn check_ansible() -> usize {
+    let mut problems = 0;
+    match ansible::locate("ansible-playbook") {
+        Ok(found) => {
+            let out = std::process::Command::new(&found.path)
+                .arg("--version")
+                .output();
+            let text = out
+                .as_ref()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            let first = text.lines().next().unwrap_or("").trim();
+            let from = format!("from {}", found.origin);
+            match ansible::core_version(&text) {
+                Some(v) if (v.0, v.1) >= ansible::MIN_VERSION => println!(
+                    "ok: ansible-playbook {} (ansible-core {}.{}.{}), {from}",
+                    found.path.display(),
+                    v.0,
+                    v.1,
+                    v.2
+                ),
+                Some(v) => {
+                    problems += 1;
+                    println!(
+                        "OLD: ansible-playbook {} (ansible-core {}.{}.{}), {from}: boma-qvm needs ansible-core >= {}.{}\n  fix: point {} at a newer one (`.ci/setup` installs ansible-core into /opt/boma-qvm-ansible and records it)",
+                        found.path.display(),
+                        v.0,
+                        v.1,
+                        v.2,
+                        ansible::MIN_VERSION.0,
+                        ansible::MIN_VERSION.1,
+                        ansible::DIR_VAR
+                    );
+                }
+                None => {
+                    problems += 1;
+                    let why = match &out {
+                        Ok(o) => format!(
+                            "`--version` said {:?} ({})",
+                            first,
+                            String::from_utf8_lossy(&o.stderr).trim()
+                        ),
+                        Err(e) => format!("it does not run: {e}"),
+                    };
+                    println!(
+                        "BROKEN: ansible-playbook {}, {from}: {why}\n  fix: repair or reinstall that Ansible, or point {} at a working one",
+                        found.path.display(),
+                        ansible::DIR_VAR
+                    );
+                }
+            }
+        }
+        Err(e) => {
+            // The others would only repeat the same fix.
+            println!("MISSING: {e}");
+            return 1;
+        }
+    }
+    for tool in ["ansible-inventory", "ansible"] {
+        if let Err(e) = ansible::locate(tool) {
+            problems += 1;
+            println!("MISSING: {e}");
+        }
+    }
+    problems
+}
+
 /// Print warnings with their fixes; exit non-zero when there are any.
 pub async fn doctor(dirs: &Dirs, _a: DoctorArgs) -> Result<()> {
     let mut problems = 0;
@@ -89,7 +158,6 @@ pub async fn doctor(dirs: &Dirs, _a: DoctorArgs) -> Result<()> {
         "nft",
         "genisoimage",
         "ssh",
-        "ansible-playbook",
     ] {
         if boma_qvm::tools::find(tool).is_some() {
             println!("ok: {tool}");
@@ -98,6 +166,7 @@ pub async fn doctor(dirs: &Dirs, _a: DoctorArgs) -> Result<()> {
             println!("MISSING: {tool} (install with the integration_test role: `make setup`)");
         }
     }
+    problems += check_ansible();
     for w in net::doctor(&saved_net_config(dirs))? {
         problems += 1;
         println!("WARNING: {}\n  fix: {}", w.problem, w.fix);
