@@ -1,6 +1,8 @@
 //! The design's self-validating acceptance test, through the README's main job
 //! (`make test-integration HOST=askari`) on the bundled example repo, on a real Debian 13 guest
-//! under TCG, inside a network namespace this test creates:
+//! under TCG, inside a network namespace this test creates, in a clean environment (`env -i`:
+//! the system PATH, HOME and the test's BOMA_QVM_* dirs, as a new user's shell after
+//! `.ci/setup`):
 //!
 //! 1. fix off: the apply succeeds and the published port answers before the reboot, and verify
 //!    FAILS after the reboot on the published port — the VM kept, the post-mortem written. If
@@ -15,22 +17,36 @@ use common::netns::Netns;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-fn make(ns: &Netns, env: &Env, runs: &Path, knobs: &str) -> std::process::Output {
-    ns.exec(&format!(
-        "cd {} && BOMA_QVM_STATE_DIR={} BOMA_QVM_CACHE_DIR={} BOMA_QVM_RUNS_DIR={} make -s test-integration HOST=askari BOMA_QVM={} {knobs}",
-        env!("CARGO_MANIFEST_DIR"),
+/// A clean environment, as a new user's shell has after `.ci/setup`: `env -i` with the system
+/// PATH, HOME and only the BOMA_QVM_* dirs this test needs. Nothing from the test process (a
+/// venv on PATH, cargo's variables) leaks in, so boma-qvm must find Ansible the way it would
+/// for them: through BOMA_QVM_ANSIBLE_DIR in /etc/boma-qvm/config.env. A missing install step
+/// fails here.
+fn clean_env(env: &Env, runs: &Path) -> String {
+    format!(
+        "env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME={} \
+         BOMA_QVM_STATE_DIR={} BOMA_QVM_CACHE_DIR={} BOMA_QVM_RUNS_DIR={}",
+        std::env::var("HOME").expect("HOME"),
         env.dirs.state.display(),
         env.dirs.cache.display(),
         runs.display(),
+    )
+}
+
+/// The README's main job, `make test-integration HOST=askari`, in a clean environment.
+fn make(ns: &Netns, env: &Env, runs: &Path, knobs: &str) -> std::process::Output {
+    ns.exec(&format!(
+        "cd {} && {} make -s test-integration HOST=askari BOMA_QVM={} {knobs}",
+        env!("CARGO_MANIFEST_DIR"),
+        clean_env(env, runs),
         env!("CARGO_BIN_EXE_boma-qvm"),
     ))
 }
 
-fn cli(ns: &Netns, env: &Env, args: &str) -> std::process::Output {
+fn cli(ns: &Netns, env: &Env, runs: &Path, args: &str) -> std::process::Output {
     ns.exec(&format!(
-        "BOMA_QVM_STATE_DIR={} BOMA_QVM_CACHE_DIR={} {} {args}",
-        env.dirs.state.display(),
-        env.dirs.cache.display(),
+        "{} {} {args}",
+        clean_env(env, runs),
         env!("CARGO_BIN_EXE_boma-qvm")
     ))
 }
@@ -168,7 +184,7 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
         .iter()
         .filter(|r| r.is("RESET"))
         .count();
-    let o = cli(&ns, &env, "reset askari");
+    let o = cli(&ns, &env, &red_runs, "reset askari");
     let text = output_text(&o);
     assert_eq!(
         o.status.code(),
@@ -188,9 +204,9 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
 
     // Clean the kept VM away, as an operator would.
     let o = ns.exec(&format!(
-        "cd {} && BOMA_QVM_STATE_DIR={} make -s test-integration-clean BOMA_QVM={}",
+        "cd {} && {} make -s test-integration-clean BOMA_QVM={}",
         env!("CARGO_MANIFEST_DIR"),
-        env.dirs.state.display(),
+        clean_env(&env, &red_runs),
         env!("CARGO_BIN_EXE_boma-qvm")
     ));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
