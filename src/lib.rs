@@ -28,6 +28,7 @@ pub mod spec;
 pub mod ssh;
 pub mod stage;
 pub mod supervisor;
+pub mod testguest;
 pub mod tools;
 pub mod vm;
 
