@@ -5,6 +5,7 @@
 
 pub mod accel;
 pub mod ansible;
+pub mod boottest;
 pub mod config_file;
 pub mod console;
 pub mod cycle;

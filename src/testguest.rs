@@ -37,6 +37,8 @@ pub const ROOTFS: &[(&str, &str)] = &[
 
 /// Printed on the console when the guest's init has finished booting.
 pub const READY: &str = "BOMA-TESTGUEST-READY";
+/// Printed by the guest's shutdown script (`rc.shutdown`), run on a clean poweroff or reboot.
+pub const SHUTDOWN: &str = "BOMA-TESTGUEST-SHUTDOWN";
 
 /// A built guest: its kernel and initramfs.
 #[derive(Debug, Clone, PartialEq, Eq)]

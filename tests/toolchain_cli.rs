@@ -229,3 +229,114 @@ fn the_main_job_under_env_i_reads_the_inventory_with_the_recorded_ansible() {
     assert!(t.contains("test-integration] Error 2"), "{t}");
     w.nothing_made();
 }
+
+/// The seconds figure on the line of `t` that starts with `prefix` (`<prefix>12.3 s`).
+fn figure(t: &str, prefix: &str) -> f64 {
+    let line = t
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no line `{prefix}...` in:\n{t}"));
+    line.trim_end_matches(" s")
+        .parse()
+        .unwrap_or_else(|e| panic!("`{line}`: {e}"))
+}
+
+/// What a boot test must leave behind: nothing. No VM directory, and no process in the
+/// namespace it ran in (the supervisor and QEMU were started inside it).
+fn nothing_left(w: &World, ns: &Netns) {
+    assert!(
+        !w.state()
+            .join("vms")
+            .join(boma_qvm::boottest::VM_NAME)
+            .exists(),
+        "the boot test's VM directory is gone"
+    );
+    let left: Vec<String> = ns
+        .pids()
+        .iter()
+        .map(|p| boma_qvm::procs::cmdline(*p).join(" "))
+        .collect();
+    assert!(left.is_empty(), "processes left: {left:?}");
+    assert!(common::qemus_under(&w.state()).is_empty());
+}
+
+/// `doctor --boot-test --accel tcg`, from the binary alone (the guest's sources are embedded),
+/// under env -i: the printed READY and reboot figures, a clean power-off, nothing left.
+#[test]
+fn doctor_boot_test_times_ready_and_a_clean_reboot_and_leaves_nothing() {
+    let real = real_ansible_dir();
+    let w = World::new(&format!("BOMA_QVM_ANSIBLE_DIR={}\n", real.display()));
+    let ns = Netns::new("boot");
+    // The suite's guest cache: built once per machine, shared with the other VM tests.
+    let cache = format!(
+        "BOMA_QVM_CACHE_DIR={}",
+        boma_qvm::paths::Dirs::from_env().cache.display()
+    );
+    let o = w
+        .clean(
+            Some(&ns),
+            &[cache],
+            &[BIN, "doctor", "--boot-test", "--accel", "tcg"],
+        )
+        .current_dir("/")
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("boot test: the busybox test guest under tcg, no network"),
+        "{t}"
+    );
+    let ready = figure(&t, "boot test: QEMU start -> READY: ");
+    let reboot = figure(
+        &t,
+        "boot test: clean reboot (ACPI power button -> guest shutdown path -> reset -> READY): ",
+    );
+    assert!(ready > 0.0 && ready < 150.0, "{t}");
+    assert!(reboot > 0.0 && reboot < 300.0, "{t}");
+    assert!(
+        t.contains("ok: boot test passed under tcg; the guest powered off cleanly"),
+        "{t}"
+    );
+    nothing_left(&w, &ns);
+}
+
+/// A guest that does not reach READY in time (what a hung KVM guest does) is a timeout with a
+/// fix, exit 9, and still leaves nothing behind. Under TCG READY takes seconds, so a 1 s limit
+/// always trips.
+#[test]
+fn a_boot_test_that_misses_ready_times_out_with_a_fix_and_leaves_nothing() {
+    let w = World::new("");
+    let ns = Netns::new("hang");
+    let cache = format!(
+        "BOMA_QVM_CACHE_DIR={}",
+        boma_qvm::paths::Dirs::from_env().cache.display()
+    );
+    let o = w
+        .clean(
+            Some(&ns),
+            &[cache],
+            &[
+                BIN,
+                "doctor",
+                "--boot-test",
+                "--accel",
+                "tcg",
+                "--boot-timeout",
+                "1",
+            ],
+        )
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(9), "{t}");
+    assert!(
+        t.contains("timed out after 1s waiting for `BOMA-TESTGUEST-READY` x1"),
+        "{t}"
+    );
+    assert!(
+        t.contains("fix: under TCG the guest normally reaches READY in seconds"),
+        "{t}"
+    );
+    nothing_left(&w, &ns);
+}

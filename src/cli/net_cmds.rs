@@ -1,11 +1,13 @@
-//! Network and host-check subcommands: `net up|down|status`, `doctor`.
+//! Network and host-check subcommands: `net up|down|status`, `doctor [--boot-test]`.
 
-use boma_qvm::accel::KvmProbe;
+use boma_qvm::accel::{self, AccelChoice, KvmProbe};
 use boma_qvm::net::{self, NetConfig, Network};
 use boma_qvm::paths::Dirs;
 use boma_qvm::provision::saved_net_config;
-use boma_qvm::{Error, Result, ansible, vm};
+use boma_qvm::vm::StartOptions;
+use boma_qvm::{Error, Result, ansible, boottest, vm};
 use clap::{Args, Subcommand};
+use std::time::Duration;
 
 #[derive(Subcommand, Debug)]
 pub enum NetCmd {
@@ -55,7 +57,23 @@ pub async fn net(dirs: &Dirs, cmd: NetCmd) -> Result<()> {
 }
 
 #[derive(Args, Debug)]
-pub struct DoctorArgs {}
+pub struct DoctorArgs {
+    /// Also boot the busybox test guest (no network, built into the cache on first use): print
+    /// the time from QEMU start to its READY marker and of a clean reboot, then remove it.
+    #[arg(long)]
+    pub boot_test: bool,
+    /// The boot test's accelerator, resolved as for `up`: auto (KVM only where it really works),
+    /// kvm or tcg.
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto, requires = "boot_test")]
+    pub accel: AccelChoice,
+    /// With --accel kvm: try KVM even when the check says it is not usable.
+    #[arg(long, requires = "boot_test")]
+    pub force_accel: bool,
+    /// Seconds each boot-test wait may take (READY, the guest's shutdown, READY again).
+    /// Default: 30 under KVM, 150 under TCG.
+    #[arg(long, requires = "boot_test")]
+    pub boot_timeout: Option<u64>,
+}
 
 /// The Ansible boma-qvm will run, its version and where that choice came from; the number of
 /// problems found.
@@ -126,8 +144,9 @@ fn check_ansible() -> usize {
     problems
 }
 
-/// Print warnings with their fixes; exit non-zero when there are any.
-pub async fn doctor(dirs: &Dirs, _a: DoctorArgs) -> Result<()> {
+/// Print warnings with their fixes; exit non-zero when there are any. With `--boot-test`, also
+/// boot the test guest and print its timings.
+pub async fn doctor(dirs: &Dirs, a: DoctorArgs) -> Result<()> {
     let mut problems = 0;
     let probe = KvmProbe::read();
     if probe.usable() {
@@ -171,6 +190,9 @@ pub async fn doctor(dirs: &Dirs, _a: DoctorArgs) -> Result<()> {
         problems += 1;
         println!("WARNING: {}\n  fix: {}", w.problem, w.fix);
     }
+    if a.boot_test {
+        boot_test(dirs, &a).await?;
+    }
     if problems > 0 {
         return Err(Error::input(
             format!("doctor found {problems} problem(s)"),
@@ -178,5 +200,44 @@ pub async fn doctor(dirs: &Dirs, _a: DoctorArgs) -> Result<()> {
         ));
     }
     println!("doctor: all good");
+    Ok(())
+}
+
+async fn boot_test(dirs: &Dirs, a: &DoctorArgs) -> Result<()> {
+    let (accel, warning) = accel::resolve(a.accel, &KvmProbe::read(), a.force_accel)?;
+    if let Some(w) = warning {
+        eprintln!("{w}");
+    }
+    let opts = boottest::Options {
+        accel,
+        timeout: a
+            .boot_timeout
+            .map(Duration::from_secs)
+            .unwrap_or_else(|| boottest::default_ready_timeout(accel)),
+        start: StartOptions::default(),
+    };
+    println!(
+        "boot test: the busybox test guest under {}, no network, 1 vCPU, 256 MiB (each wait up to {} s)",
+        accel.as_str(),
+        opts.timeout.as_secs()
+    );
+    let r = boottest::run(dirs, &opts).await?;
+    println!(
+        "boot test: QEMU start -> READY: {:.1} s",
+        r.ready.as_secs_f64()
+    );
+    println!(
+        "boot test: clean reboot (ACPI power button -> guest shutdown path -> reset -> READY): {:.1} s",
+        r.reboot.as_secs_f64()
+    );
+    println!(
+        "ok: boot test passed under {}; the guest {} and its VM was removed",
+        accel.as_str(),
+        if r.clean_shutdown {
+            "powered off cleanly"
+        } else {
+            "did not power off in time (QEMU was stopped)"
+        }
+    );
     Ok(())
 }
