@@ -35,6 +35,16 @@ pub fn defaults_to_apply(file: &Path) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The value `file` gives `key`, if any (the last assignment wins, as in a shell).
+pub fn value_in(file: &Path, key: &str) -> Option<String> {
+    let text = std::fs::read_to_string(file).ok()?;
+    parse(&text)
+        .into_iter()
+        .filter(|(k, _)| k == key)
+        .map(|(_, v)| v)
+        .next_back()
+}
+
 /// The file [`apply`] read and the keys it set (those the environment did not already set).
 static APPLIED: OnceLock<(PathBuf, Vec<String>)> = OnceLock::new();
 
@@ -65,6 +75,20 @@ pub fn source_of(key: &str) -> Option<&'static Path> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn value_in_reads_one_key_last_wins() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("config.env");
+        std::fs::write(
+            &f,
+            "BOMA_QVM_ANSIBLE_DIR=/a\n# BOMA_QVM_ANSIBLE_DIR=/commented\nBOMA_QVM_ANSIBLE_DIR=/b\n",
+        )
+        .unwrap();
+        assert_eq!(value_in(&f, "BOMA_QVM_ANSIBLE_DIR").as_deref(), Some("/b"));
+        assert_eq!(value_in(&f, "BOMA_QVM_MAX_VMS"), None);
+        assert_eq!(value_in(&d.path().join("absent"), "BOMA_QVM_X"), None);
+    }
 
     #[test]
     fn only_boma_qvm_keys() {

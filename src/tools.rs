@@ -73,13 +73,26 @@ pub struct Located {
 }
 
 /// The setting `var` (a directory), if it is set and not empty, and the config file that set it
-/// (`None`: the environment).
+/// (`None`: the environment). The environment wins; without it the config file is read here,
+/// so library callers that never ran [`crate::config_file::apply`] (tests, other programs) get
+/// the same answer as the CLI.
 fn setting(var: &str) -> Option<(PathBuf, Option<PathBuf>)> {
-    let dir = std::env::var_os(var).filter(|v| !v.is_empty())?;
-    Some((
-        PathBuf::from(dir),
-        crate::config_file::source_of(var).map(Path::to_path_buf),
-    ))
+    setting_in(var, std::env::var_os(var), &crate::config_file::path())
+}
+
+fn setting_in(
+    var: &str,
+    env: Option<std::ffi::OsString>,
+    file: &Path,
+) -> Option<(PathBuf, Option<PathBuf>)> {
+    if let Some(dir) = env.filter(|v| !v.is_empty()) {
+        return Some((
+            PathBuf::from(dir),
+            crate::config_file::source_of(var).map(Path::to_path_buf),
+        ));
+    }
+    let dir = crate::config_file::value_in(file, var).filter(|v| !v.is_empty())?;
+    Some((PathBuf::from(dir), Some(file.to_path_buf())))
 }
 
 /// `program` from the directory the setting `dir_var` names when it is set, else from PATH.
@@ -180,6 +193,27 @@ mod tests {
 
     fn from_file(dir: &Path) -> (PathBuf, Option<PathBuf>) {
         (dir.to_path_buf(), Some("/etc/boma-qvm/config.env".into()))
+    }
+
+    /// Library callers that never ran config_file::apply (tests, other programs) still get the
+    /// config file's value; the environment wins over it.
+    #[test]
+    fn the_setting_comes_from_the_environment_else_the_config_file() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("config.env");
+        std::fs::write(&file, "BOMA_QVM_X_DIR=/from/file\n").unwrap();
+        assert_eq!(
+            setting_in("BOMA_QVM_X_DIR", None, &file),
+            Some((PathBuf::from("/from/file"), Some(file.clone())))
+        );
+        assert_eq!(
+            setting_in("BOMA_QVM_X_DIR", Some("/from/env".into()), &file),
+            Some((PathBuf::from("/from/env"), None))
+        );
+        assert_eq!(
+            setting_in("BOMA_QVM_X_DIR", Some("".into()), &d.path().join("none")),
+            None
+        );
     }
 
     #[test]
