@@ -9,6 +9,9 @@ SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 
 ANSIBLE_PLAYBOOK ?= ansible-playbook
+# The directory of that ansible-playbook: the role records it as BOMA_QVM_ANSIBLE_DIR in
+# /etc/boma-qvm/config.env, so boma-qvm runs the same Ansible without it being on PATH.
+ANSIBLE_DIR ?= $(patsubst %/,%,$(dir $(shell command -v $(ANSIBLE_PLAYBOOK))))
 CARGO_BUILD ?= cargo build --release
 # The binary the role installs to /usr/local/bin (for a debug build: BIN=target/debug/boma-qvm).
 BIN ?= target/release/boma-qvm
@@ -17,7 +20,8 @@ SETUP_ARGS ?=
 SETUP_LOG ?= target/setup-check.log
 
 PLAYBOOK = ANSIBLE_NOCOLOR=1 $(ANSIBLE_PLAYBOOK) -i localhost, -c local \
-	-e integration_test_binary_src=$(abspath $(BIN)) $(SETUP_ARGS)
+	-e integration_test_binary_src=$(abspath $(BIN)) -e integration_test_ansible_dir=$(ANSIBLE_DIR) \
+	$(SETUP_ARGS)
 
 # The main job's knobs. FIX=1 turns on the docker_host container-forward drop-in (the fix).
 HOST ?= askari
@@ -36,7 +40,8 @@ setup:
 	$(CARGO_BUILD)
 	$(PLAYBOOK) setup.yml
 
-# Second apply must change nothing; then read-only checks of packages, binary, kvm group, cache.
+# Second apply must change nothing; then read-only checks of packages, binary, kvm group, cache,
+# config (and that the recorded Ansible runs).
 setup-check:
 	@mkdir -p $(dir $(SETUP_LOG))
 	$(PLAYBOOK) setup.yml | tee $(SETUP_LOG)

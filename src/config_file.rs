@@ -148,6 +148,27 @@ pub fn origin(key: &str) -> Origin {
     }
 }
 
+/// The config file that set `key` in this process's environment (`load` did), if one did.
+pub fn source_of(key: &str) -> Option<&'static Path> {
+    let l = LOADED.get()?;
+    l.applied
+        .iter()
+        .any(|s| s.key == key)
+        .then_some(l.file.as_deref()?)
+}
+
+/// The value `file` gives `key`, if any (the last assignment wins, as in a shell). For library
+/// callers that never ran `load` (tests, other programs).
+pub fn value_in(file: &Path, key: &str) -> Option<String> {
+    let text = std::fs::read_to_string(file).ok()?;
+    parse(&text, file)
+        .0
+        .into_iter()
+        .filter(|s| s.key == key)
+        .map(|s| s.value)
+        .next_back()
+}
+
 /// Read the config file and put the settings the environment does not already set into it.
 /// Returns the warnings to print (one line each). Refuses a `$BOMA_QVM_CONFIG` that is missing,
 /// and a config file that is a directory or cannot be read.

@@ -9,9 +9,14 @@ pub enum Error {
     #[error("{problem}\n  fix: {fix}")]
     Input { problem: String, fix: String },
 
-    /// A required external program is not installed.
-    #[error("`{program}` was not found on PATH\n  fix: {fix}")]
-    MissingTool { program: String, fix: String },
+    /// A required external program is not installed (or not where a setting says it is).
+    /// `looked_in` says where it was looked for: "on PATH", or the setting that names a directory.
+    #[error("`{program}` was not found {looked_in}\n  fix: {fix}")]
+    MissingTool {
+        program: String,
+        looked_in: String,
+        fix: String,
+    },
 
     /// Something the user named does not exist (a VM, an image, a file).
     #[error("{what} does not exist\n  fix: {fix}")]
@@ -177,6 +182,15 @@ impl Error {
     pub fn input(problem: impl Into<String>, fix: impl Into<String>) -> Self {
         Error::Input {
             problem: problem.into(),
+            fix: fix.into(),
+        }
+    }
+
+    /// A program that was looked for on PATH and is not there.
+    pub fn missing_tool(program: impl Into<String>, fix: impl Into<String>) -> Self {
+        Error::MissingTool {
+            program: program.into(),
+            looked_in: "on PATH".into(),
             fix: fix.into(),
         }
     }

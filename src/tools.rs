@@ -1,7 +1,14 @@
 //! The external programs boma-qvm shells out to: find one on PATH, or fail saying how to
 //! install it. One lookup for every module (QEMU, network, image, seed, SSH, Ansible).
+//!
+//! A family of programs can also be taken from a directory a setting names, ahead of PATH
+//! ([`locate`]): Ansible lives in a venv (`/opt/boma-qvm-ansible/bin`) that nothing puts on
+//! PATH, so the integration_test role records it as `BOMA_QVM_ANSIBLE_DIR` in
+//! `/etc/boma-qvm/config.env` instead.
 
 use crate::{Error, Result};
+use std::ffi::OsStr;
+use std::fmt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -11,21 +18,150 @@ fn executable(p: &Path) -> bool {
 
 /// `program` as an executable file: a path is checked as given, a bare name looked up on PATH.
 pub fn find(program: &str) -> Option<PathBuf> {
+    find_on(program, &std::env::var_os("PATH").unwrap_or_default())
+}
+
+fn find_on(program: &str, path: &OsStr) -> Option<PathBuf> {
     if program.contains('/') {
         let p = PathBuf::from(program);
         return executable(&p).then_some(p);
     }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
+    std::env::split_paths(path)
         .map(|d| d.join(program))
         .find(|c| executable(c))
 }
 
 /// [`find`], or `Error::MissingTool` with `fix`.
 pub fn require(program: &str, fix: &str) -> Result<PathBuf> {
-    find(program).ok_or_else(|| Error::MissingTool {
-        program: program.into(),
-        fix: fix.into(),
+    find(program).ok_or_else(|| Error::missing_tool(program, fix))
+}
+
+/// Where a program is taken from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The directory the setting `var` names; `file` is the config file that set it (`None`:
+    /// the process environment).
+    Setting {
+        var: String,
+        dir: PathBuf,
+        file: Option<PathBuf>,
+    },
+    /// The PATH lookup.
+    Path,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Setting { var, dir, file } => {
+                write!(f, "{var}={}", dir.display())?;
+                match file {
+                    Some(file) => write!(f, " (set in {})", file.display()),
+                    None => write!(f, " (set in the environment)"),
+                }
+            }
+            Origin::Path => write!(f, "PATH"),
+        }
+    }
+}
+
+/// A program and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Located {
+    pub path: PathBuf,
+    pub origin: Origin,
+}
+
+/// The setting `var` (a directory), if it is set and not empty, and the config file that set it
+/// (`None`: the environment). The environment wins; without it the config file is read here,
+/// so library callers that never ran [`crate::config_file::apply`] (tests, other programs) get
+/// the same answer as the CLI.
+fn setting(var: &str) -> Option<(PathBuf, Option<PathBuf>)> {
+    setting_in(var, std::env::var_os(var), &crate::config_file::path().0)
+}
+
+fn setting_in(
+    var: &str,
+    env: Option<std::ffi::OsString>,
+    file: &Path,
+) -> Option<(PathBuf, Option<PathBuf>)> {
+    if let Some(dir) = env.filter(|v| !v.is_empty()) {
+        return Some((
+            PathBuf::from(dir),
+            crate::config_file::source_of(var).map(Path::to_path_buf),
+        ));
+    }
+    let dir = crate::config_file::value_in(file, var).filter(|v| !v.is_empty())?;
+    Some((PathBuf::from(dir), Some(file.to_path_buf())))
+}
+
+/// `program` from the directory the setting `dir_var` names when it is set, else from PATH.
+///
+/// A set but wrong setting is an error, not a fall-back to PATH: the setting is how the operator
+/// (or the role) chose this program, and silently running another one from PATH (say Debian 12's
+/// ansible-core 2.14, too old for the Debian 13 guest) would hide that the choice went stale.
+/// `fix` says how to install the program; the error adds how to set `dir_var`.
+pub fn locate(program: &str, dir_var: &str, fix: &str) -> Result<Located> {
+    locate_with(
+        program,
+        setting(dir_var),
+        dir_var,
+        &std::env::var_os("PATH").unwrap_or_default(),
+        fix,
+    )
+}
+
+fn locate_with(
+    program: &str,
+    setting: Option<(PathBuf, Option<PathBuf>)>,
+    dir_var: &str,
+    path: &OsStr,
+    fix: &str,
+) -> Result<Located> {
+    let Some((dir, file)) = setting else {
+        return match find_on(program, path) {
+            Some(p) => Ok(Located {
+                path: p,
+                origin: Origin::Path,
+            }),
+            None => {
+                let config = crate::config_file::path().0;
+                Err(Error::MissingTool {
+                    program: program.to_string(),
+                    looked_in: format!(
+                        "on PATH, and {dir_var} is not set (neither in the environment nor in {})",
+                        config.display()
+                    ),
+                    fix: format!(
+                        "set {dir_var}=<the directory holding `{program}`> in {} (`make setup` records \
+                         the Ansible that applies the integration_test role there, e.g. \
+                         /opt/boma-qvm-ansible/bin). {fix}",
+                        config.display()
+                    ),
+                })
+            }
+        };
+    };
+    let p = dir.join(program);
+    let edit = match &file {
+        Some(f) => format!("fix {dir_var} in {}", f.display()),
+        None => format!("fix {dir_var} in your environment"),
+    };
+    let origin = Origin::Setting {
+        var: dir_var.to_string(),
+        dir,
+        file,
+    };
+    if executable(&p) {
+        return Ok(Located { path: p, origin });
+    }
+    Err(Error::MissingTool {
+        program: program.to_string(),
+        looked_in: format!("in {origin}"),
+        fix: format!(
+            "{edit}: it must name the directory that holds `{program}` (re-running `make setup` \
+             records the Ansible that applies the role there); or unset it to use PATH. {fix}"
+        ),
     })
 }
 
@@ -45,5 +181,126 @@ mod tests {
         let e = require("no-such-tool-boma", "install it").unwrap_err();
         assert_eq!(e.exit_code(), 3);
         assert!(e.to_string().contains("install it"));
+        assert!(e.to_string().contains("not found on PATH"), "{e}");
+    }
+
+    fn exe(dir: &Path, name: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+
+    fn from_file(dir: &Path) -> (PathBuf, Option<PathBuf>) {
+        (dir.to_path_buf(), Some("/etc/boma-qvm/config.env".into()))
+    }
+
+    /// Library callers that never ran config_file::apply (tests, other programs) still get the
+    /// config file's value; the environment wins over it.
+    #[test]
+    fn the_setting_comes_from_the_environment_else_the_config_file() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("config.env");
+        let var = "BOMA_QVM_ANSIBLE_DIR";
+        std::fs::write(&file, format!("{var}=/from/file\n")).unwrap();
+        assert_eq!(
+            setting_in(var, None, &file),
+            Some((PathBuf::from("/from/file"), Some(file.clone())))
+        );
+        assert_eq!(
+            setting_in(var, Some("/from/env".into()), &file),
+            Some((PathBuf::from("/from/env"), None))
+        );
+        assert_eq!(
+            setting_in(var, Some("".into()), &d.path().join("none")),
+            None
+        );
+    }
+
+    #[test]
+    fn the_setting_wins_over_path() {
+        let set = tempfile::tempdir().unwrap();
+        let on_path = tempfile::tempdir().unwrap();
+        let want = exe(set.path(), "tool-x");
+        exe(on_path.path(), "tool-x");
+        let got = locate_with(
+            "tool-x",
+            Some(from_file(set.path())),
+            "BOMA_QVM_X_DIR",
+            on_path.path().as_os_str(),
+            "",
+        )
+        .unwrap();
+        assert_eq!(got.path, want);
+        assert_eq!(
+            got.origin.to_string(),
+            format!(
+                "BOMA_QVM_X_DIR={} (set in /etc/boma-qvm/config.env)",
+                set.path().display()
+            )
+        );
+    }
+
+    #[test]
+    fn without_the_setting_path_is_used_and_said() {
+        let on_path = tempfile::tempdir().unwrap();
+        let want = exe(on_path.path(), "tool-x");
+        let got = locate_with(
+            "tool-x",
+            None,
+            "BOMA_QVM_X_DIR",
+            on_path.path().as_os_str(),
+            "",
+        )
+        .unwrap();
+        assert_eq!((got.path, got.origin), (want, Origin::Path));
+    }
+
+    #[test]
+    fn a_stale_setting_is_an_error_naming_it_not_a_fall_back() {
+        let set = tempfile::tempdir().unwrap();
+        let on_path = tempfile::tempdir().unwrap();
+        exe(on_path.path(), "tool-x");
+        let e = locate_with(
+            "tool-x",
+            Some(from_file(set.path())),
+            "BOMA_QVM_X_DIR",
+            on_path.path().as_os_str(),
+            "install it",
+        )
+        .unwrap_err();
+        assert_eq!(e.exit_code(), 3);
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!(
+                "`tool-x` was not found in BOMA_QVM_X_DIR={} (set in /etc/boma-qvm/config.env)",
+                set.path().display()
+            )),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("fix BOMA_QVM_X_DIR in /etc/boma-qvm/config.env"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn missing_everywhere_names_the_setting_in_problem_and_fix() {
+        let empty = tempfile::tempdir().unwrap();
+        let e = locate_with(
+            "tool-x",
+            None,
+            "BOMA_QVM_X_DIR",
+            empty.path().as_os_str(),
+            "install it",
+        )
+        .unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("`tool-x` was not found on PATH, and BOMA_QVM_X_DIR is not set"),
+            "{msg}"
+        );
+        assert!(msg.contains("fix: set BOMA_QVM_X_DIR="), "{msg}");
+        assert!(msg.ends_with("install it"), "{msg}");
     }
 }

@@ -1,6 +1,8 @@
 //! The design's self-validating acceptance test, through the README's main job
 //! (`make test-integration HOST=askari`) on the bundled example repo, on a real Debian 13 guest
-//! under TCG, inside a network namespace this test creates:
+//! under TCG, inside a network namespace this test creates, in a clean environment (`env -i`:
+//! the system PATH, HOME and the test's BOMA_QVM_* dirs, as a new user's shell after
+//! `.ci/setup`):
 //!
 //! 1. fix off: the apply succeeds and the published port answers before the reboot, and verify
 //!    FAILS after the reboot on the published port — the VM kept, the post-mortem written. If
@@ -14,18 +16,42 @@ use boma_qvm::guest::image::{self, ImageChoice};
 use boma_qvm::machine::Machine;
 use boma_qvm::machine::events::names;
 use boma_qvm::stage::StageRecord;
+use common::Env;
 use common::netns::Netns;
-use common::{Env, Run};
 use std::path::{Path, PathBuf};
 
-fn make(ns: &Netns, env: &Env, runs: &Path, knobs: &str) -> std::process::Output {
-    ns.exec(&format!(
-        "cd {} && BOMA_QVM_STATE_DIR={} BOMA_QVM_CACHE_DIR={} BOMA_QVM_RUNS_DIR={} make -s test-integration HOST=askari BOMA_QVM={} {knobs}",
-        env!("CARGO_MANIFEST_DIR"),
+/// A clean environment, as a new user's shell has after `.ci/setup`: `env -i` with the system
+/// PATH, HOME and only the BOMA_QVM_* dirs this test needs. Nothing from the test process (a
+/// venv on PATH, cargo's variables) leaks in, so boma-qvm must find Ansible the way it would
+/// for them: through BOMA_QVM_ANSIBLE_DIR in /etc/boma-qvm/config.env. A missing install step
+/// fails here.
+fn clean_env(env: &Env, runs: &Path) -> String {
+    format!(
+        "env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME={} \
+         BOMA_QVM_STATE_DIR={} BOMA_QVM_CACHE_DIR={} BOMA_QVM_RUNS_DIR={}",
+        std::env::var("HOME").expect("HOME"),
         env.dirs.state.display(),
         env.dirs.cache.display(),
         runs.display(),
+    )
+}
+
+/// The README's main job, `make test-integration HOST=askari`, in a clean environment.
+fn make(ns: &Netns, env: &Env, runs: &Path, knobs: &str) -> std::process::Output {
+    ns.exec(&format!(
+        "cd {} && {} make -s test-integration HOST=askari BOMA_QVM={} {knobs}",
+        env!("CARGO_MANIFEST_DIR"),
+        clean_env(env, runs),
         env!("CARGO_BIN_EXE_boma-qvm"),
+    ))
+}
+
+/// The CLI in the test's namespace and the README's clean environment (`env -i`).
+fn cli(ns: &Netns, env: &Env, runs: &Path, args: &str) -> std::process::Output {
+    ns.exec(&format!(
+        "{} {} {args}",
+        clean_env(env, runs),
+        env!("CARGO_BIN_EXE_boma-qvm")
     ))
 }
 
@@ -141,7 +167,7 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
         .iter()
         .filter(|r| r.is(names::RESET))
         .count();
-    let o = env.cli_in(&ns).run(&["reset", "askari"]);
+    let o = cli(&ns, &env, &red_runs, "reset askari");
     let text = common::text(&o);
     assert_eq!(
         o.status.code(),
@@ -161,9 +187,9 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
 
     // Clean the kept VM away, as an operator would.
     let o = ns.exec(&format!(
-        "cd {} && BOMA_QVM_STATE_DIR={} make -s test-integration-clean BOMA_QVM={}",
+        "cd {} && {} make -s test-integration-clean BOMA_QVM={}",
         env!("CARGO_MANIFEST_DIR"),
-        env.dirs.state.display(),
+        clean_env(&env, &red_runs),
         env!("CARGO_BIN_EXE_boma-qvm")
     ));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

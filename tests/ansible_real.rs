@@ -50,7 +50,8 @@ fn config(dir: &Path, address: Ipv4Addr) -> SessionConfig {
 /// A var's effective value for askari as Ansible sees it with the session's layering.
 fn effective(s: &Session, var: &str) -> Value {
     let tree = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new("ansible")
+    // The same `ansible` boma-qvm runs (BOMA_QVM_ANSIBLE_DIR, else PATH).
+    let out = std::process::Command::new(boma_qvm::ansible::find_tool("ansible").unwrap())
         .current_dir(&s.profile().repo)
         .args(["all", "-i"])
         .arg(s.inventory())

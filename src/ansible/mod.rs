@@ -36,13 +36,46 @@ pub use vars::Connection;
 use crate::Result;
 use std::path::PathBuf;
 
-/// How to install the Ansible tools when one is missing.
-pub const INSTALL_FIX: &str = "install Ansible on this control node: `pip install ansible-core` \
-     (or apply boma's integration_test role, which installs boma-qvm's toolchain)";
+/// How to install the Ansible tools when there are none at all.
+pub const INSTALL_FIX: &str = "No Ansible on this machine at all: `.ci/setup` installs ansible-core \
+     (>= 2.17) into /opt/boma-qvm-ansible and records it.";
 
-/// Find an Ansible program on PATH, or say how to install it.
+/// The setting naming the directory boma-qvm takes `ansible-playbook`, `ansible-inventory` and
+/// `ansible` from, ahead of PATH. The integration_test role writes it to
+/// `/etc/boma-qvm/config.env`: the Ansible that applied the role.
+pub const DIR_VAR: &str = "BOMA_QVM_ANSIBLE_DIR";
+
+/// The oldest ansible-core boma-qvm supports (the Debian 13 guest's Python 3.13 needs it).
+pub const MIN_VERSION: (u32, u32) = (2, 17);
+
+/// Find an Ansible program (`ansible-playbook`, `ansible-inventory`, `ansible`): in the
+/// directory `BOMA_QVM_ANSIBLE_DIR` names when it is set, else on PATH; or say how to fix it.
 pub fn find_tool(program: &str) -> Result<PathBuf> {
-    crate::tools::require(program, INSTALL_FIX)
+    locate(program).map(|l| l.path)
+}
+
+/// [`find_tool`], saying where the program came from (for `doctor`).
+pub fn locate(program: &str) -> Result<crate::tools::Located> {
+    crate::tools::locate(program, DIR_VAR, INSTALL_FIX)
+}
+
+/// The ansible-core version in `ansible-playbook --version`'s first line
+/// (`ansible-playbook [core 2.18.12]`).
+pub fn core_version(version_output: &str) -> Option<(u32, u32, u32)> {
+    let line = version_output.lines().next()?;
+    let v = line.split("core ").nth(1)?.trim_end_matches(']').trim();
+    let mut parts = v.split('.').map(|p| {
+        p.chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse::<u32>()
+            .ok()
+    });
+    Some((
+        parts.next()??,
+        parts.next()??,
+        parts.next().flatten().unwrap_or(0),
+    ))
 }
 
 /// Environment every Ansible invocation gets: no host key prompts (each VM has a new key), no
@@ -54,4 +87,27 @@ pub fn base_env() -> Vec<(&'static str, String)> {
         ("ANSIBLE_INVENTORY_UNPARSED_FAILED", "True".into()),
         ("ANSIBLE_DEPRECATION_WARNINGS", "False".into()),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_core_version() {
+        assert_eq!(
+            core_version("ansible-playbook [core 2.18.12]\n  config file = None\n"),
+            Some((2, 18, 12))
+        );
+        assert_eq!(
+            core_version("ansible-playbook [core 2.14.18]"),
+            Some((2, 14, 18))
+        );
+        assert_eq!(
+            core_version("ansible-playbook [core 2.19.0rc1]"),
+            Some((2, 19, 0))
+        );
+        assert_eq!(core_version("ansible-playbook 2.9.6"), None);
+        assert_eq!(core_version(""), None);
+    }
 }

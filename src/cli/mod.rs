@@ -70,7 +70,8 @@ enum Cmd {
     /// The isolated network: up, down, status.
     #[command(subcommand)]
     Net(net_cmds::NetCmd),
-    /// Check the host: KVM, tools, and firewall tables that would eat the VMs' traffic.
+    /// Check the host: KVM, tools, the Ansible it will run, and firewall tables that would eat the
+    /// VMs' traffic; --boot-test also boots a tiny guest to prove the accelerator.
     Doctor(net_cmds::DoctorArgs),
     /// Inject a fault into a running VM: power-cut, power-on, reset, link-down, freeze, disk-errors-on, egress-off, nmi, ...
     Fault(fault_cmds::FaultArgs),

@@ -1,11 +1,13 @@
-//! Network and host-check subcommands: `net up|down|status`, `doctor`.
+//! Network and host-check subcommands: `net up|down|status`, `doctor [--boot-test]`.
 
-use boma_qvm::machine::Machine;
-use boma_qvm::machine::accel::KvmProbe;
+use boma_qvm::machine::accel::{self, AccelChoice, KvmProbe};
+use boma_qvm::machine::boottest;
+use boma_qvm::machine::{Machine, StartOptions};
 use boma_qvm::net::{self, NetConfig, Network};
 use boma_qvm::paths::Dirs;
-use boma_qvm::{Error, Result};
+use boma_qvm::{Error, Result, ansible};
 use clap::{Args, Subcommand};
+use std::time::Duration;
 
 #[derive(Subcommand, Debug)]
 pub enum NetCmd {
@@ -53,10 +55,96 @@ pub async fn net(dirs: &Dirs, cmd: NetCmd) -> Result<()> {
 }
 
 #[derive(Args, Debug)]
-pub struct DoctorArgs {}
+pub struct DoctorArgs {
+    /// Also boot the busybox test guest (no network, built into the cache on first use): print
+    /// the time from QEMU start to its READY marker and of a clean reboot, then remove it.
+    #[arg(long)]
+    pub boot_test: bool,
+    /// The boot test's accelerator, resolved as for `up`: auto (KVM only where it really works),
+    /// kvm or tcg.
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto, requires = "boot_test")]
+    pub accel: AccelChoice,
+    /// With --accel kvm: try KVM even when the check says it is not usable.
+    #[arg(long, requires = "boot_test")]
+    pub force_accel: bool,
+    /// Seconds each boot-test wait may take (READY, the guest's shutdown, READY again).
+    /// Default: 30 under KVM, 150 under TCG.
+    #[arg(long, requires = "boot_test")]
+    pub boot_timeout: Option<u64>,
+}
 
-/// Print warnings with their fixes; exit non-zero when there are any.
-pub async fn doctor(dirs: &Dirs, _a: DoctorArgs) -> Result<()> {
+/// The Ansible boma-qvm will run, its version and where that choice came from; the number of
+/// problems found.
+fn check_ansible() -> usize {
+    let mut problems = 0;
+    match ansible::locate("ansible-playbook") {
+        Ok(found) => {
+            let out = std::process::Command::new(&found.path)
+                .arg("--version")
+                .output();
+            let text = out
+                .as_ref()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            let first = text.lines().next().unwrap_or("").trim();
+            let from = format!("from {}", found.origin);
+            match ansible::core_version(&text) {
+                Some(v) if (v.0, v.1) >= ansible::MIN_VERSION => println!(
+                    "ok: ansible-playbook {} (ansible-core {}.{}.{}), {from}",
+                    found.path.display(),
+                    v.0,
+                    v.1,
+                    v.2
+                ),
+                Some(v) => {
+                    problems += 1;
+                    println!(
+                        "OLD: ansible-playbook {} (ansible-core {}.{}.{}), {from}: boma-qvm needs ansible-core >= {}.{}\n  fix: point {} at a newer one (`.ci/setup` installs ansible-core into /opt/boma-qvm-ansible and records it)",
+                        found.path.display(),
+                        v.0,
+                        v.1,
+                        v.2,
+                        ansible::MIN_VERSION.0,
+                        ansible::MIN_VERSION.1,
+                        ansible::DIR_VAR
+                    );
+                }
+                None => {
+                    problems += 1;
+                    let why = match &out {
+                        Ok(o) => format!(
+                            "`--version` said {:?} ({})",
+                            first,
+                            String::from_utf8_lossy(&o.stderr).trim()
+                        ),
+                        Err(e) => format!("it does not run: {e}"),
+                    };
+                    println!(
+                        "BROKEN: ansible-playbook {}, {from}: {why}\n  fix: repair or reinstall that Ansible, or point {} at a working one",
+                        found.path.display(),
+                        ansible::DIR_VAR
+                    );
+                }
+            }
+        }
+        Err(e) => {
+            // The others would only repeat the same fix.
+            println!("MISSING: {e}");
+            return 1;
+        }
+    }
+    for tool in ["ansible-inventory", "ansible"] {
+        if let Err(e) = ansible::locate(tool) {
+            problems += 1;
+            println!("MISSING: {e}");
+        }
+    }
+    problems
+}
+
+/// Print warnings with their fixes; exit non-zero when there are any. With `--boot-test`, also
+/// boot the test guest and print its timings.
+pub async fn doctor(dirs: &Dirs, a: DoctorArgs) -> Result<()> {
     let mut problems = 0;
     let probe = KvmProbe::read();
     if probe.usable() {
@@ -95,7 +183,6 @@ pub async fn doctor(dirs: &Dirs, _a: DoctorArgs) -> Result<()> {
         "nft",
         "genisoimage",
         "ssh",
-        "ansible-playbook",
     ] {
         if boma_qvm::tools::find(tool).is_some() {
             println!("ok: {tool}");
@@ -104,9 +191,13 @@ pub async fn doctor(dirs: &Dirs, _a: DoctorArgs) -> Result<()> {
             println!("MISSING: {tool} (install with the integration_test role: `make setup`)");
         }
     }
+    problems += check_ansible();
     for w in net::doctor(&Network::saved_config(dirs))? {
         problems += 1;
         println!("WARNING: {}\n  fix: {}", w.problem, w.fix);
+    }
+    if a.boot_test {
+        boot_test(dirs, &a).await?;
     }
     if problems > 0 {
         return Err(Error::input(
@@ -115,5 +206,44 @@ pub async fn doctor(dirs: &Dirs, _a: DoctorArgs) -> Result<()> {
         ));
     }
     println!("doctor: all good");
+    Ok(())
+}
+
+async fn boot_test(dirs: &Dirs, a: &DoctorArgs) -> Result<()> {
+    let (accel, warning) = accel::resolve(a.accel, &KvmProbe::read(), a.force_accel)?;
+    if let Some(w) = warning {
+        eprintln!("{w}");
+    }
+    let opts = boottest::Options {
+        accel,
+        timeout: a
+            .boot_timeout
+            .map(Duration::from_secs)
+            .unwrap_or_else(|| boottest::default_ready_timeout(accel)),
+        start: StartOptions::default(),
+    };
+    println!(
+        "boot test: the busybox test guest under {}, no network, 1 vCPU, 256 MiB (each wait up to {} s)",
+        accel.as_str(),
+        opts.timeout.as_secs()
+    );
+    let r = boottest::run(dirs, &opts).await?;
+    println!(
+        "boot test: QEMU start -> READY: {:.1} s",
+        r.ready.as_secs_f64()
+    );
+    println!(
+        "boot test: clean reboot (ACPI power button -> guest shutdown path -> reset -> READY): {:.1} s",
+        r.reboot.as_secs_f64()
+    );
+    println!(
+        "ok: boot test passed under {}; the guest {} and its VM was removed",
+        accel.as_str(),
+        if r.clean_shutdown {
+            "powered off cleanly"
+        } else {
+            "did not power off in time (QEMU was stopped)"
+        }
+    );
     Ok(())
 }

@@ -80,7 +80,7 @@ pub fn utc_stamp(secs: u64) -> String {
     crate::guest::image::tool::utc_rfc3339(secs).replace(['-', ':'], "")
 }
 
-fn first_line(program: &str, args: &[&str]) -> String {
+fn first_line(program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> String {
     std::process::Command::new(program)
         .args(args)
         .output()
@@ -99,7 +99,10 @@ pub fn versions(vm: Option<&Machine>) -> super::report::Versions {
     super::report::Versions {
         boma_qvm: env!("CARGO_PKG_VERSION").into(),
         qemu: first_line("qemu-system-x86_64", &["--version"]),
-        ansible: first_line("ansible-playbook", &["--version"]),
+        // The same ansible-playbook the cycle runs (BOMA_QVM_ANSIBLE_DIR, else PATH).
+        ansible: crate::ansible::find_tool("ansible-playbook")
+            .map(|p| first_line(p, &["--version"]))
+            .unwrap_or_else(|_| "unknown".into()),
         image: vm.and_then(golden_of).unwrap_or_default(),
     }
 }
@@ -127,6 +130,24 @@ mod tests {
         assert_eq!(utc_stamp(0), "19700101T000000Z");
         assert_eq!(utc_stamp(1_795_670_061), "20261126T051421Z");
         assert_eq!(utc_stamp(951_782_400), "20000229T000000Z");
+    }
+
+    /// report.json's versions.ansible comes from the ansible-playbook the cycle runs
+    /// (BOMA_QVM_ANSIBLE_DIR first), not from whatever PATH holds. The stand-in prints a version
+    /// no real Ansible has, so only it can have produced the string.
+    #[test]
+    fn the_reported_ansible_is_the_resolved_one() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let pb = d.path().join("ansible-playbook");
+        std::fs::write(&pb, "#!/bin/sh\necho 'ansible-playbook [core 9.99.1]'\n").unwrap();
+        std::fs::set_permissions(&pb, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // SAFETY: no other test in this binary reads or writes this variable, and std's own
+        // environment lock orders this against other threads' std::env reads.
+        unsafe { std::env::set_var(crate::ansible::DIR_VAR, d.path()) };
+        let v = versions(None);
+        unsafe { std::env::remove_var(crate::ansible::DIR_VAR) };
+        assert_eq!(v.ansible, "ansible-playbook [core 9.99.1]");
     }
 
     #[test]

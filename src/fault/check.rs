@@ -45,10 +45,7 @@ pub async fn check_overlay(vm: &Vm) -> Result<Option<OverlayCheck>> {
         .arg(&disk)
         .output()
         .await
-        .map_err(|e| Error::MissingTool {
-            program: "qemu-img".into(),
-            fix: format!("install qemu-utils ({e})"),
-        })?;
+        .map_err(|e| Error::missing_tool("qemu-img", format!("install qemu-utils ({e})")))?;
     // 0: clean, 2: corruptions, 3: leaks only; 1 and others: the check itself failed.
     let parsed = match out.status.code() {
         Some(0 | 2 | 3) => serde_json::from_slice::<OverlayCheck>(&out.stdout).ok(),

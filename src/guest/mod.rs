@@ -4,3 +4,4 @@
 pub mod image;
 pub mod seed;
 pub mod ssh;
+pub mod testguest;

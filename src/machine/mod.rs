@@ -4,6 +4,7 @@
 //! and bringing a VM up and down.
 
 pub mod accel;
+pub mod boottest;
 pub mod console;
 pub mod events;
 pub mod guard;

@@ -118,9 +118,11 @@ pub async fn run(run: RunDir, tap: Option<OwnedFd>) -> Result<()> {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(|e| Error::MissingTool {
-            program: spec.qemu_binary().display().to_string(),
-            fix: format!("install QEMU (apt-get install qemu-system-x86), or the role roles/integration_test ({e})"),
+    let mut child = cmd.spawn().map_err(|e| {
+        Error::missing_tool(
+            spec.qemu_binary().display().to_string(),
+            format!("install QEMU (apt-get install qemu-system-x86), or the role roles/integration_test ({e})"),
+        )
     })?;
     // The tap now lives in QEMU; our copy goes so the tap vanishes when QEMU exits.
     drop(tap);

@@ -26,7 +26,7 @@ impl fmt::Display for Warning {
 pub fn doctor(cfg: &NetConfig) -> Result<Vec<Warning>> {
     let mut out = Vec::new();
     for p in ["nft", "dnsmasq"] {
-        if let Err(Error::MissingTool { program, fix }) = tool::require(&[p]) {
+        if let Err(Error::MissingTool { program, fix, .. }) = tool::require(&[p]) {
             out.push(Warning {
                 problem: format!("`{program}` is not installed"),
                 fix,

@@ -17,10 +17,10 @@ fn package_for(program: &str) -> &'static str {
 
 /// `Error::MissingTool` for `program`.
 pub fn missing(program: &str) -> Error {
-    Error::MissingTool {
-        program: program.to_string(),
-        fix: format!("install it: apt-get install {}", package_for(program)),
-    }
+    Error::missing_tool(
+        program,
+        format!("install it: apt-get install {}", package_for(program)),
+    )
 }
 
 /// Error unless every program is on PATH (checked before anything is built, so a missing tool

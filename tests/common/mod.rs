@@ -1,6 +1,6 @@
-//! Shared test support: the busybox test guest (built by tests/guest/build.sh, cached outside the
-//! repo), a per-test state directory that is pruned on drop (also when the test panics), and the
-//! CLI under test.
+//! Shared test support: the busybox test guest (tests/guest/build.sh, run by
+//! `boma_qvm::guest::testguest` and cached outside the repo), a per-test state directory that is pruned
+//! on drop (also when the test panics), and the CLI under test.
 #![allow(dead_code)]
 
 pub mod faults;
@@ -22,21 +22,12 @@ pub const BOOT: &str = "BOMA-TESTGUEST-BOOT";
 
 /// The test guest's kernel and initrd, built once per machine into the XDG cache, in a
 /// directory named after a hash of its sources: worktrees with different guests never rebuild
-/// over each other.
+/// over each other. The same builder `doctor --boot-test` uses (the sources embedded in the
+/// library, see `boma_qvm::guest::testguest`).
 pub fn test_guest() -> (PathBuf, PathBuf) {
-    let guest = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest");
-    let out = Dirs::from_env()
-        .cache
-        .join(format!("testguest-{}", sources_hash(&guest)));
-    std::fs::create_dir_all(&out).unwrap();
-    let _held = lock_or_panic(&out.with_extension("lock"), Duration::from_secs(600));
-    let script = guest.join("build.sh");
-    let st = Command::new(&script)
-        .arg(&out)
-        .status()
-        .expect("run tests/guest/build.sh");
-    assert!(st.success(), "building the test guest failed: {st}");
-    (out.join("vmlinuz"), out.join("initrd.img"))
+    let g = boma_qvm::guest::testguest::ensure(&Dirs::from_env().cache)
+        .unwrap_or_else(|e| panic!("building the test guest failed: {e}"));
+    (g.kernel, g.initrd)
 }
 
 /// Running the CLI: `env.cli().run(&["status"])`, or `.ok(..)` when it must succeed.
@@ -95,24 +86,6 @@ pub fn lock_or_panic(path: &Path, wait: Duration) -> nix::fcntl::Flock<std::fs::
             }
         }
     }
-}
-
-/// The first 12 hex digits of a SHA-256 over build.sh and the rootfs files (sorted by name).
-fn sources_hash(guest: &Path) -> String {
-    use sha2::{Digest, Sha256};
-    let mut files = vec![guest.join("build.sh")];
-    let mut rootfs: Vec<PathBuf> = std::fs::read_dir(guest.join("rootfs"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    rootfs.sort();
-    files.extend(rootfs);
-    let mut h = Sha256::new();
-    for f in files {
-        h.update(f.file_name().unwrap().as_encoded_bytes());
-        h.update(std::fs::read(&f).unwrap());
-    }
-    hex::encode(h.finalize())[..12].to_string()
 }
 
 /// A throwaway state dir under /tmp (short, for unix socket paths). Dropping it prunes every VM
