@@ -44,6 +44,14 @@ pub struct Machine {
     pub(crate) console: std::sync::Mutex<u64>,
 }
 
+/// A VM's memory and device state, saved to a file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavedState {
+    pub file: PathBuf,
+    pub bytes: u64,
+    pub secs: f64,
+}
+
 /// What proved a clean reboot, and how long each half took.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rebooted {
@@ -201,6 +209,66 @@ impl Machine {
         provision::start(&self.dirs, &self.vm, &self.start).await?;
         *self.events.lock().await = fresh;
         Ok(())
+    }
+
+    /// Power the VM on from a saved state (`save_state`) instead of booting it: the guest runs
+    /// on from the instant it was saved (its network first, if it has a NIC). The VM's spec must
+    /// give the same machine the state was saved from (sizes, devices); QEMU refuses anything
+    /// else and the error says why. The event cursor moves to this start.
+    pub async fn start_restoring(&self, state: &Path) -> Result<()> {
+        let fresh = self.vm.tail();
+        provision::start_restoring(&self.dirs, &self.vm, &self.start, state).await?;
+        *self.events.lock().await = fresh;
+        Ok(())
+    }
+
+    /// Save the running VM's memory and device state to `file` (QMP `migrate` to an `exec:`
+    /// URI; QEMU 7.2 has no `file:` migration). The guest is paused first, so the state is one
+    /// consistent instant and the disk is flushed with it; it stays paused afterwards (QEMU's
+    /// `postmigrate`): destroy the VM, or `cont` it over QMP to go on. The disk is not in the
+    /// file: restore it with the overlay as it was at this instant.
+    pub async fn save_state(&self, file: &Path) -> Result<SavedState> {
+        let ctl: Qmp = self.vm.ctl().await?;
+        let t = Instant::now();
+        let mut params: qapi::qmp::MigrateSetParameters =
+            serde_json::from_value(serde_json::json!({})).expect("all fields optional");
+        // QEMU's default cap is 128 MiB/s, meant for live migration over a network.
+        params.max_bandwidth = Some(1 << 36);
+        ctl.run(qapi::qmp::migrate_set_parameters(params)).await?;
+        ctl.run(qapi::qmp::stop {}).await?;
+        ctl.run(qapi::qmp::migrate {
+            uri: Some(format!("exec:cat > {}", super::qmp::sh_quote(file))),
+            channels: None,
+            detach: None,
+            resume: None,
+        })
+        .await?;
+        let what = format!("saving {}'s state to {}", self.vm.name, file.display());
+        let info = super::qmp::wait_migration(ctl.service(), &what, Duration::from_secs(600))
+            .await
+            .map_err(|e| self.vm.explain(e))?;
+        let saved = SavedState {
+            file: file.to_path_buf(),
+            bytes: std::fs::metadata(file).map(|m| m.len()).unwrap_or(0),
+            secs: t.elapsed().as_secs_f64(),
+        };
+        tracing::info!(
+            "{}: state saved to {} ({} MiB in {:.1}s)",
+            self.vm.name,
+            file.display(),
+            saved.bytes >> 20,
+            saved.secs
+        );
+        let _ = info;
+        events::append(
+            &self.vm.run.events(),
+            &Record::new(
+                Source::Boma,
+                names::STATE_SAVED,
+                serde_json::json!({"file": file, "bytes": saved.bytes, "secs": saved.secs}),
+            ),
+        )?;
+        Ok(saved)
     }
 
     /// The VM's address on the isolated network.

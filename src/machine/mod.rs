@@ -22,7 +22,7 @@ pub mod supervisor;
 pub(crate) mod vm;
 mod watch;
 
-pub use handle::{Machine, Rebooted};
+pub use handle::{Machine, Rebooted, SavedState};
 pub use power::ShutdownOutcome;
 pub use provision::{OsSource, UpRequest};
 pub use vm::{StartOptions, State, supervisor_exe};

@@ -385,6 +385,20 @@ pub(crate) async fn start(dirs: &Dirs, vm: &Vm, opts: &StartOptions) -> Result<(
     vm.start(opts).await
 }
 
+/// Power on an existing VM from a saved state (its network is brought back first if it has a
+/// NIC).
+pub(crate) async fn start_restoring(
+    dirs: &Dirs,
+    vm: &Vm,
+    opts: &StartOptions,
+    state: &std::path::Path,
+) -> Result<()> {
+    if vm.spec()?.nic.is_some() {
+        Network::up(dirs, &Network::saved_config(dirs)).await?;
+    }
+    vm.start_restoring(opts, state).await
+}
+
 /// Destroy the VM and its network registration; take the network down when it was the last VM.
 pub(crate) async fn teardown(vm: Vm) -> Result<()> {
     let dirs = vm.dirs.clone();

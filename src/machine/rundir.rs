@@ -68,6 +68,11 @@ impl RunDir {
     pub fn ssh_key(&self) -> PathBuf {
         self.file("id_ed25519")
     }
+    /// One-shot: the saved state the next start restores instead of booting (a warm start). The
+    /// supervisor reads and removes it, so a later start boots as usual.
+    pub fn restore_request(&self) -> PathBuf {
+        self.file("restore-from")
+    }
 
     /// The VM's name: its run directory's name.
     pub fn name(&self) -> String {

@@ -19,6 +19,8 @@ use std::time::Duration;
 
 /// Grace period for QEMU to quit after a `quit`/SIGTERM before SIGKILL.
 const QUIT_GRACE: Duration = Duration::from_secs(10);
+/// How long a saved state may take to load (a few GiB from the page cache or disk).
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Start the supervisor for `run`, detached (new session, double fork: it is nobody's child, so
 /// it outlives this process and never becomes a zombie of a long-lived caller). `keep_fds` are
@@ -95,7 +97,16 @@ pub async fn run(run: RunDir, tap: Option<OwnedFd>) -> Result<()> {
         let _ = std::fs::remove_file(p);
     }
     let tap_fd = tap.as_ref().map(|fd| fd.as_raw_fd());
-    let args = argv::build(&spec, &run, tap_fd);
+    // A warm start: restore this saved state instead of booting. One-shot, so the request goes
+    // now, whatever happens: a later start of the same VM boots.
+    let restore = std::fs::read_to_string(run.restore_request())
+        .ok()
+        .map(|p| std::path::PathBuf::from(p.trim()));
+    let _ = std::fs::remove_file(run.restore_request());
+    let mut args = argv::build(&spec, &run, tap_fd);
+    if restore.is_some() {
+        args.extend(argv::incoming());
+    }
     let qemu_log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -180,6 +191,50 @@ pub async fn run(run: RunDir, tap: Option<OwnedFd>) -> Result<()> {
             }
         }
         Err(e) => tracing::warn!("query-chardev failed: {e}"),
+    }
+    if let Some(state) = &restore {
+        let t = std::time::Instant::now();
+        let restored = async {
+            service
+                .execute(qapi::qmp::migrate_incoming {
+                    uri: Some(format!("exec:cat {}", qmp::sh_quote(state))),
+                    channels: None,
+                    exit_on_error: None,
+                })
+                .await
+                .map_err(|e| {
+                    Error::qemu(
+                        format!("migrate-incoming from {}: {e}", state.display()),
+                        "see qemu.log in the run directory",
+                    )
+                })?;
+            qmp::wait_migration(
+                &service,
+                &format!("restoring the saved state {}", state.display()),
+                RESTORE_TIMEOUT,
+            )
+            .await
+        }
+        .await;
+        match restored {
+            Ok(info) => record(
+                &run,
+                Record::new(
+                    Source::Boma,
+                    names::RESTORED,
+                    json!({
+                        "from": state,
+                        "secs": t.elapsed().as_secs_f64(),
+                        "bytes": info["ram"]["transferred"],
+                    }),
+                ),
+            ),
+            Err(e) => {
+                procs::terminate(pid, QUIT_GRACE).await;
+                let _ = child.wait().await;
+                return Err(e);
+            }
+        }
     }
     record(
         &run,

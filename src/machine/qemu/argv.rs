@@ -158,6 +158,20 @@ pub fn rng() -> Vec<String> {
     ])
 }
 
+/// A VM generation ID (ACPI): a new random one in every QEMU process. A guest restored from a
+/// saved state sees it change and reseeds its kernel RNG at once (Linux's vmgenid driver:
+/// "crng reseeded due to virtual machine fork"), so warm-started VMs never share random
+/// streams with their template or each other.
+pub fn vmgenid() -> Vec<String> {
+    s(&["-device", "vmgenid,guid=auto"])
+}
+
+/// Wait for the VM's state instead of booting: the supervisor then feeds it a saved state with
+/// `migrate-incoming` (a warm start).
+pub fn incoming() -> Vec<String> {
+    s(&["-incoming", "defer"])
+}
+
 /// The whole argv (without the binary) for `spec` in `run`, with the tap fd if there is a NIC.
 pub fn build(spec: &VmSpec, run: &RunDir, tap_fd: Option<i32>) -> Vec<String> {
     let mut a = base(&spec.name);
@@ -178,6 +192,7 @@ pub fn build(spec: &VmSpec, run: &RunDir, tap_fd: Option<i32>) -> Vec<String> {
         a.extend(nic(n, fd));
     }
     a.extend(rng());
+    a.extend(vmgenid());
     a
 }
 
@@ -346,6 +361,8 @@ mod tests {
             "rng-random,id=rng0,filename=/dev/urandom",
             "-device",
             "virtio-rng-pci,rng=rng0",
+            "-device",
+            "vmgenid,guid=auto",
         ];
         assert_eq!(a, want, "\ngot:  {}\nwant: {}", a.join(" "), want.join(" "));
     }
