@@ -5,6 +5,7 @@
 #   make test-integration HOST=askari [CERTS=internal] [KEEP=1] [FIX=1] [SNAPSHOT=1] [REPO=dir]
 #                                   the main job: boma-qvm cycle on the bundled example repo
 #   make test-integration-clean     reap every boma-it-* leftover (boma-qvm prune)
+#   make bench                      the figures of docs/benchmarks.md (boots VMs for ~25 min, as root)
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 
@@ -34,7 +35,7 @@ BOMA_QVM ?= $(if $(wildcard $(BIN)),$(BIN),boma-qvm)
 CYCLE_ARGS = --repo $(REPO) --certs $(CERTS) $(if $(KEEP),--keep) $(if $(SNAPSHOT),--snapshot) \
 	$(if $(FIX),-e docker_host_container_forward=true)
 
-.PHONY: setup setup-check test test-integration test-integration-clean
+.PHONY: setup setup-check test test-integration test-integration-clean bench
 
 setup:
 	$(CARGO_BUILD)
@@ -59,3 +60,10 @@ test-integration:
 
 test-integration-clean:
 	$(BOMA_QVM) prune
+
+# Boots Debian VMs one at a time for about 25 minutes (TCG) and rewrites docs/benchmarks.md.
+# Built first, then run under BENCH_LOCK so it never shares the CPU with another Debian VM run.
+BENCH_LOCK ?= /var/lock/boma-debian-vm.lock
+bench:
+	cargo bench --bench boma --no-run
+	flock $(BENCH_LOCK) cargo bench --bench boma

@@ -8,6 +8,10 @@
 //!    FAILS after the reboot on the published port — the VM kept, the post-mortem written. If
 //!    this passed, the harness would not be faithful.
 //! 2. fix on (`FIX=1`): the same cycle passes across the reboot and leaves nothing behind.
+//!
+//! Both cycles start warm (the default): restored from the golden image's template, which the
+//! first Debian test to need it builds with a cold boot. So the verdicts here are the warm
+//! path's; the reboot in between is a real cold one.
 
 mod common;
 
@@ -112,6 +116,11 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
     );
     assert_eq!(report.image.name, "debian-13-built");
     assert!(report.image.reason.contains("default"), "{report:#?}");
+    assert!(
+        report.image.start.starts_with("warm: restored from "),
+        "the cycle started warm: {report:#?}"
+    );
+    assert!(stage(&report, "re-identify").ok);
     let kvm = boma_qvm::machine::accel::KvmProbe::read().usable();
     assert_eq!(report.accel, if kvm { "kvm" } else { "tcg" });
     assert!(
@@ -205,6 +214,7 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
     );
     let report = read_report(&only_run_dir(&green_runs));
     assert_eq!(report.verdict, Verdict::Pass);
+    assert!(report.image.start.starts_with("warm"), "{report:#?}");
     assert!(stage(&report, "verify after reboot").ok);
     assert!(!report.vm_kept);
     assert!(

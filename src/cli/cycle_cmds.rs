@@ -25,7 +25,8 @@ pub struct CycleArgs {
     /// Keep the VM even when the cycle passes.
     #[arg(long)]
     pub keep: bool,
-    /// Take a snapshot after the apply, so `boma-qvm reset` can re-run reboot + assert.
+    /// Take a memory snapshot after the apply, so `boma-qvm reset` can go back to the
+    /// post-apply state in seconds and re-run reboot + verify.
     #[arg(long)]
     pub snapshot: bool,
     /// Extra vars for both playbooks (repeatable), layered after the overlay and cert tier.
@@ -112,10 +113,14 @@ pub async fn verify(dirs: &Dirs, a: KeptVmArgs) -> Result<()> {
     .await
 }
 
-/// Back to the post-apply snapshot, then reboot + verify again without re-applying.
+/// Back to the post-apply state from its memory snapshot (no re-apply, no boot), then the real
+/// reboot + verify again.
 pub async fn reset(dirs: &Dirs, a: KeptVmArgs) -> Result<()> {
-    on_kept(dirs, a, "reset (reboot + verify)", async |k| {
-        k.reset().await
-    })
+    on_kept(
+        dirs,
+        a,
+        "reset (restore post-apply state, reboot, verify)",
+        async |k| k.reset().await,
+    )
     .await
 }

@@ -23,6 +23,7 @@ use super::events::{self, Record, Source, Tail, names};
 use super::power::{self, RebootMode, ShutdownOutcome};
 use super::provision::{self, UpRequest};
 use super::spec::VmSpec;
+use super::state::SavedState;
 use super::vm::{StartOptions, Vm};
 use super::{State, qmp::Qmp};
 use crate::guest::ssh;
@@ -42,14 +43,6 @@ pub struct Machine {
     pub(crate) start: StartOptions,
     pub(crate) events: tokio::sync::Mutex<Tail>,
     pub(crate) console: std::sync::Mutex<u64>,
-}
-
-/// A VM's memory and device state, saved to a file.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SavedState {
-    pub file: PathBuf,
-    pub bytes: u64,
-    pub secs: f64,
 }
 
 /// What proved a clean reboot, and how long each half took.
@@ -228,47 +221,7 @@ impl Machine {
     /// `postmigrate`): destroy the VM, or `cont` it over QMP to go on. The disk is not in the
     /// file: restore it with the overlay as it was at this instant.
     pub async fn save_state(&self, file: &Path) -> Result<SavedState> {
-        let ctl: Qmp = self.vm.ctl().await?;
-        let t = Instant::now();
-        let mut params: qapi::qmp::MigrateSetParameters =
-            serde_json::from_value(serde_json::json!({})).expect("all fields optional");
-        // QEMU's default cap is 128 MiB/s, meant for live migration over a network.
-        params.max_bandwidth = Some(1 << 36);
-        ctl.run(qapi::qmp::migrate_set_parameters(params)).await?;
-        ctl.run(qapi::qmp::stop {}).await?;
-        ctl.run(qapi::qmp::migrate {
-            uri: Some(format!("exec:cat > {}", super::qmp::sh_quote(file))),
-            channels: None,
-            detach: None,
-            resume: None,
-        })
-        .await?;
-        let what = format!("saving {}'s state to {}", self.vm.name, file.display());
-        let info = super::qmp::wait_migration(ctl.service(), &what, Duration::from_secs(600))
-            .await
-            .map_err(|e| self.vm.explain(e))?;
-        let saved = SavedState {
-            file: file.to_path_buf(),
-            bytes: std::fs::metadata(file).map(|m| m.len()).unwrap_or(0),
-            secs: t.elapsed().as_secs_f64(),
-        };
-        tracing::info!(
-            "{}: state saved to {} ({} MiB in {:.1}s)",
-            self.vm.name,
-            file.display(),
-            saved.bytes >> 20,
-            saved.secs
-        );
-        let _ = info;
-        events::append(
-            &self.vm.run.events(),
-            &Record::new(
-                Source::Boma,
-                names::STATE_SAVED,
-                serde_json::json!({"file": file, "bytes": saved.bytes, "secs": saved.secs}),
-            ),
-        )?;
-        Ok(saved)
+        super::state::save(&self.vm, file).await
     }
 
     /// The VM's address on the isolated network.
@@ -344,6 +297,16 @@ impl Machine {
         timeout: Duration,
     ) -> Result<super::qga::ExecOutput> {
         super::qga::exec(&self.vm.run.qga_sock(), argv, timeout).await
+    }
+
+    /// Step the guest's clock to the host's through the guest agent (after a restore, the
+    /// guest's clock stopped at the instant of the save).
+    pub async fn sync_clock(&self) -> Result<()> {
+        super::qga::step_clock(
+            &self.vm.run.qga_sock(),
+            self.scaled(Duration::from_secs(30)),
+        )
+        .await
     }
 
     /// A clean reboot, proven rather than assumed: QEMU pauses instead of exiting on the guest's

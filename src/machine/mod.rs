@@ -18,11 +18,14 @@ pub mod qga;
 pub mod qmp;
 pub mod rundir;
 pub mod spec;
+pub mod state;
 pub mod supervisor;
 pub(crate) mod vm;
+pub mod warm;
 mod watch;
 
-pub use handle::{Machine, Rebooted, SavedState};
+pub use handle::{Machine, Rebooted};
 pub use power::ShutdownOutcome;
 pub use provision::{OsSource, UpRequest};
+pub use state::SavedState;
 pub use vm::{StartOptions, State, supervisor_exe};

@@ -203,10 +203,14 @@ pub fn install(dirs: &Dirs, staged: TempDir, name: &str) -> Result<Image> {
     Image::load(&target)
 }
 
-/// VMs (run directories under `Dirs::vms()`) holding a qcow2 overlay backed by image `name`.
+/// VMs (run directories under `Dirs::vms()`) holding a qcow2 overlay backed by image `name`,
+/// directly or through one of its warm templates (which live inside the image's directory).
 pub fn users(dirs: &Dirs, name: &str) -> Vec<String> {
-    let disk = dirs.images().join(name).join(DISK);
-    let disk = std::fs::canonicalize(&disk).unwrap_or(disk);
+    let dir = dirs.images().join(name);
+    let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+    let disk = dir.join(DISK);
+    let warm = dir.join(crate::machine::warm::DIR);
+    let backed = |b: &Path| b == disk || b.starts_with(&warm);
     let Ok(vms) = std::fs::read_dir(dirs.vms()) else {
         return vec![];
     };
@@ -220,7 +224,7 @@ pub fn users(dirs: &Dirs, name: &str) -> Vec<String> {
                 .any(|f| {
                     f.path().extension().is_some_and(|e| e == "qcow2")
                         && super::overlay::info(&f.path())
-                            .is_ok_and(|i| i.backing.as_deref() == Some(disk.as_path()))
+                            .is_ok_and(|i| i.backing.as_deref().is_some_and(backed))
                 })
         })
         .map(|vm| vm.file_name().to_string_lossy().into_owned())
