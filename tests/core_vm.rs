@@ -80,6 +80,16 @@ async fn clean_shutdown_ends_with_qemu_gone() {
 async fn a_guest_that_ignores_the_power_button_is_stopped_after_the_timeout() {
     let env = Env::new();
     let m = env.boot("stubborn", "boma.noacpi=1").await;
+    let e = m
+        .reboot_within(Some(Duration::from_secs(5)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.exit_code(), 15, "a reboot that did not happen: {e}");
+    assert!(e.to_string().contains("reboot --hard"), "{e}");
+    assert!(
+        m.is_running(),
+        "a refused power button leaves the VM running"
+    );
     assert_eq!(
         m.shutdown_within(Duration::from_secs(5)).await.unwrap(),
         ShutdownOutcome::Forced

@@ -111,7 +111,7 @@ impl RunDir {
 
     pub fn write_spec(&self, spec: &VmSpec) -> Result<()> {
         let text = serde_json::to_string_pretty(spec).expect("spec serialises");
-        write_atomic(&self.spec(), text.as_bytes())
+        crate::paths::write_atomic(&self.spec(), text.as_bytes())
     }
 
     /// Refuse a run dir whose socket paths would not fit in a unix socket address.
@@ -136,13 +136,6 @@ impl RunDir {
     pub fn read_pid(path: &Path) -> Option<i32> {
         std::fs::read_to_string(path).ok()?.trim().parse().ok()
     }
-}
-
-/// Write via a temporary file and rename, so readers never see half a file.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).ctx(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).ctx(|| format!("renaming {} into place", path.display()))
 }
 
 #[cfg(test)]

@@ -145,7 +145,7 @@ fn preflight() -> Result<()> {
         ("dpkg-query", "dpkg"),
         ("systemctl", "systemd"),
     ] {
-        tool::require(p, &format!("apt-get install {pkg}"))?;
+        crate::tools::require(p, &format!("apt-get install {pkg}"))?;
     }
     Ok(())
 }
@@ -175,7 +175,7 @@ async fn run_logged(mut cmd: tokio::process::Command, what: &str, log: &Path) ->
             s = child.wait() => break s.ctx(|| format!("waiting for {what}"))?,
             _ = tick.tick() => {
                 let text = std::fs::read(log).unwrap_or_default();
-                let last = tool::tail(&text, 200);
+                let last = crate::tools::tail(&text, 200);
                 let last = last.lines().last().unwrap_or("");
                 tracing::info!("{what}: still running after {:.0}s: {last}", start.elapsed().as_secs_f64());
             }
@@ -188,7 +188,7 @@ async fn run_logged(mut cmd: tokio::process::Command, what: &str, log: &Path) ->
     Err(Error::image(
         format!(
             "{what} failed ({status}); last output:\n{}",
-            tool::tail(&text, 1500)
+            crate::tools::tail(&text, 1500)
         ),
         format!(
             "see the full log {}; check the mirror is reachable, then build again",

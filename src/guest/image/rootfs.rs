@@ -162,7 +162,7 @@ pub fn configure(root: &Path) -> Result<()> {
             .ctx(|| format!("linking {}", show(&resolv)))?;
         units.push("systemd-resolved");
     }
-    super::tool::run(
+    crate::tools::run(
         std::process::Command::new("systemctl")
             .arg(format!("--root={}", root.display()))
             .arg("enable")
@@ -177,7 +177,7 @@ pub fn configure(root: &Path) -> Result<()> {
 /// Package -> version of everything installed in `root`.
 pub fn packages(root: &Path) -> Result<std::collections::BTreeMap<String, String>> {
     let admindir = root.join("var/lib/dpkg");
-    let out = super::tool::run(
+    let out = crate::tools::run(
         std::process::Command::new("dpkg-query")
             .arg(format!("--admindir={}", admindir.display()))
             .args(["-W", "-f", "${Package}\t${Version}\n"]),
