@@ -46,8 +46,9 @@ pub enum Error {
         fix: String,
     },
 
-    /// The guest showed a known failure on its console (kernel panic, emergency mode, ...).
-    #[error("guest failure seen on the console: {pattern}\n  {detail}\n  fix: {fix}")]
+    /// The guest showed a known failure on its console (kernel panic, emergency mode, ...), or
+    /// QEMU reported it panicked (GUEST_PANICKED).
+    #[error("guest failure: {pattern}\n  {detail}\n  fix: {fix}")]
     GuestFailure {
         pattern: String,
         detail: String,

@@ -148,6 +148,19 @@ pub fn guest_agent(socket: &Path) -> Vec<String> {
     ]
 }
 
+/// A pvpanic device, so a guest kernel panic reaches QEMU as a GUEST_PANICKED event instead of
+/// being only text on the console (or nothing, when the console is not on the serial port), and
+/// what QEMU does then: pause the VM. QEMU's default (`panic=shutdown`) would end the VM, and a
+/// guest kernel booted with `panic=N` would otherwise reset itself N s later; paused, the panicked
+/// guest stays in events.jsonl, on the console and in memory for whoever inspects it.
+///
+/// The ISA device (I/O port 0x505, announced in ACPI as QEMU0001), as libvirt's default panic
+/// model on x86: every Linux since 3.x binds it (`pvpanic` + `pvpanic-mmio`; Debian builds both
+/// as modules and udev loads them by the ACPI alias), while `pvpanic-pci` needs Linux 5.12.
+pub fn pvpanic() -> Vec<String> {
+    s(&["-device", "pvpanic", "-action", "panic=pause"])
+}
+
 /// Entropy for the guest: without it sshd and cloud-init wait for randomness at boot.
 pub fn rng() -> Vec<String> {
     s(&[
@@ -178,6 +191,7 @@ pub fn build(spec: &VmSpec, run: &RunDir, tap_fd: Option<i32>) -> Vec<String> {
         a.extend(nic(n, fd));
     }
     a.extend(rng());
+    a.extend(pvpanic());
     a
 }
 
@@ -253,6 +267,14 @@ mod tests {
             joined(nic(&n, 3)),
             "-netdev tap,id=net0,fd=3 -device virtio-net-pci,netdev=net0,mac=52:54:00:aa:bb:cc,id=nic0"
         );
+    }
+
+    #[test]
+    fn a_guest_panic_is_reported_and_pauses_the_vm() {
+        assert_eq!(joined(pvpanic()), "-device pvpanic -action panic=pause");
+        let spec = VmSpec::new("boma-it-t", Accel::Tcg, Boot::Disk);
+        let j = joined(build(&spec, &RunDir::new("/r"), None));
+        assert!(j.contains("-device pvpanic -action panic=pause"), "{j}");
     }
 
     #[test]
@@ -346,6 +368,10 @@ mod tests {
             "rng-random,id=rng0,filename=/dev/urandom",
             "-device",
             "virtio-rng-pci,rng=rng0",
+            "-device",
+            "pvpanic",
+            "-action",
+            "panic=pause",
         ];
         assert_eq!(a, want, "\ngot:  {}\nwant: {}", a.join(" "), want.join(" "));
     }
