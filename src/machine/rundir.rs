@@ -45,9 +45,14 @@ impl RunDir {
     pub fn ctl_sock(&self) -> PathBuf {
         self.file("ctl.sock")
     }
-    /// The QEMU guest agent's channel (virtio-serial): a way in without network or SSH.
+    /// The QEMU guest agent's channel (virtio-serial): a way in without network or SSH. The
+    /// supervisor serves it, relaying to `qga_qemu_sock`.
     pub fn qga_sock(&self) -> PathBuf {
         self.file("qga.sock")
+    }
+    /// QEMU's own end of the agent channel, held open by the supervisor (see `qga::relay`).
+    pub fn qga_qemu_sock(&self) -> PathBuf {
+        self.file("qga-qemu.sock")
     }
     pub fn console_log(&self) -> PathBuf {
         self.file("console.log")
@@ -116,11 +121,11 @@ impl RunDir {
 
     /// Refuse a run dir whose socket paths would not fit in a unix socket address.
     pub fn check_socket_paths(&self) -> Result<()> {
-        let longest = self
-            .ctl_sock()
-            .as_os_str()
-            .len()
-            .max(self.qmp_sock().as_os_str().len());
+        let longest = [self.ctl_sock(), self.qmp_sock(), self.qga_qemu_sock()]
+            .iter()
+            .map(|p| p.as_os_str().len())
+            .max()
+            .unwrap_or(0);
         if longest > MAX_SOCKET_PATH {
             return Err(Error::input(
                 format!(

@@ -136,7 +136,8 @@ pub fn nic(nic: &NicSpec, fd: i32) -> Vec<String> {
     ]
 }
 
-/// The guest agent's channel: a virtio-serial port named as qemu-guest-agent expects.
+/// The guest agent's channel: a virtio-serial port named as qemu-guest-agent expects. QEMU listens
+/// on `socket`; the supervisor connects at once and holds it for the VM's life (`qga::relay`).
 pub fn guest_agent(socket: &Path) -> Vec<String> {
     vec![
         "-chardev".into(),
@@ -179,7 +180,7 @@ pub fn build(spec: &VmSpec, run: &RunDir, tap_fd: Option<i32>) -> Vec<String> {
     a.extend(qmp("mon0", &run.qmp_sock()));
     a.extend(qmp("mon1", &run.ctl_sock()));
     a.extend(serial(&run.console_log()));
-    a.extend(guest_agent(&run.qga_sock()));
+    a.extend(guest_agent(&run.qga_qemu_sock()));
     a.extend(boot(&spec.boot));
     if let Some(d) = &spec.disk {
         a.extend(disk(d));
@@ -284,7 +285,7 @@ mod tests {
         let j = joined(a.clone());
         assert!(j.contains("path=/r/qmp.sock,server=on,wait=off"));
         assert!(j.contains("path=/r/ctl.sock,server=on,wait=off"));
-        assert!(j.contains("path=/r/qga.sock,server=on,wait=off"));
+        assert!(j.contains("path=/r/qga-qemu.sock,server=on,wait=off"));
         assert!(j.contains("name=org.qemu.guest_agent.0"));
         assert!(a.contains(&"-S".to_string()));
         assert!(j.contains("-smp 2 -m 3072"));
