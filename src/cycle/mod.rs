@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod diagnostics;
+pub mod drift;
 pub mod kept;
 pub mod preflight;
 pub mod report;
