@@ -112,6 +112,7 @@ mod tests {
             seconds: 2.5,
             ok,
             error: error.map(String::from),
+            retried: false,
         }
     }
 
