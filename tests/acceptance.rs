@@ -284,6 +284,11 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
         "reset re-runs reboot + verify, still red:\n{text}"
     );
     assert!(text.contains("published port"), "{text}");
+    assert!(
+        text.contains("what changed from before reboot to after reboot")
+            && text.contains("!! DNAT of tcp/8080"),
+        "reset diffs its reboot against the post-apply state too:\n{text}"
+    );
     let ev = vm.events().unwrap();
     assert!(
         ev.iter().any(|r| r.data["kind"] == "snapshot-load"),

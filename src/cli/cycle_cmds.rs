@@ -130,10 +130,15 @@ pub async fn diff(dirs: &Dirs, a: KeptVmArgs) -> Result<()> {
     Ok(())
 }
 
-/// Back to the post-apply snapshot, then reboot + verify again without re-applying.
+/// Back to the post-apply snapshot, then reboot + verify again without re-applying; what the
+/// reboot changed is shown whatever the verdict.
 pub async fn reset(dirs: &Dirs, a: KeptVmArgs) -> Result<()> {
     on_kept(dirs, a, "reset (reboot + verify)", async |k| {
-        k.reset().await
+        let r = k.reset().await;
+        if let Some(d) = &k.reboot_diff {
+            eprintln!("\n{}", d.render(12));
+        }
+        r
     })
     .await
 }

@@ -189,7 +189,12 @@ impl Kept {
             })
             .await
             .expect("a diff never fails");
-        eprintln!("{}", d.render(12));
+        let breaks = d.findings.iter().filter(|f| f.breaks).count();
+        tracing::info!(
+            "what the reboot changed: {} finding(s), {breaks} that break something; {}",
+            d.findings.len(),
+            dir.join(&name).display()
+        );
         self.reboot_diff = Some(d.clone());
         Some(d)
     }
