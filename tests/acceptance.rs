@@ -440,6 +440,12 @@ fn a_lockout_after_the_reboot_is_called_soon_after_the_boot_is_done() {
         .reboot_diff
         .clone()
         .expect("the diff, also after a lockout");
+    assert!(
+        diff.notes.iter().any(
+            |n| n.starts_with("after reboot was read through the guest agent (ssh: known dead")
+        ),
+        "{diff:#?}"
+    );
     let nft = diff.sections.iter().find(|s| s.part == Part::Nft).unwrap();
     assert_eq!(
         (nft.source_before, nft.source_after),

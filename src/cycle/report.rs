@@ -241,6 +241,7 @@ mod tests {
             after: "after reboot".into(),
             boot_changed: Some(true),
             findings: vec![],
+            notes: vec![],
             sections: vec![],
         };
         r.reboot_diff = Some(d);

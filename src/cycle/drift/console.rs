@@ -132,7 +132,7 @@ pub fn state_from_console(when: &str, text: &str, why: &str) -> GuestState {
         part,
         source: Source::Console,
         lines,
-        note: Some(format!("{what} ({why})")),
+        note: Some(what.to_string()),
     };
     let sections = Part::ALL
         .into_iter()
@@ -158,7 +158,7 @@ pub fn state_from_console(when: &str, text: &str, why: &str) -> GuestState {
                 part,
                 source: Source::None,
                 lines: Vec::new(),
-                note: Some(format!("not on the serial console ({why})")),
+                note: Some("not on the serial console".into()),
             },
         })
         .collect();
@@ -167,6 +167,7 @@ pub fn state_from_console(when: &str, text: &str, why: &str) -> GuestState {
         taken: now(),
         boot_id: None,
         system: None,
+        fallback: Some(why.to_string()),
         sections,
     }
 }
@@ -208,7 +209,11 @@ mod tests {
         );
         let nft = s.section(Part::Nft).unwrap();
         assert_eq!(nft.source, Source::None);
-        assert!(nft.note.as_deref().unwrap().contains("guest agent: silent"));
+        assert_eq!(nft.note.as_deref(), Some("not on the serial console"));
+        assert_eq!(
+            s.fallback.as_deref(),
+            Some("ssh: refused; guest agent: silent")
+        );
         assert_eq!(s.section(Part::Routes).unwrap().source, Source::Console);
     }
 }

@@ -45,6 +45,9 @@ pub struct StateDiff {
     pub after: String,
     pub boot_changed: Option<bool>,
     pub findings: Vec<Finding>,
+    /// How a side was read when not over SSH, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
     pub sections: Vec<SectionDiff>,
 }
 
@@ -75,10 +78,19 @@ impl StateDiff {
                 f.text
             ));
         }
+        for n in &self.notes {
+            s.push_str(&format!("  note: {n}\n"));
+        }
         if self.is_empty() {
             s.push_str("  nothing in the compared parts changed\n");
         }
         for d in &self.sections {
+            if let (Some(n), false) = (&d.note, d.changed())
+                && n.starts_with("not compared")
+            {
+                s.push_str(&format!("  {}: {n}\n", d.title));
+                continue;
+            }
             let from = if d.source_before == d.source_after {
                 d.source_after.as_str().to_string()
             } else {
@@ -297,11 +309,27 @@ pub fn diff(before: &GuestState, after: &GuestState) -> StateDiff {
         (Some(b), Some(a)) => Some(b != a),
         _ => None,
     };
+    let notes = [before, after]
+        .iter()
+        .filter_map(|st| {
+            let why = st.fallback.as_deref()?;
+            let has = |src| st.sections.iter().any(|s| s.source == src);
+            let how = if has(Source::Agent) {
+                "read through the guest agent"
+            } else if has(Source::Console) {
+                "read from the serial console, as far as it shows"
+            } else {
+                "not read at all"
+            };
+            Some(format!("{} was {how} ({why})", st.when))
+        })
+        .collect();
     let mut d = StateDiff {
         before: before.when.clone(),
         after: after.when.clone(),
         boot_changed,
         findings: Vec::new(),
+        notes,
         sections,
     };
     d.findings = findings(before, after, &d);

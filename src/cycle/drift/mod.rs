@@ -186,6 +186,9 @@ pub struct GuestState {
     /// `systemctl is-system-running` when it was taken (`running`, `degraded`, `starting`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system: Option<String>,
+    /// Why it was not read over SSH (and, for the console, not through the agent either).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
     pub sections: Vec<Section>,
 }
 
@@ -257,6 +260,7 @@ impl GuestState {
             taken: now(),
             boot_id,
             system,
+            fallback: None,
             sections,
         }
     }
@@ -323,8 +327,10 @@ pub async fn collect(m: &Machine, when: &str, ssh_dead: bool, settle: bool) -> S
     let argv = ["/bin/sh", "-c", script.as_str()];
     match m.agent_exec(&argv, limit).await {
         Ok(o) if o.code == Some(0) => {
+            let mut state = GuestState::from_script_output(when, Source::Agent, &o.stdout);
+            state.fallback = Some(tried.join("; "));
             return Snapshot {
-                state: GuestState::from_script_output(when, Source::Agent, &o.stdout),
+                state,
                 raw: format!("# source: guest agent ({})\n{}", tried.join("; "), o.stdout),
             };
         }
