@@ -210,7 +210,8 @@ impl Kept {
                         self.machine.name(),
                         self.run_dir.display()
                     ),
-                    "a cycle takes it right after the apply; run `boma-qvm cycle` with this                      version to get one",
+                    "a cycle takes it right after the apply; run `boma-qvm cycle` with this \
+                     version to get one",
                 )
             } else {
                 e
