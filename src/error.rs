@@ -377,7 +377,8 @@ impl FailureClass {
     pub fn meaning(self) -> &'static str {
         match self {
             FailureClass::Infrastructure => {
-                "the harness or this machine failed, not the change: run it again; if it repeats,                  read console.log and `boma-qvm doctor`"
+                "the harness or this machine failed, not the change: run it again; if it repeats, \
+                 read console.log and `boma-qvm doctor`"
             }
             FailureClass::Lockout => {
                 "the change locked SSH out while the guest runs: the incident signature"
