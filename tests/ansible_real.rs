@@ -112,9 +112,9 @@ fn profile_errors_name_the_missing_piece_and_the_fix() {
         Profile::load(&fixture(), "askari,kiboko"),
         Err(Error::Input { .. })
     ));
-    // kiboko is in the inventory but has no overlay.
-    let e = Profile::load(&fixture(), "kiboko").unwrap_err();
-    assert!(e.to_string().contains("overrides/kiboko.yml"), "{e}");
+    // ubongo is in the inventory but has no overlay.
+    let e = Profile::load(&fixture(), "ubongo").unwrap_err();
+    assert!(e.to_string().contains("overrides/ubongo.yml"), "{e}");
 
     let tmp = tempfile::tempdir().unwrap();
     copy_dir(&fixture(), tmp.path());

@@ -21,6 +21,9 @@ pub struct CycleConfig {
     pub extra_vars: Vec<String>,
     pub keep: bool,
     pub snapshot: bool,
+    /// Run verify before the reboot too (`--skip-verify-before-reboot` turns it off).
+    #[serde(default = "yes")]
+    pub verify_before_reboot: bool,
     pub egress: bool,
     pub subnet: Subnet,
     /// Where run directories go (`~/integration-runs`).
@@ -28,6 +31,10 @@ pub struct CycleConfig {
     /// This cycle's run directory, once it has one.
     #[serde(default)]
     pub run_dir: Option<PathBuf>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl CycleConfig {
@@ -160,6 +167,7 @@ mod tests {
             extra_vars: vec![],
             keep: false,
             snapshot: false,
+            verify_before_reboot: true,
             egress: true,
             subnet: "192.168.231.0/24".parse().unwrap(),
             runs_root: "/tmp".into(),

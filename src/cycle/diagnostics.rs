@@ -98,6 +98,7 @@ pub fn inspect_text(host: &str, run_dir: &Path) -> String {
          \n  boma-qvm ssh {host}              a shell as `ansible` (sudo works)\
          \n  boma-qvm status {host}           state, address, last event\
          \n  boma-qvm verify {host}           re-run the verify playbook\
+         \n  boma-qvm diff {host}             what changed since the apply (its state now vs after the apply)\
          \n  boma-qvm down {host}             destroy it (or `make test-integration-clean`)\
          \n\nEvidence: {}\n",
         run_dir.display()

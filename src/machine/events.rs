@@ -41,6 +41,12 @@ pub mod names {
     pub const QEMU_EXITED: &str = "QEMU_EXITED";
     pub const CONSOLE_FAILURE: &str = "CONSOLE_FAILURE";
     pub const CONSOLE_BOOT: &str = "CONSOLE_BOOT";
+    /// The console says the boot is done (cloud-init's final stage, a login prompt, systemd's
+    /// default target); `data.signal` says which.
+    pub const BOOT_DONE: &str = "BOOT_DONE";
+    /// A lockout was called: SSH gone while the guest is alive (`data`: after what, how SSH
+    /// failed, the boot-done signal and how long after it).
+    pub const LOCKOUT: &str = "LOCKOUT";
     pub const FAULT: &str = "FAULT";
     pub const FAULT_FAILED: &str = "FAULT_FAILED";
     /// `qemu-img check` of the overlay before a power-on.
