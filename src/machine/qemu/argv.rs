@@ -346,7 +346,7 @@ mod tests {
             "-serial",
             "chardev:ser0",
             "-chardev",
-            "socket,id=qga0,path=/r/qga.sock,server=on,wait=off",
+            "socket,id=qga0,path=/r/qga-qemu.sock,server=on,wait=off",
             "-device",
             "virtio-serial-pci,id=vser0",
             "-device",
