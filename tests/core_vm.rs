@@ -61,6 +61,11 @@ async fn hard_reset_skips_the_shutdown_path() {
 async fn clean_shutdown_ends_with_qemu_gone() {
     let env = Env::new();
     let m = env.boot("shut", "").await;
+    // Its run directory (SSH key, QMP sockets, console) is this user's only.
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(m.run_dir()).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o7777, 0o700, "run dir mode {mode:o}");
     let State::Running { qemu, .. } = m.state() else {
         panic!("{:?}", m.state())
     };

@@ -40,14 +40,15 @@ impl CycleConfig {
         self.certs.plan(&opts, |k| std::env::var(k).ok())
     }
 
-    /// `<runs_root>/<UTC timestamp>-<host>/`, created.
+    /// `<runs_root>/<UTC timestamp>-<host>/`, created 0700 (this user's only: logs, console and
+    /// the guest's journal).
     pub fn new_run_dir(&self) -> Result<PathBuf> {
         let dir = self.runs_root.join(format!(
             "{}-{}",
             utc_stamp(crate::machine::events::now() as u64),
             self.host
         ));
-        std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+        crate::machine::rundir::create_private(&dir)?;
         Ok(dir)
     }
 
