@@ -298,11 +298,13 @@ impl ImageChoice {
     }
 
     /// What can be known before anything is made: a named image must be in the cache (a built
-    /// or cloud image is made on first use).
+    /// or cloud image is made on first use), and a cached one must be one only root or this
+    /// user can have written (`trust`; its files are checked by `ensure`).
     pub fn check(&self, dirs: &Dirs) -> Result<()> {
         match self {
             ImageChoice::Named(name) => store::get(dirs, name).map(|_| ()),
-            ImageChoice::Cloud(_) | ImageChoice::Built(_) => Ok(()),
+            ImageChoice::Cloud(o) => store::find(dirs, &o.name).map(|_| ()),
+            ImageChoice::Built(o) => store::find(dirs, &o.name).map(|_| ()),
         }
     }
 

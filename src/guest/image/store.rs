@@ -131,6 +131,8 @@ pub enum StagingPrune {
     /// Another image operation holds the lock; its staging directory is live, so nothing was
     /// touched.
     Busy,
+    /// The cache is not this user's to change (e.g. root's shared cache): nothing was touched.
+    NotWritable,
 }
 
 /// Remove stale `.tmp-*` staging entries from the cache (for `prune`, and after an interrupted
@@ -142,6 +144,9 @@ pub fn prune_staging(dirs: &Dirs) -> Result<StagingPrune> {
         return Ok(StagingPrune::Removed(vec![]));
     }
     trust::check(&images, "the image cache")?;
+    if nix::unistd::access(&images, nix::unistd::AccessFlags::W_OK).is_err() {
+        return Ok(StagingPrune::NotWritable);
+    }
     let path = images.join(".lock");
     let _flock = match Flock::lock(open_lock_file(&path)?, FlockArg::LockExclusiveNonblock) {
         Ok(f) => f,
