@@ -224,6 +224,38 @@ mod tests {
         assert_eq!(v.ansible, "ansible-playbook [core 9.99.1]");
     }
 
+    /// cycle.json keeps a secret var's name, never its value, even when a plain -e repeats it.
+    #[test]
+    fn cycle_json_holds_secret_var_names_only() {
+        let d = tempfile::tempdir().unwrap();
+        let value = "cycl3-json-s3cret";
+        // SAFETY: no other test reads or writes this variable.
+        unsafe { std::env::set_var("bq_cfg_secret", value) };
+        let cfg = CycleConfig {
+            host: "askari".into(),
+            repo: "/r".into(),
+            certs: CertTier::Internal,
+            prod_opt_in: false,
+            extra_vars: vec![format!("note={value}")],
+            secret_vars: vec!["bq_cfg_secret".into()],
+            keep: false,
+            snapshot: false,
+            egress: true,
+            subnet: "192.168.231.0/24".parse().unwrap(),
+            runs_root: "/tmp".into(),
+            run_dir: None,
+        };
+        assert_eq!(cfg.secrets().unwrap()[0].value, value);
+        cfg.save(d.path()).unwrap();
+        unsafe { std::env::remove_var("bq_cfg_secret") };
+        let text = std::fs::read_to_string(d.path().join("cycle.json")).unwrap();
+        assert!(!text.contains(value), "{text}");
+        let back = CycleConfig::load(d.path(), "x").unwrap();
+        assert_eq!(back.secret_vars, ["bq_cfg_secret"]);
+        let e = back.secrets().unwrap_err().to_string();
+        assert!(e.contains("export bq_cfg_secret="), "{e}");
+    }
+
     #[test]
     fn le_tiers_need_egress() {
         let cfg = CycleConfig {

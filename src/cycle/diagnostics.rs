@@ -32,19 +32,7 @@ pub async fn collect(m: &Machine, out: &Path, scrubber: &Scrubber) -> Result<Vec
     let vm = &m.vm;
     let conn = m.conn().ok();
     let conn = conn.as_ref();
-    std::fs::create_dir_all(out).ctx(|| format!("creating {}", out.display()))?;
-    let mut written = Vec::new();
-    for (src, name) in [
-        (vm.run.console_log(), "console.log"),
-        (vm.run.events(), "events.jsonl"),
-    ] {
-        if scrubber.copy(&src, &out.join(name)).is_ok() {
-            written.push(name.to_string());
-        }
-    }
-    let tail = vm.console_tail(80);
-    scrubber.write(&out.join("console-tail.txt"), &tail)?;
-    written.push("console-tail.txt".into());
+    let mut written = copy_console_and_events(m, out, scrubber)?;
     let reachable = match conn {
         Some(c) => ssh::run(c, "true", Duration::from_secs(20))
             .await
@@ -67,6 +55,30 @@ pub async fn collect(m: &Machine, out: &Path, scrubber: &Scrubber) -> Result<Vec
         scrubber.write(&out.join(file), text)?;
         written.push(file.to_string());
     }
+    Ok(written)
+}
+
+/// The host-side part of the post-mortem: `console.log`, `events.jsonl` and `console-tail.txt`
+/// (its last 80 lines), copied through `scrubber` into `out`. Returns the files written.
+pub fn copy_console_and_events(
+    m: &Machine,
+    out: &Path,
+    scrubber: &Scrubber,
+) -> Result<Vec<String>> {
+    let vm = &m.vm;
+    std::fs::create_dir_all(out).ctx(|| format!("creating {}", out.display()))?;
+    let mut written = Vec::new();
+    for (src, name) in [
+        (vm.run.console_log(), "console.log"),
+        (vm.run.events(), "events.jsonl"),
+    ] {
+        if scrubber.copy(&src, &out.join(name)).is_ok() {
+            written.push(name.to_string());
+        }
+    }
+    let tail = vm.console_tail(80);
+    scrubber.write(&out.join("console-tail.txt"), &tail)?;
+    written.push("console-tail.txt".into());
     Ok(written)
 }
 
