@@ -146,6 +146,14 @@ impl Kept {
         self.stages.run("snapshot", m.snapshot_save(SNAPSHOT)).await
     }
 
+    /// End a step run on the kept VM (`apply`, `verify`, `reset`): its secrets masked in the
+    /// VM's files, and scrubbed from the error.
+    pub fn scrub<T>(&self, r: Result<T>) -> Result<T> {
+        let scrubber = self.cfg.scrubber();
+        mask_vm_files(&self.machine, &scrubber);
+        r.map_err(|e| scrubber.error(e))
+    }
+
     /// Back to the post-apply snapshot, then reboot and verify again, without re-applying.
     pub async fn reset(&mut self) -> Result<()> {
         let m = &self.machine;
@@ -169,16 +177,6 @@ pub fn mask_vm_files(m: &Machine, scrubber: &crate::secrets::Scrubber) {
             hit.len(),
             m.run_dir().display()
         );
-    }
-}
-
-impl Kept {
-    /// End a step run on the kept VM (`apply`, `verify`, `reset`): its secrets masked in the
-    /// VM's files, and scrubbed from the error.
-    pub fn scrub<T>(&self, r: Result<T>) -> Result<T> {
-        let scrubber = self.cfg.scrubber();
-        mask_vm_files(&self.machine, &scrubber);
-        r.map_err(|e| scrubber.error(e))
     }
 }
 
