@@ -236,6 +236,117 @@ impl Error {
         self
     }
 
+    /// The same error with every text in it passed through `f` (e.g. a secret scrubbed out of a
+    /// console tail or a playbook's failure message); the variant, and so the exit code, stays.
+    pub fn map_text(self, f: &dyn Fn(&str) -> String) -> Self {
+        use Error::*;
+        match self {
+            Input { problem, fix } => Input {
+                problem: f(&problem),
+                fix: f(&fix),
+            },
+            MissingTool {
+                program,
+                looked_in,
+                fix,
+            } => MissingTool {
+                program: f(&program),
+                looked_in: f(&looked_in),
+                fix: f(&fix),
+            },
+            NotFound { what, fix } => NotFound {
+                what: f(&what),
+                fix: f(&fix),
+            },
+            AlreadyExists { what, fix } => AlreadyExists {
+                what: f(&what),
+                fix: f(&fix),
+            },
+            Guard { problem, fix } => Guard {
+                problem: f(&problem),
+                fix: f(&fix),
+            },
+            Qemu { problem, fix } => Qemu {
+                problem: f(&problem),
+                fix: f(&fix),
+            },
+            Qmp { problem, fix } => Qmp {
+                problem: f(&problem),
+                fix: f(&fix),
+            },
+            Timeout { what, secs, fix } => Timeout {
+                what: f(&what),
+                secs,
+                fix: f(&fix),
+            },
+            GuestFailure {
+                pattern,
+                detail,
+                fix,
+            } => GuestFailure {
+                pattern: f(&pattern),
+                detail: f(&detail),
+                fix: f(&fix),
+            },
+            Reboot { problem, fix } => Reboot {
+                problem: f(&problem),
+                fix: f(&fix),
+            },
+            Network { problem, fix } => Network {
+                problem: f(&problem),
+                fix: f(&fix),
+            },
+            Image { problem, fix } => Image {
+                problem: f(&problem),
+                fix: f(&fix),
+            },
+            Ansible { problem, fix } => Ansible {
+                problem: f(&problem),
+                fix: f(&fix),
+            },
+            VerifyFailed { problem, fix } => VerifyFailed {
+                problem: f(&problem),
+                fix: f(&fix),
+            },
+            Lockout { problem, fix } => Lockout {
+                problem: f(&problem),
+                fix: f(&fix),
+            },
+            Classified { inner, class } => Classified {
+                inner: Box::new(inner.map_text(f)),
+                class,
+            },
+            Command {
+                cmd,
+                status,
+                stderr,
+                fix,
+            } => Command {
+                cmd: f(&cmd),
+                status: f(&status),
+                stderr: f(&stderr),
+                fix: f(&fix),
+            },
+            Io { context, source } => {
+                let msg = source.to_string();
+                let scrubbed = f(&msg);
+                Io {
+                    context: f(&context),
+                    source: if scrubbed == msg {
+                        source
+                    } else {
+                        std::io::Error::new(source.kind(), scrubbed)
+                    },
+                }
+            }
+            Evidence { inner, title, text } => Evidence {
+                inner: Box::new(inner.map_text(f)),
+                title: f(&title),
+                text: f(&text),
+            },
+        }
+    }
+
     pub fn input(problem: impl Into<String>, fix: impl Into<String>) -> Self {
         Error::Input {
             problem: problem.into(),

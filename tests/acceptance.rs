@@ -13,6 +13,12 @@
 //! forward `policy drop`; the green one shows the fix's forward accept instead. A third test (one
 //! more Debian cycle) locks SSH out at boot and gets the lockout called fast, with the state
 //! after the reboot read without SSH.
+//!
+//! The red cycle also carries two marker secrets: a secret var (`SECRET_VARS=secret_probe_marker`)
+//! and the cert credential (`GANDI_API_KEY`, read by the fixture's repo from the environment).
+//! The fixture's `secret_probe` role prints both in the apply, on the guest's console and into
+//! its journal at every boot; no file of the run directory or of the VM's run directory (its
+//! disk images aside: the guest's own) may hold either, nor may the terminal output.
 
 mod common;
 
@@ -43,23 +49,84 @@ fn clean_env(env: &Env, runs: &Path) -> String {
     )
 }
 
-/// The README's main job, `make test-integration HOST=askari`, in a clean environment.
-fn make(ns: &Netns, env: &Env, runs: &Path, knobs: &str) -> std::process::Output {
+/// The marker secrets, new for each run: (the secret var's value, the cert credential).
+fn markers() -> &'static (String, String) {
+    static M: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+    M.get_or_init(|| {
+        let n = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        (format!("bqvar{n:x}"), format!("bqkey{n:x}"))
+    })
+}
+
+/// The markers, exported as an operator would (never on the command line).
+fn secret_env() -> String {
+    let (var, key) = markers();
+    format!("secret_probe_marker={var} GANDI_API_KEY={key}")
+}
+
+/// The README's main job, `make test-integration HOST=askari`, in a clean environment (plus
+/// `extra_env`).
+fn make(ns: &Netns, env: &Env, runs: &Path, extra_env: &str, knobs: &str) -> std::process::Output {
     ns.exec(&format!(
-        "cd {} && {} make -s test-integration HOST=askari BOMA_QVM={} {knobs}",
+        "cd {} && {} {extra_env} make -s test-integration HOST=askari BOMA_QVM={} {knobs}",
         env!("CARGO_MANIFEST_DIR"),
         clean_env(env, runs),
         env!("CARGO_BIN_EXE_boma-qvm"),
     ))
 }
 
-/// The CLI in the test's namespace and the README's clean environment (`env -i`).
-fn cli(ns: &Netns, env: &Env, runs: &Path, args: &str) -> std::process::Output {
+/// The CLI in the test's namespace and the README's clean environment (`env -i`, plus
+/// `extra_env`).
+fn cli(ns: &Netns, env: &Env, runs: &Path, extra_env: &str, args: &str) -> std::process::Output {
     ns.exec(&format!(
-        "{} {} {args}",
+        "{} {extra_env} {} {args}",
         clean_env(env, runs),
         env!("CARGO_BIN_EXE_boma-qvm")
     ))
+}
+
+/// Every regular file under `dir`, never following a symlink (the transient inventory links
+/// into the repo), except the VM's qcow2 disk: the guest's own disk holds what it was given.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().map(|e| e.unwrap()) {
+        let t = e.file_type().unwrap();
+        if t.is_dir() {
+            out.extend(files_under(&e.path()));
+        } else if t.is_file() && e.path().extension().is_none_or(|x| x != "qcow2") {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+/// No file under `dirs`, and not `output`, holds either marker.
+#[track_caller]
+fn assert_no_secret(dirs: &[&Path], output: &str) {
+    let (var, key) = markers();
+    let mut held = Vec::new();
+    let mut count = 0;
+    for dir in dirs {
+        for f in files_under(dir) {
+            count += 1;
+            let bytes = std::fs::read(&f).unwrap();
+            for m in [var, key] {
+                if bytes.windows(m.len()).any(|w| w == m.as_bytes()) {
+                    held.push(format!("{} holds {m}", f.display()));
+                }
+            }
+        }
+    }
+    for m in [var, key] {
+        if output.contains(m.as_str()) {
+            held.push(format!("the terminal output holds {m}"));
+        }
+    }
+    assert!(count > 20, "only {count} files checked: {dirs:?}");
+    assert!(held.is_empty(), "secrets written:\n{}", held.join("\n"));
 }
 
 fn only_run_dir(runs: &Path) -> PathBuf {
@@ -112,7 +179,13 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
 
     // 1. Red: today's base role, no container-forward drop-in.
     let red_runs = env.tmp.path().join("runs-red");
-    let out = make(&ns, &env, &red_runs, "SNAPSHOT=1");
+    let out = make(
+        &ns,
+        &env,
+        &red_runs,
+        &secret_env(),
+        "SNAPSHOT=1 SECRET_VARS=secret_probe_marker",
+    );
     let text = common::text(&out);
     show_summary("red", &text);
     assert_eq!(
@@ -249,8 +322,28 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
         "the failed VM is kept"
     );
 
+    // The secrets reached the guest and came back in its output (so the check below is not
+    // vacuous), and were scrubbed from every file of the run and of the VM.
+    let read = |f: &str| String::from_utf8_lossy(&std::fs::read(run.join(f)).unwrap()).into_owned();
+    assert!(
+        read("apply.log").contains("secret marker: ******** credential: ********"),
+        "{}",
+        read("apply.log")
+    );
+    assert!(
+        read("journal.txt").contains("secret marker: ******** credential: ********"),
+        "the unit printed them into the journal after the reboot"
+    );
+    assert!(
+        read("console.log").contains("secret marker: ******** credential: ********"),
+        "the unit printed them on the console"
+    );
+    assert_eq!(report.secret_vars, ["secret_probe_marker"]);
+    let vm_dir = env.dirs.vm("boma-it-askari");
+    assert_no_secret(&[&run, &vm_dir], &text);
+
     // `boma-qvm diff` on the kept VM: its state now against the post-apply one.
-    let o = cli(&ns, &env, &red_runs, "diff askari");
+    let o = cli(&ns, &env, &red_runs, &secret_env(), "diff askari");
     let text = common::text(&o);
     eprintln!("---- boma-qvm diff askari ----\n{text}");
     assert!(o.status.success(), "{text}");
@@ -276,8 +369,18 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
         .iter()
         .filter(|r| r.is(names::RESET))
         .count();
-    let o = cli(&ns, &env, &red_runs, "reset askari");
+    // A secret var's value is never stored: without it, a step on the kept VM is refused.
+    let o = cli(&ns, &env, &red_runs, "", "verify askari");
     let text = common::text(&o);
+    assert_eq!(o.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("--secret-var secret_probe_marker") && text.contains("export"),
+        "{text}"
+    );
+    let o = cli(&ns, &env, &red_runs, &secret_env(), "reset askari");
+    let text = common::text(&o);
+    // The reboot printed the secrets on the console again: masked once more.
+    assert_no_secret(&[&run, &vm_dir], &text);
     assert_eq!(
         o.status.code(),
         Some(14),
@@ -311,7 +414,7 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
 
     // 2. Green: the same cycle with the docker_host container-forward drop-in.
     let green_runs = env.tmp.path().join("runs-green");
-    let out = make(&ns, &env, &green_runs, "FIX=1");
+    let out = make(&ns, &env, &green_runs, "", "FIX=1");
     let text = common::text(&out);
     show_summary("green", &text);
     assert!(
@@ -370,6 +473,7 @@ fn a_lockout_after_the_reboot_is_called_soon_after_the_boot_is_done() {
         &ns,
         &env,
         &runs,
+        "",
         &format!(
             "cycle kiboko --repo {}/tests/fixtures/boma --certs internal \
              --skip-verify-before-reboot -e base_ssh_lockout_at_boot=true",
@@ -465,7 +569,7 @@ fn a_lockout_after_the_reboot_is_called_soon_after_the_boot_is_done() {
     );
 
     drop(vm);
-    let o = cli(&ns, &env, &runs, "down kiboko");
+    let o = cli(&ns, &env, &runs, "", "down kiboko");
     assert!(o.status.success(), "{}", common::text(&o));
     let left = ns.leftovers(&env.dirs.state);
     assert!(left.is_empty(), "left behind:\n{left}");

@@ -61,6 +61,11 @@ async fn hard_reset_skips_the_shutdown_path() {
 async fn clean_shutdown_ends_with_qemu_gone() {
     let env = Env::new();
     let m = env.boot("shut", "").await;
+    // Its run directory (SSH key, QMP sockets, console) is this user's only.
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(m.run_dir()).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o7777, 0o700, "run dir mode {mode:o}");
     let State::Running { qemu, .. } = m.state() else {
         panic!("{:?}", m.state())
     };
@@ -204,4 +209,57 @@ async fn a_power_off_vm_can_be_started_again() {
     m.start().await.unwrap();
     m.expect_console(READY, T).await.unwrap();
     assert!(m.is_running());
+}
+
+/// What a kept VM's run directory and a failed cycle's post-mortem hold, with a secret the guest
+/// printed (here: on its kernel command line, which the kernel echoes on the console and QEMU's
+/// argv carries into events.jsonl and spec.json): the post-mortem's copies are scrubbed as they
+/// are written, the VM's own files masked in place (same length), and the VM keeps running and
+/// logging afterwards.
+#[tokio::test]
+async fn a_secret_the_guest_printed_is_in_no_file_of_the_vm_or_the_post_mortem() {
+    use boma_qvm::cycle::{diagnostics, kept};
+    use boma_qvm::secrets::Scrubber;
+    let env = Env::new();
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let secret = format!("bqsecret{n:x}");
+    let m = env.boot("scrub", &format!("boma.note={secret}")).await;
+    let holds = |p: &std::path::Path| {
+        std::fs::read(p)
+            .unwrap()
+            .windows(secret.len())
+            .any(|w| w == secret.as_bytes())
+    };
+    assert!(holds(&m.console_log()), "the guest did not print it");
+    let sc = Scrubber::new([&secret]);
+    let out = env.tmp.path().join("run");
+    let written = diagnostics::copy_console_and_events(&m, &out, &sc).unwrap();
+    assert_eq!(written, ["console.log", "events.jsonl", "console-tail.txt"]);
+    let console_len = std::fs::metadata(m.console_log()).unwrap().len();
+    kept::mask_vm_files(&m, &sc);
+    assert_eq!(
+        std::fs::metadata(m.console_log()).unwrap().len(),
+        console_len,
+        "masked in place, same length"
+    );
+    let mut files = Vec::new();
+    for dir in [out.clone(), m.run_dir().to_path_buf()] {
+        for e in std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap()) {
+            if e.file_type().unwrap().is_file() {
+                files.push(e.path());
+            }
+        }
+    }
+    let held: Vec<_> = files.iter().filter(|f| holds(f)).collect();
+    assert!(held.is_empty(), "still hold the secret: {held:?}");
+    assert!(files.len() >= 8, "{files:?}");
+    let copy = std::fs::read_to_string(out.join("console.log")).unwrap();
+    assert!(copy.contains("boma.note=********"), "{copy}");
+    // The log QEMU writes is still the one it appends to: the guest's shutdown lands in it.
+    assert_eq!(m.shutdown().await.unwrap(), ShutdownOutcome::Clean);
+    let log = String::from_utf8_lossy(&std::fs::read(m.console_log()).unwrap()).into_owned();
+    assert!(log.contains(boma_qvm::guest::testguest::SHUTDOWN), "{log}");
 }

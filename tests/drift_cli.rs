@@ -34,6 +34,7 @@ fn diff_refuses_without_a_cycle_or_its_post_apply_state_and_says_why_parts_are_m
         certs: "internal".parse().unwrap(),
         prod_opt_in: false,
         extra_vars: vec![],
+        secret_vars: vec![],
         keep: false,
         snapshot: false,
         verify_before_reboot: true,

@@ -32,8 +32,15 @@ pub struct CycleArgs {
     #[arg(long)]
     pub skip_verify_before_reboot: bool,
     /// Extra vars for both playbooks (repeatable), layered after the overlay and cert tier.
+    /// Never put a secret here: any user's `ps` shows the command line. Use --secret-var.
     #[arg(short = 'e', long = "extra-vars")]
     pub extra_vars: Vec<String>,
+    /// An extra var whose value is secret (repeatable): the value of var NAME is read from the
+    /// environment variable NAME (as `docker run -e NAME` does), passed to Ansible in a 0600
+    /// file that exists only while a playbook runs, never stored, and scrubbed from every file
+    /// the run writes. `apply`, `verify` and `reset` of the kept VM read it again.
+    #[arg(long = "secret-var", value_name = "NAME")]
+    pub secret_vars: Vec<String>,
     /// Golden image: built (the default: Debian 13 built offline, with Docker and the guest
     /// agent), cloud (Debian's genericcloud: no Docker, no agent), or an imported name.
     #[arg(long)]
@@ -70,6 +77,7 @@ pub async fn cycle(dirs: &Dirs, a: CycleArgs) -> Result<()> {
         certs,
         prod_opt_in: a.accept_prod_cert_risk,
         extra_vars: a.extra_vars,
+        secret_vars: a.secret_vars,
         keep: a.keep,
         snapshot: a.snapshot,
         verify_before_reboot: !a.skip_verify_before_reboot,
@@ -95,7 +103,8 @@ where
     F: AsyncFnOnce(&mut Kept) -> Result<()>,
 {
     let mut k = Kept::open(dirs, a.vm.as_deref())?;
-    step(&mut k).await?;
+    let r = step(&mut k).await;
+    k.scrub(r)?;
     println!(
         "{what} passed on {} in {:.0}s; logs in {}",
         k.machine.name(),

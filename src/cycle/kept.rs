@@ -261,6 +261,14 @@ impl Kept {
         self.stages.run("snapshot", m.snapshot_save(SNAPSHOT)).await
     }
 
+    /// End a step run on the kept VM (`apply`, `verify`, `reset`): its secrets masked in the
+    /// VM's files, and scrubbed from the error.
+    pub fn scrub<T>(&self, r: Result<T>) -> Result<T> {
+        let scrubber = self.cfg.scrubber();
+        mask_vm_files(&self.machine, &scrubber);
+        r.map_err(|e| scrubber.error(e))
+    }
+
     /// Back to the post-apply snapshot, then reboot and verify again, without re-applying;
     /// what the reboot changed is diffed against the cycle's post-apply state.
     pub async fn reset(&mut self) -> Result<()> {
@@ -293,6 +301,20 @@ impl Kept {
     }
 }
 
+/// Mask the cycle's secrets in place in the files of the kept VM's run directory that QEMU and
+/// the supervisor write as the VM runs (console.log, events.jsonl, supervisor.log, ...), and in
+/// any other file there except disk images: the guest's disk holds what it was given.
+pub fn mask_vm_files(m: &Machine, scrubber: &crate::secrets::Scrubber) {
+    let hit = scrubber.mask_tree(m.run_dir(), &crate::secrets::is_disk_image);
+    if !hit.is_empty() {
+        tracing::info!(
+            "scrubbed secrets from {} file(s) of {}",
+            hit.len(),
+            m.run_dir().display()
+        );
+    }
+}
+
 /// The Ansible session for the VM: the transient inventory and vars files in its run dir.
 pub fn session(cfg: &CycleConfig, m: &Machine) -> Result<Session> {
     let profile = Profile::load(&cfg.repo, &cfg.host)?;
@@ -304,6 +326,7 @@ pub fn session(cfg: &CycleConfig, m: &Machine) -> Result<Session> {
             subnet: cfg.subnet,
             certs: cfg.cert_plan()?,
             extra_vars: cfg.extra_vars.clone(),
+            secret_vars: cfg.secrets()?,
         },
     )
 }

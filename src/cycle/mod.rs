@@ -134,18 +134,23 @@ async fn finish(
     let class = failure.as_ref().map(|e| classify(class, e));
     // Only a VM that exists can be kept; a failure before one was made keeps nothing.
     let keep = m.is_some() && (failure.is_some() || cfg.keep);
+    // Secrets out of everything written from here on, and out of what the VM's own files hold.
+    let scrubber = cfg.scrubber();
+    let failure = failure.map(|e| scrubber.error(e));
     if let (Some(_), Some(m)) = (&failure, &m) {
         let _ = stages
-            .run("post-mortem", diagnostics::collect(m, run_dir))
+            .run("post-mortem", diagnostics::collect(m, run_dir, &scrubber))
             .await;
     }
     let versions = config::versions(m.as_ref());
     let inspect = keep.then(|| diagnostics::inspect_text(&cfg.host, run_dir));
     if let Some(text) = &inspect {
-        std::fs::write(run_dir.join("INSPECT.txt"), text).ok();
+        scrubber.write(&run_dir.join("INSPECT.txt"), text).ok();
     }
-    if let (false, Some(m)) = (keep, m) {
-        stages.run("teardown", m.down()).await?;
+    match (keep, m) {
+        (false, Some(m)) => stages.run("teardown", m.down()).await?,
+        (true, Some(m)) => kept::mask_vm_files(&m, &scrubber),
+        (_, None) => {}
     }
     let summary = match &failure {
         None => "all checks passed across the reboot".to_string(),
@@ -169,6 +174,7 @@ async fn finish(
         certs: cfg.certs.as_str().into(),
         egress: req.egress,
         extra_vars: cfg.extra_vars.clone(),
+        secret_vars: cfg.secret_vars.clone(),
         versions,
         image: report::ImageReport {
             name: match &req.os {
@@ -185,7 +191,8 @@ async fn finish(
         retries: stages.retries.clone(),
         reboot_diff,
         total_seconds: stages.total_seconds(),
-    };
+    }
+    .scrubbed(&scrubber);
     report.write(run_dir)?;
     print_summary(&report, run_dir);
     match (failure, class) {

@@ -28,6 +28,9 @@ pub struct Report {
     pub egress: bool,
     /// Extra vars the user layered on (`-e`), as given.
     pub extra_vars: Vec<String>,
+    /// Names of the extra vars marked secret (`--secret-var`); their values are never written.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_vars: Vec<String>,
     pub versions: Versions,
     /// The golden image asked for and why it was chosen.
     pub image: ImageReport,
@@ -69,6 +72,14 @@ pub struct Versions {
 }
 
 impl Report {
+    /// The report with every secret `scrubber` knows replaced, in every string it holds (the
+    /// summary, stage errors, extra vars, ...).
+    pub fn scrubbed(&self, scrubber: &crate::secrets::Scrubber) -> Report {
+        let mut v = serde_json::to_value(self).expect("report serialises");
+        scrubber.scrub_json(&mut v);
+        serde_json::from_value(v).expect("a scrubbed report is still a report")
+    }
+
     pub fn write(&self, dir: &Path) -> Result<()> {
         let json = serde_json::to_string_pretty(self).expect("report serialises");
         std::fs::write(dir.join("report.json"), json)
@@ -176,6 +187,7 @@ mod tests {
             certs: "internal".into(),
             egress: true,
             extra_vars: vec![],
+            secret_vars: vec![],
             versions: Versions::default(),
             image: ImageReport::default(),
             accepted_risk: None,
@@ -252,6 +264,25 @@ mod tests {
             x.contains("name=\"what the reboot changed\" time=\"2.5\">\n      <system-out>what changed from before reboot to after reboot (a new boot):"),
             "{x}"
         );
+    }
+
+    #[test]
+    fn a_scrubbed_report_holds_no_secret_in_json_or_junit() {
+        let secret = "t0p-s3cret-<&>";
+        let mut r = report();
+        r.summary = format!("verify failed: {secret}");
+        r.stages[1].error = Some(format!("console: {secret}"));
+        r.extra_vars = vec![format!("x={secret}")];
+        r.inspect = Some(secret.into());
+        let r = r.scrubbed(&crate::secrets::Scrubber::new([secret]));
+        let d = tempfile::tempdir().unwrap();
+        r.write(d.path()).unwrap();
+        for f in ["report.json", "junit.xml"] {
+            let text = std::fs::read_to_string(d.path().join(f)).unwrap();
+            assert!(!text.contains("t0p-s3cret"), "{f}: {text}");
+            assert!(text.contains("********"), "{f}: {text}");
+        }
+        assert_eq!(r.verdict, Verdict::Fail);
     }
 
     #[test]

@@ -143,9 +143,45 @@ impl RunDir {
     }
 }
 
+/// Make `dir` (its parents as usual) readable, writable and searchable by this user only (0700,
+/// whatever the umask): a run directory holds the VM's SSH key, its QMP sockets (full control of
+/// the VM) and its logs, so no other user may read it or create anything in it.
+pub fn create_private(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        // An existing one is reused only when it is a real directory (not a link to elsewhere).
+        Err(e)
+            if e.kind() == std::io::ErrorKind::AlreadyExists
+                && std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir()) => {}
+        Err(e) => return Err(e).ctx(|| format!("creating {}", dir.display())),
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .ctx(|| format!("chmod 0700 {}", dir.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn run_dirs_are_private_to_their_user() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("vms/boma-it-x");
+        create_private(&d).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&d), 0o700);
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777)).unwrap();
+        create_private(&d).unwrap();
+        assert_eq!(mode(&d), 0o700, "an existing one is made private again");
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(&d, &link).unwrap();
+        assert!(create_private(&link).is_err(), "a symlink is not a run dir");
+    }
 
     #[test]
     fn deep_dirs_are_refused_for_sockets() {

@@ -82,7 +82,7 @@ impl Vm {
                 ),
             });
         }
-        std::fs::create_dir_all(&run.dir).ctx(|| format!("creating {}", run.dir.display()))?;
+        super::rundir::create_private(&run.dir)?;
         run.write_spec(spec)?;
         Ok(Vm {
             dirs: dirs.clone(),
