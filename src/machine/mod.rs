@@ -4,6 +4,7 @@
 //! and bringing a VM up and down.
 
 pub mod accel;
+mod access;
 pub mod boottest;
 pub mod console;
 pub mod events;
@@ -24,6 +25,7 @@ pub(crate) mod vm;
 pub mod warm;
 mod watch;
 
+pub use access::{BootDone, LOCKOUT_GRACE, SshState};
 pub use handle::{Machine, Rebooted};
 pub use power::ShutdownOutcome;
 pub use provision::{OsSource, UpRequest};

@@ -241,6 +241,22 @@ impl Template {
         self.dir.join(KEY)
     }
 
+    /// Refuse a template another user could have written (its state is the memory of the VM
+    /// this run would start): the same rule as for the golden image it lives beside.
+    pub fn check_trust(&self) -> Result<()> {
+        let what = format!("the warm template {}", show(&self.dir));
+        image::trust::check(&self.dir, &what)?;
+        for f in [
+            self.dir.join(MANIFEST),
+            self.disk(),
+            self.state(),
+            self.key(),
+        ] {
+            image::trust::check(&f, &what)?;
+        }
+        Ok(())
+    }
+
     /// The template in `dir`, complete (manifest, disk, state, key) or an error saying what is
     /// missing.
     pub fn load(dir: &Path) -> std::result::Result<Template, String> {
@@ -354,7 +370,10 @@ pub(crate) async fn plan(dirs: &Dirs, req: &UpRequest, stages: &mut Stages) -> R
     }
     let want = Want::new(&img, req)?;
     let template = match find(&img, &want) {
-        Ok(t) => t,
+        Ok(t) => {
+            t.check_trust()?;
+            t
+        }
         Err(why) => {
             tracing::warn!("{why}: cold boot to build it, then a warm start from it");
             let t = stages
@@ -371,7 +390,8 @@ pub(crate) async fn plan(dirs: &Dirs, req: &UpRequest, stages: &mut Stages) -> R
 fn lock(img: &Image, exclusive: bool) -> Result<nix::fcntl::Flock<std::fs::File>> {
     use nix::fcntl::{Flock, FlockArg};
     let dir = dir_of(img);
-    std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", show(&dir)))?;
+    image::trust::create_dir(&dir)?;
+    image::trust::check(&dir, "the warm templates' directory")?;
     let path = dir.join(".lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -844,6 +864,7 @@ mod tests {
                 boot: image::BootSpec::Disk,
                 packages: Default::default(),
                 stages: vec![],
+                files: vec![],
             },
         }
     }
@@ -903,6 +924,21 @@ mod tests {
         assert!(
             why.contains("incomplete") && why.contains("state.bin"),
             "{why}"
+        );
+    }
+
+    #[test]
+    fn a_template_another_user_could_have_written_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let img = image(d.path());
+        let t = Template::load(&install(&img, &want())).unwrap();
+        t.check_trust().unwrap();
+        std::fs::set_permissions(t.state(), std::fs::Permissions::from_mode(0o666)).unwrap();
+        let e = t.check_trust().unwrap_err().to_string();
+        assert!(
+            e.contains("state.bin") && e.contains("writable by every user"),
+            "{e}"
         );
     }
 

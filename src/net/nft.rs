@@ -5,8 +5,8 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use super::config::NetConfig;
-use super::tool;
 use crate::error::IoContext;
+use crate::tools;
 use crate::{Error, Result, error::show};
 
 /// Family and name of our table.
@@ -34,7 +34,7 @@ pub fn render(cfg: &NetConfig, no_egress: &[Ipv4Addr]) -> String {
 /// Write the rendered ruleset to `file` (kept for diagnostics) and load it in one transaction.
 pub fn load(cfg: &NetConfig, no_egress: &[Ipv4Addr], file: &Path) -> Result<()> {
     std::fs::write(file, render(cfg, no_egress)).ctx(|| format!("writing {}", show(file)))?;
-    tool::run("nft", &["-f", &file.to_string_lossy()], None).map_err(|e| match e {
+    tools::stdout("nft", &["-f", &file.to_string_lossy()], None).map_err(|e| match e {
         Error::Command { stderr, .. } => Error::network(
             format!("nft refused boma-qvm's table (from {}): {stderr}", show(file)),
             "check that the kernel has nf_tables with inet/nat support (`nft list ruleset` works as root)",
@@ -46,7 +46,7 @@ pub fn load(cfg: &NetConfig, no_egress: &[Ipv4Addr], file: &Path) -> Result<()> 
 
 /// Is our table loaded?
 pub fn table_exists() -> Result<bool> {
-    let out = tool::output("nft", &["list", "table", FAMILY, TABLE], None)?;
+    let out = tools::output("nft", &["list", "table", FAMILY, TABLE], None)?;
     Ok(out.status.success())
 }
 
@@ -54,7 +54,7 @@ pub fn table_exists() -> Result<bool> {
 /// on nft 1.0.6, which has no `destroy`).
 pub fn delete_table() -> Result<()> {
     let script = format!("table {FAMILY} {TABLE} {{}}\ndelete table {FAMILY} {TABLE}\n");
-    tool::run("nft", &["-f", "-"], Some(&script))?;
+    tools::stdout("nft", &["-f", "-"], Some(&script))?;
     Ok(())
 }
 
@@ -67,7 +67,7 @@ pub fn set_egress(ip: Ipv4Addr, on: bool) -> Result<()> {
     } else {
         add
     };
-    tool::run("nft", &["-f", "-"], Some(&script)).map_err(|e| match e {
+    tools::stdout("nft", &["-f", "-"], Some(&script)).map_err(|e| match e {
         Error::Command { stderr, .. } => Error::network(
             format!("could not switch egress for {ip}: {stderr}"),
             "bring the network up first (`boma-qvm net up`)",
@@ -79,7 +79,7 @@ pub fn set_egress(ip: Ipv4Addr, on: bool) -> Result<()> {
 
 /// Addresses currently in the live no-egress set.
 pub fn no_egress_members() -> Result<Vec<Ipv4Addr>> {
-    let out = tool::run(
+    let out = tools::stdout(
         "nft",
         &["-j", "list", "set", FAMILY, TABLE, SET_NO_EGRESS],
         None,
