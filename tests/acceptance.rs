@@ -396,6 +396,13 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
         "reset re-runs reboot + verify, still red:\n{text}"
     );
     assert!(text.contains("published port"), "{text}");
+    // Back to the post-apply state from the memory snapshot: no apply runs again, no boot
+    // before the reboot under test.
+    assert!(
+        text.contains(&format!("<== {}: ok", boma_qvm::cycle::kept::RESET_STAGE))
+            && !text.contains("==> apply"),
+        "{text}"
+    );
     assert!(
         text.contains("what changed from before reboot to after reboot")
             && text.contains("!! DNAT of tcp/8080"),

@@ -145,9 +145,17 @@ async fn debian_guest_boots_to_ssh_survives_faults_and_leaves_the_golden_image_u
 
     // The default shape, so this VM and the acceptance test's restore the same warm template
     // (whichever runs first builds it: a cold boot to cloud-init done, then the save).
-    let up = env
+    let out = env
         .cli_in(&ns)
-        .ok(&["up", "e2e", "--dns-name", "askari.wingu.me"]);
+        .run(&["up", "e2e", "--dns-name", "askari.wingu.me"]);
+    assert!(out.status.success(), "{}", common::text(&out));
+    let up = String::from_utf8_lossy(&out.stdout).into_owned();
+    // The stages' times (and, when this run built the template, its cold boot's), for the log.
+    for l in String::from_utf8_lossy(&out.stderr).lines() {
+        if l.contains("<== ") || l.contains("warm template") || l.contains("cold boot") {
+            eprintln!("up: {l}");
+        }
+    }
     assert!(up.contains("boma-it-e2e is up at 192.168.231."), "{up}");
 
     let status = env

@@ -400,4 +400,31 @@ mod tests {
             assert!(validate_name(bad).is_err(), "{bad}");
         }
     }
+
+    /// A VM whose overlay is backed by one of the image's warm templates uses the image too:
+    /// `image rm` and a rebuild refuse while it exists.
+    #[test]
+    fn a_vm_on_a_warm_template_uses_the_image() {
+        let t = tempfile::tempdir().unwrap();
+        let dirs = Dirs::under(t.path());
+        let img = dirs.images().join("img");
+        let tmpl = img.join(crate::machine::warm::DIR).join("0123456789abcdef");
+        std::fs::create_dir_all(&tmpl).unwrap();
+        let golden = img.join(DISK);
+        let o = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&golden)
+            .arg("64M")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        super::super::overlay::create(&golden, &tmpl.join("disk.qcow2"), None).unwrap();
+        assert!(users(&dirs, "img").is_empty());
+        let vm = dirs.vms().join("boma-it-w");
+        std::fs::create_dir_all(&vm).unwrap();
+        super::super::overlay::create(&tmpl.join("disk.qcow2"), &vm.join("disk.qcow2"), None)
+            .unwrap();
+        assert_eq!(users(&dirs, "img"), vec!["boma-it-w".to_string()]);
+        assert!(ensure_unused(&dirs, "img").is_err());
+    }
 }
