@@ -6,7 +6,7 @@
 #                                   [SECRET_VARS='name ...']
 #                                   the main job: boma-qvm cycle on the bundled example repo
 #   make test-integration-clean     reap every boma-it-* leftover (boma-qvm prune)
-#   make bench                      the figures of docs/benchmarks.md (boots VMs for ~25 min, as root)
+#   make bench                      the figures of docs/benchmarks.md (boots Debian VMs for tens of minutes, as root)
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 
@@ -65,7 +65,7 @@ test-integration:
 test-integration-clean:
 	$(BOMA_QVM) prune
 
-# Boots Debian VMs one at a time for about 25 minutes (TCG) and rewrites docs/benchmarks.md.
+# Boots Debian VMs one at a time (tens of minutes under TCG) and rewrites docs/benchmarks.md.
 # Built first, then run under BENCH_LOCK so it never shares the CPU with another Debian VM run.
 BENCH_LOCK ?= /var/lock/boma-debian-vm.lock
 bench:
