@@ -2,11 +2,12 @@
 //! the offline-built golden image (built once into the XDG cache, reused after), started warm
 //! from its template (built by the first Debian test that needs it: a cold boot to cloud-init
 //! done) and proven a distinct instance (this run's key, host name, MAC, address, clock, RNG;
-//! the template's key refused), a cloud-init seed with a per-run key, the isolated network
-//! inside a namespace this test creates, SSH with the generated key, the guest agent; then where a real OS is the point for faults: SSH across
-//! link loss, a power cut in the middle of fsynced writes to its ext4 root (journal recovery at
-//! the next boot, the root read-write again), and disk errors that also reach data still in the
-//! golden image behind the overlay — and the golden image byte-for-byte unchanged afterwards.
+//! the template's key refused; seen failing when re-identification appended this run's key
+//! instead of replacing the template's), a cloud-init seed with a per-run key, the isolated
+//! network inside a namespace this test creates, SSH with the generated key, the guest agent;
+//! then where a real OS is the point for faults: SSH across link loss, a power cut in the middle
+//! of fsynced writes to its ext4 root (journal recovery at the next boot, the root read-write
+//! again), and disk errors that also reach data still in the golden image behind the overlay — and the golden image byte-for-byte unchanged afterwards.
 //! A guest agent reply nobody reads does not hold up the next clean reboot.
 //! The real reboot of a Debian guest after an apply is the acceptance test's.
 
