@@ -250,7 +250,7 @@ pub async fn main(run: RunDir) -> Result<()> {
     let r = async {
         let spec = run.read_spec()?;
         let tap = match &spec.nic {
-            Some(nic) => Some(crate::net::open_tap(&nic.tap, &nic.bridge).await?),
+            Some(nic) => Some(open_tap(&run, &spec.name, nic).await?),
             None => None,
         };
         self::run(run.clone(), tap).await
@@ -269,4 +269,32 @@ pub async fn main(run: RunDir) -> Result<()> {
         remove_runtime_files(&run);
     }
     r
+}
+
+/// The VM's tap, on its network's bridge, recorded in that network's state (the state directory
+/// that holds the run directory: `<state>/vms/<name>`).
+async fn open_tap(
+    run: &RunDir,
+    name: &str,
+    nic: &crate::machine::spec::NicSpec,
+) -> Result<OwnedFd> {
+    let state = run.dir.parent().and_then(Path::parent).ok_or_else(|| {
+        Error::input(
+            format!(
+                "run directory {} has no state directory above it",
+                run.dir.display()
+            ),
+            "run VMs from a boma-qvm state directory",
+        )
+    })?;
+    let dirs = crate::paths::Dirs::under(state);
+    let dirs = crate::paths::Dirs {
+        state: state.to_path_buf(),
+        ..dirs
+    };
+    let mut cfg = crate::net::Network::saved_config(&dirs);
+    cfg.bridge = nic.bridge.clone();
+    crate::net::Network::attach(&dirs, &cfg)
+        .open_tap(name)
+        .await
 }

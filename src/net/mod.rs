@@ -15,6 +15,7 @@ pub mod ident;
 pub mod lease;
 pub mod network;
 pub mod nft;
+pub mod owned;
 pub mod prune;
 pub mod registry;
 pub mod rtnl;
