@@ -245,6 +245,14 @@ fn describe(m: &Machine) -> Result<String> {
     );
     if let State::Running { supervisor, qemu } = state {
         s.push_str(&format!("  qemu-pid={qemu} supervisor-pid={supervisor}"));
+        if let Some(uid) = boma_qvm::machine::procs::uid(qemu) {
+            let name = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+                .unwrap_or_else(|| uid.to_string());
+            s.push_str(&format!(" qemu-user={name}"));
+        }
         if let Some(pty) = m.console_pty() {
             s.push_str(&format!("  console={}", pty.display()));
         }

@@ -6,7 +6,7 @@
 
 use crate::error::IoContext;
 use crate::machine::events::{self, Record, Source, names};
-use crate::machine::qemu::argv;
+use crate::machine::qemu::{account, argv};
 use crate::machine::rundir::RunDir;
 use crate::{Error, Result, machine::console, machine::procs, machine::qmp};
 use futures::StreamExt;
@@ -95,7 +95,35 @@ pub async fn run(run: RunDir, tap: Option<OwnedFd>) -> Result<()> {
         let _ = std::fs::remove_file(p);
     }
     let tap_fd = tap.as_ref().map(|fd| fd.as_raw_fd());
-    let args = argv::build(&spec, &run, tap_fd);
+    let acct = account::for_this_process()?;
+    // Files outside the run directory are opened here and handed over as fds: the account QEMU
+    // runs as needs no way to them (root's cache is under /root).
+    let outside = OutsideFiles::open(&spec)?;
+    let handed = outside.handed();
+    let args = argv::for_run_dir(&spec, &run, tap_fd, &handed);
+    if let Some(a) = &acct {
+        account::check_readable(a, &outside.reopened)?;
+        account::prepare_run_dir(
+            &run,
+            a,
+            &[
+                (run.overlay(), true),
+                (run.seed(), false),
+                (run.console_log(), true),
+            ],
+        )?;
+    }
+    let runs_as = match &acct {
+        Some(a) => a.name.clone(),
+        None => crate::net::dnsmasq::current_user(),
+    };
+    let drop_to = acct.as_ref().map(|a| {
+        (
+            a.uid.as_raw(),
+            a.gid.as_raw(),
+            a.groups.iter().map(|g| g.as_raw()).collect::<Vec<_>>(),
+        )
+    });
     let qemu_log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -103,15 +131,38 @@ pub async fn run(run: RunDir, tap: Option<OwnedFd>) -> Result<()> {
         .ctx(|| "opening qemu.log".into())?;
     let mut cmd = tokio::process::Command::new(spec.qemu_binary());
     cmd.args(&args)
+        .current_dir(&run.dir)
         .stdin(Stdio::null())
         .stdout(qemu_log.try_clone().ctx(|| "dup qemu.log".into())?)
         .stderr(qemu_log);
-    // SAFETY: only async-signal-safe calls between fork and exec.
+    let supervisor = std::process::id() as i32;
+    // SAFETY: only async-signal-safe calls (setgroups, setresgid, setresuid, umask, prctl,
+    // getppid, fcntl) between fork and exec; `drop_to` was built before the fork.
     unsafe {
         cmd.pre_exec(move || {
-            // QEMU dies with its supervisor instead of running on unrecorded.
+            if let Some((uid, gid, groups)) = &drop_to {
+                // Root never runs QEMU: groups first, then the group, then the user.
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setresgid(*gid, *gid, *gid) != 0
+                    || libc::setresuid(*uid, *uid, *uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            // What QEMU creates (its sockets, the console log) is private to it (and root).
+            libc::umask(0o077);
+            // QEMU dies with its supervisor instead of running on unrecorded. Set after the
+            // credential change, which clears it.
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-            if let Some(fd) = tap_fd {
+            if libc::getppid() != supervisor {
+                return Err(std::io::Error::other("the supervisor is gone"));
+            }
+            for fd in tap_fd
+                .into_iter()
+                .chain(handed.kernel)
+                .chain(handed.initrd)
+                .chain(handed.backing)
+            {
                 let flags = libc::fcntl(fd, libc::F_GETFD);
                 libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
             }
@@ -126,10 +177,12 @@ pub async fn run(run: RunDir, tap: Option<OwnedFd>) -> Result<()> {
     })?;
     // The tap now lives in QEMU; our copy goes so the tap vanishes when QEMU exits.
     drop(tap);
+    drop(outside);
     let pid = child.id().unwrap_or(0) as i32;
     std::fs::write(run.qemu_pid(), pid.to_string()).ctx(|| "writing qemu.pid".into())?;
     tracing::info!(
-        "QEMU started, pid {pid}: {} {}",
+        "QEMU started as {runs_as}, pid {pid}, in {}: {} {}",
+        run.dir.display(),
         spec.qemu_binary().display(),
         args.join(" ")
     );
@@ -186,7 +239,7 @@ pub async fn run(run: RunDir, tap: Option<OwnedFd>) -> Result<()> {
         Record::new(
             Source::Boma,
             names::QEMU_STARTED,
-            json!({"pid": pid, "accel": spec.accel.as_str(), "argv": args}),
+            json!({"pid": pid, "accel": spec.accel.as_str(), "argv": args, "user": runs_as}),
         ),
     );
     let watcher = tokio::spawn(console::watch(
@@ -269,6 +322,52 @@ pub async fn main(run: RunDir) -> Result<()> {
         remove_runtime_files(&run);
     }
     r
+}
+
+/// The files QEMU needs from outside its run directory, opened by the supervisor: a kernel and
+/// initrd (QEMU reopens them through /proc/self/fd, so only their own mode counts) and the
+/// overlay's golden image (read-only, in an fdset: QEMU opens nothing).
+struct OutsideFiles {
+    kernel: Option<std::fs::File>,
+    initrd: Option<std::fs::File>,
+    backing: Option<std::fs::File>,
+    /// The files QEMU reopens by path, for the account's permission check.
+    reopened: Vec<std::path::PathBuf>,
+}
+
+impl OutsideFiles {
+    fn open(spec: &crate::machine::spec::VmSpec) -> Result<OutsideFiles> {
+        let open = |p: &Path| std::fs::File::open(p).ctx(|| format!("opening {}", p.display()));
+        let mut f = OutsideFiles {
+            kernel: None,
+            initrd: None,
+            backing: None,
+            reopened: Vec::new(),
+        };
+        if let crate::machine::spec::Boot::Kernel { kernel, initrd, .. } = &spec.boot {
+            f.kernel = Some(open(kernel)?);
+            f.reopened.push(kernel.clone());
+            if let Some(i) = initrd {
+                f.initrd = Some(open(i)?);
+                f.reopened.push(i.clone());
+            }
+        }
+        if let Some(disk) = &spec.disk
+            && let Some(backing) = crate::guest::image::overlay::info(disk)?.backing
+        {
+            f.backing = Some(open(&backing)?);
+        }
+        Ok(f)
+    }
+
+    fn handed(&self) -> argv::Handed {
+        let fd = |f: &Option<std::fs::File>| f.as_ref().map(|f| f.as_raw_fd());
+        argv::Handed {
+            kernel: fd(&self.kernel),
+            initrd: fd(&self.initrd),
+            backing: fd(&self.backing),
+        }
+    }
 }
 
 /// The VM's tap, on its network's bridge, recorded in that network's state (the state directory

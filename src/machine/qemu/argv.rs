@@ -33,6 +33,16 @@ pub fn base(name: &str) -> Vec<String> {
     ]
 }
 
+/// QEMU's seccomp sandbox: no obsolete syscalls, no setuid/setgid/capability changes, no
+/// fork/exec of helpers, no scheduler/affinity changes. QEMU needs none of them here (taps come
+/// as fds, no helper scripts), so a guest that escapes into QEMU gets a small kernel surface.
+pub fn sandbox() -> Vec<String> {
+    s(&[
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+    ])
+}
+
 pub fn machine(accel: Accel, tb_size_mib: Option<u32>) -> Vec<String> {
     let accel_arg = match (accel, tb_size_mib) {
         (Accel::Kvm, _) => "kvm".to_string(),
@@ -100,20 +110,59 @@ pub fn boot(boot: &Boot) -> Vec<String> {
     }
 }
 
+/// The golden image's node under the overlay, when the supervisor hands it over as an fd.
+pub const BACKING_NODE: &str = "disk0-backing";
+pub const BACKING_FILE_NODE: &str = "disk0-backing-file";
+/// The fdset the golden image's fd is added to.
+pub const BACKING_FDSET: u32 = 1;
+
+/// A file the supervisor opened and left open across exec: QEMU reopens it by this path, which
+/// needs no way through the directories above it (only the file's own mode counts).
+pub fn fd_path(fd: i32) -> String {
+    format!("/proc/self/fd/{fd}")
+}
+
+/// An inherited, already open fd in QEMU's fdset `set` (`/dev/fdset/SET` then names it: QEMU
+/// duplicates the fd and opens nothing, so no path or file permission is checked at all).
+pub fn add_fd(fd: i32, set: u32) -> Vec<String> {
+    vec!["-add-fd".into(), format!("fd={fd},set={set}")]
+}
+
 /// The VM's qcow2 overlay as the first virtio disk, with named nodes so QMP can reach them.
-/// Errors are reported to the guest (EIO) rather than pausing the VM.
-pub fn disk(overlay: &Path) -> Vec<String> {
-    vec![
+/// Errors are reported to the guest (EIO) rather than pausing the VM. `backing`: the golden
+/// image as a named read-only node (`/dev/fdset/N`), instead of the path in the overlay's
+/// header, which the account QEMU runs as may not be able to reach.
+pub fn disk(overlay: &Path, backing: Option<&str>) -> Vec<String> {
+    let mut a = Vec::new();
+    let mut backing_ref = String::new();
+    if let Some(b) = backing {
+        a.extend([
+            "-blockdev".into(),
+            format!(
+                r#"{{"driver":"file","filename":{},"node-name":"{BACKING_FILE_NODE}","read-only":true}}"#,
+                serde_json::Value::String(b.to_string())
+            ),
+            "-blockdev".into(),
+            format!(
+                r#"{{"driver":"qcow2","file":"{BACKING_FILE_NODE}","node-name":"{BACKING_NODE}","read-only":true}}"#
+            ),
+        ]);
+        backing_ref = format!(r#","backing":"{BACKING_NODE}""#);
+    }
+    a.extend(vec![
         "-blockdev".into(),
         format!(
             r#"{{"driver":"file","filename":{},"node-name":"{DISK_FILE_NODE}","discard":"unmap"}}"#,
             serde_json::Value::String(p(overlay))
         ),
         "-blockdev".into(),
-        format!(r#"{{"driver":"qcow2","file":"{DISK_FILE_NODE}","node-name":"{DISK_NODE}"}}"#),
+        format!(
+            r#"{{"driver":"qcow2","file":"{DISK_FILE_NODE}","node-name":"{DISK_NODE}"{backing_ref}}}"#
+        ),
         "-device".into(),
         format!("virtio-blk-pci,drive={DISK_NODE},id=vda,bootindex=1,werror=report,rerror=report"),
-    ]
+    ]);
+    a
 }
 
 /// The cloud-init seed as a read-only second virtio disk.
@@ -158,18 +207,44 @@ pub fn rng() -> Vec<String> {
     ])
 }
 
-/// The whole argv (without the binary) for `spec` in `run`, with the tap fd if there is a NIC.
-pub fn build(spec: &VmSpec, run: &RunDir, tap_fd: Option<i32>) -> Vec<String> {
+/// Files the supervisor opened (as the user that started the VM) and hands to QEMU as fds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Handed {
+    pub kernel: Option<i32>,
+    pub initrd: Option<i32>,
+    /// The overlay's golden image, read-only.
+    pub backing: Option<i32>,
+}
+
+/// The whole argv (without the binary) for `spec` in `run`, with the tap fd if there is a NIC
+/// and the files the supervisor `handed` over.
+pub fn build(spec: &VmSpec, run: &RunDir, tap_fd: Option<i32>, handed: &Handed) -> Vec<String> {
     let mut a = base(&spec.name);
+    a.extend(sandbox());
     a.extend(machine(spec.accel, spec.tcg_tb_size_mib));
     a.extend(cpu_mem(spec.cpus, spec.memory_mib));
     a.extend(qmp("mon0", &run.qmp_sock()));
     a.extend(qmp("mon1", &run.ctl_sock()));
     a.extend(serial(&run.console_log()));
     a.extend(guest_agent(&run.qga_sock()));
-    a.extend(boot(&spec.boot));
+    let boot_spec = match (&spec.boot, handed.kernel) {
+        (Boot::Kernel { initrd, append, .. }, Some(k)) => Boot::Kernel {
+            kernel: fd_path(k).into(),
+            initrd: match handed.initrd {
+                Some(i) => Some(fd_path(i).into()),
+                None => initrd.clone(),
+            },
+            append: append.clone(),
+        },
+        (b, _) => b.clone(),
+    };
+    a.extend(boot(&boot_spec));
     if let Some(d) = &spec.disk {
-        a.extend(disk(d));
+        let backing = handed.backing.map(|fd| {
+            a.extend(add_fd(fd, BACKING_FDSET));
+            format!("/dev/fdset/{BACKING_FDSET}")
+        });
+        a.extend(disk(d, backing.as_deref()));
     }
     if let Some(iso) = &spec.seed {
         a.extend(seed(iso));
@@ -179,6 +254,26 @@ pub fn build(spec: &VmSpec, run: &RunDir, tap_fd: Option<i32>) -> Vec<String> {
     }
     a.extend(rng());
     a
+}
+
+/// The argv QEMU really gets: QEMU runs inside its run directory (its cwd), so every file in
+/// it is named relative to it and the account QEMU runs as needs no way through the
+/// directories above (root's state dir is under /root). Files elsewhere keep their paths.
+pub fn for_run_dir(
+    spec: &VmSpec,
+    run: &RunDir,
+    tap_fd: Option<i32>,
+    handed: &Handed,
+) -> Vec<String> {
+    let mut spec = spec.clone();
+    let rel = |p: &mut Option<std::path::PathBuf>| {
+        if let Some(inside) = p.as_ref().and_then(|p| p.strip_prefix(&run.dir).ok()) {
+            *p = Some(inside.to_path_buf());
+        }
+    };
+    rel(&mut spec.disk);
+    rel(&mut spec.seed);
+    build(&spec, &RunDir::new(""), tap_fd, handed)
 }
 
 #[cfg(test)]
@@ -231,7 +326,7 @@ mod tests {
 
     #[test]
     fn disk_json_escapes_the_path() {
-        let a = disk(Path::new("/r/a \"b\".qcow2"));
+        let a = disk(Path::new("/r/a \"b\".qcow2"), None);
         assert!(
             a[1].contains(r#""filename":"/r/a \"b\".qcow2""#),
             "{}",
@@ -240,6 +335,38 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&a[1]).unwrap();
         assert_eq!(v["node-name"], DISK_FILE_NODE);
         assert!(a[5].contains("werror=report"));
+    }
+
+    #[test]
+    fn handed_over_files_are_fds_not_paths() {
+        let spec = VmSpec::new(
+            "boma-it-k",
+            Accel::Tcg,
+            Boot::Kernel {
+                kernel: "/root/.cache/k".into(),
+                initrd: Some("/root/.cache/i".into()),
+                append: "console=ttyS0".into(),
+            },
+        );
+        let handed = Handed {
+            kernel: Some(7),
+            initrd: Some(8),
+            backing: None,
+        };
+        let j = joined(build(&spec, &RunDir::new("/r"), None, &handed));
+        assert!(
+            j.contains("-kernel /proc/self/fd/7 -initrd /proc/self/fd/8 -append console=ttyS0"),
+            "{j}"
+        );
+        assert!(!j.contains("/root/.cache"), "{j}");
+        let a = disk(Path::new("disk.qcow2"), Some("/dev/fdset/1"));
+        let top: serde_json::Value = serde_json::from_str(&a[7]).unwrap();
+        assert_eq!(
+            top["backing"], BACKING_NODE,
+            "the overlay's backing is the handed node"
+        );
+        let base: serde_json::Value = serde_json::from_str(&a[1]).unwrap();
+        assert_eq!(base["read-only"], true);
     }
 
     #[test]
@@ -258,7 +385,7 @@ mod tests {
     #[test]
     fn build_has_two_monitors_and_starts_paused() {
         let spec = VmSpec::new("boma-it-t", Accel::Tcg, Boot::Disk);
-        let a = build(&spec, &RunDir::new("/r"), None);
+        let a = build(&spec, &RunDir::new("/r"), None, &Handed::default());
         let j = joined(a.clone());
         assert!(j.contains("path=/r/qmp.sock,server=on,wait=off"));
         assert!(j.contains("path=/r/ctl.sock,server=on,wait=off"));
@@ -286,12 +413,32 @@ mod tests {
         spec
     }
 
-    /// The whole KVM argv, written out by hand, not rebuilt from the helpers: KVM cannot run on
-    /// the CI machines (nested PVM), so this pin is what keeps the KVM path reviewed. A device
-    /// added to `build` must be added here on purpose.
+    #[test]
+    fn the_sandbox_denies_everything_qemu_does_not_need() {
+        assert_eq!(
+            joined(sandbox()),
+            "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+        );
+        let spec = VmSpec::new("boma-it-t", Accel::Tcg, Boot::Disk);
+        let a = build(&spec, &RunDir::new("/r"), None, &Handed::default());
+        let at = a
+            .iter()
+            .position(|x| x == "-sandbox")
+            .expect("-sandbox in every argv");
+        assert!(a[at + 1].starts_with("on,"), "{}", a[at + 1]);
+    }
+
+    /// The whole KVM argv QEMU gets, written out by hand, not rebuilt from the helpers: KVM
+    /// cannot run on the CI machines (nested PVM), so this pin is what keeps the KVM path
+    /// reviewed. A device added to `build` must be added here on purpose. The run directory's
+    /// files are relative: QEMU runs in it.
     #[test]
     fn kvm_argv_for_a_full_vm_is_pinned() {
-        let a = build(&full_kvm_spec(), &RunDir::new("/r"), Some(3));
+        let handed = Handed {
+            backing: Some(5),
+            ..Handed::default()
+        };
+        let a = for_run_dir(&full_kvm_spec(), &RunDir::new("/r"), Some(3), &handed);
         let want: Vec<&str> = vec![
             "-name",
             "boma-it-askari,process=boma-it-askari",
@@ -300,6 +447,8 @@ mod tests {
             "-display",
             "none",
             "-S",
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-machine",
             "q35",
             "-accel",
@@ -311,31 +460,37 @@ mod tests {
             "-m",
             "3072",
             "-chardev",
-            "socket,id=mon0,path=/r/qmp.sock,server=on,wait=off",
+            "socket,id=mon0,path=qmp.sock,server=on,wait=off",
             "-mon",
             "chardev=mon0,mode=control",
             "-chardev",
-            "socket,id=mon1,path=/r/ctl.sock,server=on,wait=off",
+            "socket,id=mon1,path=ctl.sock,server=on,wait=off",
             "-mon",
             "chardev=mon1,mode=control",
             "-chardev",
-            "pty,id=ser0,logfile=/r/console.log,logappend=on",
+            "pty,id=ser0,logfile=console.log,logappend=on",
             "-serial",
             "chardev:ser0",
             "-chardev",
-            "socket,id=qga0,path=/r/qga.sock,server=on,wait=off",
+            "socket,id=qga0,path=qga.sock,server=on,wait=off",
             "-device",
             "virtio-serial-pci,id=vser0",
             "-device",
             "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+            "-add-fd",
+            "fd=5,set=1",
             "-blockdev",
-            r#"{"driver":"file","filename":"/r/disk.qcow2","node-name":"disk0-file","discard":"unmap"}"#,
+            r#"{"driver":"file","filename":"/dev/fdset/1","node-name":"disk0-backing-file","read-only":true}"#,
             "-blockdev",
-            r#"{"driver":"qcow2","file":"disk0-file","node-name":"disk0"}"#,
+            r#"{"driver":"qcow2","file":"disk0-backing-file","node-name":"disk0-backing","read-only":true}"#,
+            "-blockdev",
+            r#"{"driver":"file","filename":"disk.qcow2","node-name":"disk0-file","discard":"unmap"}"#,
+            "-blockdev",
+            r#"{"driver":"qcow2","file":"disk0-file","node-name":"disk0","backing":"disk0-backing"}"#,
             "-device",
             "virtio-blk-pci,drive=disk0,id=vda,bootindex=1,werror=report,rerror=report",
             "-drive",
-            "if=none,id=seed,file=/r/seed.iso,format=raw,readonly=on",
+            "if=none,id=seed,file=seed.iso,format=raw,readonly=on",
             "-device",
             "virtio-blk-pci,drive=seed,id=vdb",
             "-netdev",
@@ -355,7 +510,12 @@ mod tests {
     fn kvm_argv_has_no_tcg_options() {
         let mut spec = full_kvm_spec();
         spec.tcg_tb_size_mib = Some(256);
-        let j = joined(build(&spec, &RunDir::new("/r"), Some(3)));
+        let j = joined(build(
+            &spec,
+            &RunDir::new("/r"),
+            Some(3),
+            &Handed::default(),
+        ));
         assert!(j.contains("-accel kvm -cpu host"), "{j}");
         assert!(
             !j.contains("tcg") && !j.contains("tb-size") && !j.contains("-cpu max"),
