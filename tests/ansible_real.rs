@@ -44,6 +44,7 @@ fn config(dir: &Path, address: Ipv4Addr) -> SessionConfig {
         subnet: "192.168.231.0/24".parse::<Subnet>().unwrap(),
         certs: CertPlan::internal(),
         extra_vars: vec![],
+        confine: None,
     }
 }
 

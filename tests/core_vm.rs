@@ -55,13 +55,15 @@ async fn root_never_runs_qemu_the_account_does_in_its_sandbox() {
     let State::Running { qemu, supervisor } = m.state() else {
         panic!("not running")
     };
-    let acct = boma_qvm::machine::qemu::account::lookup("boma-qvm").unwrap();
+    let acct =
+        boma_qvm::machine::qemu::account::lookup(boma_qvm::machine::qemu::account::DEFAULT_ACCOUNT)
+            .unwrap();
     let procs = boma_qvm::machine::procs::uid;
     assert_eq!(procs(supervisor), Some(0), "the test started it as root");
     assert_eq!(
         procs(qemu),
         Some(acct.uid.as_raw()),
-        "QEMU runs as boma-qvm"
+        "QEMU runs as the dedicated account"
     );
     let status = std::fs::read_to_string(format!("/proc/{qemu}/status")).unwrap();
     let field = |k: &str| {
@@ -96,7 +98,7 @@ async fn root_never_runs_qemu_the_account_does_in_its_sandbox() {
     let spec = std::fs::metadata(run.join("spec.json")).unwrap();
     assert_eq!(spec.uid(), 0, "root's files stay root's");
     let out = env.cli().ok(&["status", "drop"]);
-    assert!(out.contains("qemu-user=boma-qvm"), "{out}");
+    assert!(out.contains("qemu-user=boma-qvm-qemu"), "{out}");
     m.down().await.unwrap();
 }
 

@@ -32,6 +32,9 @@ pub struct SessionConfig {
     pub certs: CertPlan,
     /// The user's own `-e` values (`k=v`, `@file` or JSON), layered after the cert tier.
     pub extra_vars: Vec<String>,
+    /// Run every Ansible process confined to the VM network and loopback (a cycle always
+    /// does; `None`: as they are, for library callers that set up their own isolation).
+    pub confine: Option<super::Confine>,
 }
 
 /// One profile mirrored onto one VM: the transient inventory and vars files on disk, and the
@@ -144,7 +147,15 @@ impl Session {
         args: &[OsString],
     ) -> Result<tokio::process::Command> {
         let prog = find_tool(program)?;
-        let mut cmd = tokio::process::Command::new(&prog);
+        let mut cmd = match &self.cfg.confine {
+            Some(c) => {
+                let (exe, wrapper) = c.wrap(&prog);
+                let mut cmd = tokio::process::Command::new(exe);
+                cmd.args(wrapper);
+                cmd
+            }
+            None => tokio::process::Command::new(&prog),
+        };
         cmd.args(args)
             .current_dir(&self.profile.repo)
             .envs(base_env());
@@ -172,7 +183,18 @@ impl Session {
             .map(|a| a.to_string_lossy())
             .collect::<Vec<_>>()
             .join(" ");
-        let header = format!("# boma-qvm: ansible-playbook {line}\n# scope: {scope:?}");
+        let confined = match &self.cfg.confine {
+            Some(c) => format!(
+                "\n# confined: this run and everything it starts on the control node reach only the VM network ({}) and loopback ({})",
+                self.cfg.subnet,
+                match &c.netd {
+                    Some(n) => format!("a veth from netd at {}", show(n)),
+                    None => "a veth on this state's bridge".to_string(),
+                }
+            ),
+            None => String::new(),
+        };
+        let header = format!("# boma-qvm: ansible-playbook {line}\n# scope: {scope:?}{confined}");
         let secrets: Vec<String> = self
             .cfg
             .certs
@@ -204,6 +226,7 @@ impl Session {
             log: opts.log.clone(),
             elapsed,
             scope,
+            confined: self.cfg.confine.is_some(),
         };
         tracing::info!(
             playbook = pb.name(),

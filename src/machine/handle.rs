@@ -208,6 +208,12 @@ impl Machine {
         provision::vm_ip(&self.dirs, &self.vm)
     }
 
+    /// How the VM reaches its network (netd or directly), the way it was made; `None` without
+    /// a NIC.
+    pub fn net_access(&self) -> Result<Option<crate::net::access::NetAccess>> {
+        provision::access_of(&self.dirs, &self.vm)
+    }
+
     /// SSH to the VM as `ansible` with the run's key.
     pub fn conn(&self) -> Result<ssh::Conn> {
         provision::ssh_conn(&self.dirs, &self.vm)

@@ -7,13 +7,14 @@ use crate::machine::accel::Accel;
 use crate::machine::events;
 use crate::machine::spec::{self, Boot, NicSpec, VmSpec};
 use crate::machine::vm::{StartOptions, Vm};
-use crate::net::{self, NetConfig, Network};
+use crate::net::access::NetAccess;
+use crate::net::{self, NetConfig};
 use crate::paths::Dirs;
 use crate::stage::Stages;
 use crate::{Error, Result, guest::seed, guest::ssh};
 use std::future::Future;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// What the VM boots.
@@ -202,8 +203,14 @@ async fn up_once(dirs: &Dirs, req: &UpRequest, stages: &mut Stages) -> Result<Vm
         }
         OsSource::Kernel { .. } => None,
     };
+    // How this process reaches the network (netd, or directly as root): decided, and refused
+    // with the fix, before anything is made.
     let network = match &req.net {
-        Some(cfg) => Some(stages.run("network", Network::up(dirs, cfg)).await?),
+        Some(cfg) => {
+            let access = NetAccess::choose(dirs)?;
+            let cfg = stages.run("network", access.up(cfg)).await?;
+            Some((access, cfg))
+        }
         None => None,
     };
     let boot = match (&image, &req.os) {
@@ -228,19 +235,25 @@ async fn up_once(dirs: &Dirs, req: &UpRequest, stages: &mut Stages) -> Result<Vm
     spec.memory_mib = req.memory_mib;
     spec.console_patterns = req.console_patterns.clone();
     spec.tcg_tb_size_mib = req.tcg_tb_size_mib;
-    let vm_net = match &network {
-        Some(n) => Some(n.vm_net(&name, req.dns_names.clone(), req.egress)?),
-        None => None,
-    };
-    if let (Some(n), Some(v)) = (&network, &vm_net) {
+    let mac = net::mac_for(&name);
+    if let Some((access, cfg)) = &network {
         spec.nic = Some(NicSpec {
-            mac: v.mac.to_string(),
+            mac: mac.to_string(),
             tap: net::tap_name_for(&name),
-            bridge: n.config().bridge.clone(),
+            bridge: cfg.bridge.clone(),
+            netd: access.socket().map(Path::to_path_buf),
         });
     }
     let vm = Vm::create(dirs, &spec)?;
     let made = async {
+        let vm_net = match &network {
+            Some((access, cfg)) => Some(
+                access
+                    .register(cfg, &name, req.dns_names.clone(), req.egress)
+                    .await?,
+            ),
+            None => None,
+        };
         if let Some(img) = &image {
             let overlay = vm.run.overlay();
             stages
@@ -257,16 +270,16 @@ async fn up_once(dirs: &Dirs, req: &UpRequest, stages: &mut Stages) -> Result<Vm
             spec.seed = Some(seed_iso);
             vm.run.write_spec(&spec)?;
         }
-        if let (Some(n), Some(v)) = (&network, &vm_net) {
-            n.register_vm(v)?;
-        }
-        Ok::<(), Error>(())
+        Ok::<Option<net::VmNet>, Error>(vm_net)
     }
     .await;
-    if let Err(e) = made {
-        let _ = teardown(vm).await;
-        return Err(e);
-    }
+    let vm_net = match made {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = teardown(vm).await;
+            return Err(e);
+        }
+    };
     if let Err(e) = stages.run("boot", vm.start(&req.start)).await {
         let _ = teardown(vm).await;
         return Err(e);
@@ -274,14 +287,13 @@ async fn up_once(dirs: &Dirs, req: &UpRequest, stages: &mut Stages) -> Result<Vm
     // From here on the VM is kept on failure: its console and events explain what went wrong.
     let kept = |e: Error| keep_note(&vm, e);
     let ip = match (&network, &vm_net) {
-        (Some(n), Some(v)) => {
-            let lease = n.lease_file();
+        (Some((access, _)), Some(v)) => {
             let t = req.accel.scale(Duration::from_secs(60));
             Some(
                 stages
                     .run(
                         "dhcp lease",
-                        watched(&vm, net::wait_for_lease(&lease, &v.mac, t)),
+                        watched(&vm, access.wait_lease(&name, &v.mac, t)),
                     )
                     .await
                     .map_err(kept)?,
@@ -347,20 +359,24 @@ fn write_seed(vm: &Vm, host: &str, vm_net: Option<&net::VmNet>) -> Result<PathBu
     seed::write(&vm.run.dir, &s)
 }
 
+/// How the VM reaches its network: the way it was made (its NIC records netd's socket).
+pub(crate) fn access_of(dirs: &Dirs, vm: &Vm) -> Result<Option<NetAccess>> {
+    Ok(vm
+        .spec()?
+        .nic
+        .map(|nic| NetAccess::recorded(dirs, nic.netd.as_deref())))
+}
+
 /// The VM's address on the isolated network (from its registration).
 pub(crate) fn vm_ip(dirs: &Dirs, vm: &Vm) -> Result<Ipv4Addr> {
-    let network = Network::saved(dirs);
-    network
-        .vms()?
-        .into_iter()
-        .find(|v| v.name == vm.name)
-        .map(|v| v.ip)
-        .ok_or_else(|| {
-            Error::network(
-                format!("{} has no address on the isolated network", vm.name),
-                "it was started without a network",
-            )
-        })
+    let no_net = || {
+        Error::network(
+            format!("{} has no address on the isolated network", vm.name),
+            "it was started without a network",
+        )
+    };
+    let access = access_of(dirs, vm)?.ok_or_else(no_net)?;
+    access.vm(&vm.name)?.map(|(v, _)| v.ip).ok_or_else(no_net)
 }
 
 /// SSH to the VM as `ansible` with the run's key.
@@ -377,10 +393,16 @@ pub(crate) fn ssh_conn(dirs: &Dirs, vm: &Vm) -> Result<ssh::Conn> {
     ))
 }
 
-/// Power on an existing VM (its network is brought back first if it has a NIC).
+/// Power on an existing VM (its network is brought back first if it has a NIC, and the VM
+/// registered again if the network went down without it).
 pub(crate) async fn start(dirs: &Dirs, vm: &Vm, opts: &StartOptions) -> Result<()> {
-    if vm.spec()?.nic.is_some() {
-        Network::up(dirs, &Network::saved_config(dirs)).await?;
+    let spec = vm.spec()?;
+    if let Some(nic) = &spec.nic {
+        let access = NetAccess::recorded(dirs, nic.netd.as_deref());
+        let cfg = access.up_again(&nic.bridge).await?;
+        if access.vm(&vm.name)?.is_none() {
+            access.register(&cfg, &vm.name, Vec::new(), true).await?;
+        }
     }
     vm.start(opts).await
 }
@@ -390,13 +412,20 @@ pub(crate) async fn teardown(vm: Vm) -> Result<()> {
     let dirs = vm.dirs.clone();
     let name = vm.name.clone();
     // Without a readable spec, whether it had a NIC is unknown: its network registration says.
-    let nic = vm.spec().map(|s| s.nic.is_some()).ok();
+    let spec = vm.spec().ok();
+    let nic = spec.as_ref().map(|s| s.nic.clone());
     vm.destroy().await?;
-    if nic != Some(false) {
-        let network = Network::saved(&dirs);
-        let registered = network.unregister_vm(&name)?;
-        if (nic == Some(true) || registered) && network.vms()?.is_empty() {
-            network.down().await?;
+    match nic {
+        Some(None) => {}
+        Some(Some(n)) => {
+            NetAccess::recorded(&dirs, n.netd.as_deref())
+                .release(&name, true)
+                .await?;
+        }
+        None => {
+            NetAccess::recorded(&dirs, None)
+                .release(&name, false)
+                .await?;
         }
     }
     Ok(())

@@ -370,8 +370,9 @@ impl OutsideFiles {
     }
 }
 
-/// The VM's tap, on its network's bridge, recorded in that network's state (the state directory
-/// that holds the run directory: `<state>/vms/<name>`).
+/// The VM's tap on its network's bridge: from netd when netd runs its network, else made here
+/// (root) and recorded in the network's state (the state directory that holds the run
+/// directory: `<state>/vms/<name>`).
 async fn open_tap(
     run: &RunDir,
     name: &str,
@@ -386,14 +387,12 @@ async fn open_tap(
             "run VMs from a boma-qvm state directory",
         )
     })?;
-    let dirs = crate::paths::Dirs::under(state);
     let dirs = crate::paths::Dirs {
         state: state.to_path_buf(),
-        ..dirs
+        ..crate::paths::Dirs::under(state)
     };
+    let access = crate::net::access::NetAccess::recorded(&dirs, nic.netd.as_deref());
     let mut cfg = crate::net::Network::saved_config(&dirs);
     cfg.bridge = nic.bridge.clone();
-    crate::net::Network::attach(&dirs, &cfg)
-        .open_tap(name)
-        .await
+    access.tap(&cfg, name).await
 }

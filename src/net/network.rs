@@ -115,7 +115,8 @@ impl Network {
 
         registry::write_dnsmasq_files(files, &vms)?;
         dnsmasq::write_servers(files, &net.upstream_for(&vms))?;
-        let conf = dnsmasq::render(cfg, files, &dnsmasq::current_user());
+        let (user, group) = dnsmasq::run_as(files);
+        let conf = dnsmasq::render(cfg, files, &user, &group);
         let old = std::fs::read_to_string(files.dnsmasq_conf()).ok();
         let had_pid_file = files.pid().exists();
         write_atomic(&files.dnsmasq_conf(), &conf)?;
@@ -246,6 +247,8 @@ impl Network {
             ip,
             dns_names,
             egress,
+            owner: None,
+            state: None,
         })
     }
 
@@ -370,6 +373,7 @@ impl Network {
             dnsmasq,
             ip_forward: forward,
             vms: self.vms()?,
+            via: None,
         })
     }
 

@@ -30,6 +30,10 @@ pub fn render(cfg: &NetConfig, no_egress: &[Ipv4Addr], owner: &str) -> String {
         .replace("@SUBNET@", &cfg.subnet.to_string())
         .replace("@GATEWAY@", &cfg.gateway().to_string())
         .replace("@BROADCAST@", &cfg.subnet.broadcast().to_string())
+        .replace("@CONFINED@", &{
+            let (a, b) = cfg.confine_range();
+            format!("{a}-{b}")
+        })
         .replace("@NO_EGRESS@", &elements)
 }
 
@@ -157,6 +161,12 @@ mod tests {
             )
         );
         assert!(text.contains("masquerade"));
+        assert_eq!(
+            text.matches("iifname \"boma-qvm0\" ip saddr 192.168.231.2-192.168.231.9 drop")
+                .count(),
+            2,
+            "confined processes reach neither the host (input) nor beyond the subnet (forward)"
+        );
         assert!(!text.contains("elements"));
         assert_eq!(
             comment_of(&text),

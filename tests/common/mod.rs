@@ -7,6 +7,7 @@ pub mod faults;
 pub mod http;
 pub mod lite;
 pub mod netns;
+pub mod users;
 pub mod world;
 
 use boma_qvm::machine::accel::Accel;

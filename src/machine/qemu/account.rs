@@ -1,6 +1,8 @@
 //! Who QEMU runs as. Never root: it runs as the user who started the VM, and when that is root
-//! the supervisor drops QEMU to a dedicated unprivileged account (`boma-qvm`, made by the
-//! `integration_test` role; `BOMA_QVM_QEMU_USER` names another) before exec.
+//! the supervisor drops QEMU to a dedicated unprivileged account (`boma-qvm-qemu`, with a group
+//! of its own, made by the `integration_test` role; `BOMA_QVM_QEMU_USER` names another) before
+//! exec. Its group is not `boma-qvm`, the operators' group (netd's socket): operators get no
+//! way into root's run directories.
 //!
 //! QEMU always runs inside its run directory (its cwd) and is given the run directory's files
 //! by relative name, so the account needs no way through the directories above it (root's
@@ -21,7 +23,7 @@ use crate::{Error, Result, error::show};
 /// The setting naming the account QEMU runs as when root starts a VM.
 pub const ACCOUNT_VAR: &str = "BOMA_QVM_QEMU_USER";
 /// Its default (the role creates it: a system user without a shell, in group kvm).
-pub const DEFAULT_ACCOUNT: &str = "boma-qvm";
+pub const DEFAULT_ACCOUNT: &str = "boma-qvm-qemu";
 
 /// An unprivileged account QEMU is dropped to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,7 +98,8 @@ pub fn lookup(name: &str) -> Result<Account> {
 /// Make the run directory usable by `acct` and nothing more: the directory becomes group
 /// `acct` with mode 1770 (sticky: QEMU can make its sockets and console log, and cannot remove
 /// or rename root's files, the SSH key among them, which stay 0600 root); the overlay becomes
-/// the account's (QEMU writes it), the seed readable by its group.
+/// the account's, mode 0600 (QEMU writes it; nobody else reads the guest's disk), the seed
+/// readable by its group.
 pub fn prepare_run_dir(run: &RunDir, acct: &Account, files: &[(PathBuf, bool)]) -> Result<()> {
     chown(&run.dir, None, Some(acct.gid))?;
     std::fs::set_permissions(&run.dir, std::fs::Permissions::from_mode(0o1770))
@@ -107,6 +110,8 @@ pub fn prepare_run_dir(run: &RunDir, acct: &Account, files: &[(PathBuf, bool)]) 
         }
         if *writable {
             chown(path, Some(acct.uid), Some(acct.gid))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .ctx(|| format!("setting the mode of {}", show(path)))?;
         } else {
             chown(path, None, Some(acct.gid))?;
             let mode = std::fs::metadata(path)

@@ -375,6 +375,7 @@ mod tests {
             mac: "52:54:00:aa:bb:cc".into(),
             tap: "bq-x".into(),
             bridge: "b".into(),
+            netd: None,
         };
         assert_eq!(
             joined(nic(&n, 3)),
@@ -409,6 +410,7 @@ mod tests {
             mac: "52:54:00:12:34:56".into(),
             tap: "bq-askari".into(),
             bridge: "boma-qvm0".into(),
+            netd: None,
         });
         spec
     }
