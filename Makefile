@@ -3,6 +3,7 @@
 #   make setup-check                prove it: a second apply changes nothing, then read-only checks
 #   make test                       the test suite (real QEMU under TCG, real dnsmasq/nftables/Ansible)
 #   make test-integration HOST=askari [CERTS=internal] [KEEP=1] [FIX=1] [SNAPSHOT=1] [REPO=dir]
+#                                   [SECRET_VARS='name ...']
 #                                   the main job: boma-qvm cycle on the bundled example repo
 #   make test-integration-clean     reap every boma-it-* leftover (boma-qvm prune)
 SHELL := bash
@@ -30,9 +31,12 @@ CERTS ?= internal
 KEEP ?=
 FIX ?=
 SNAPSHOT ?=
+# Extra vars marked secret: each value comes from the exported environment variable of the same
+# name (never the command line) and is scrubbed from every file the run writes.
+SECRET_VARS ?=
 BOMA_QVM ?= $(if $(wildcard $(BIN)),$(BIN),boma-qvm)
 CYCLE_ARGS = --repo $(REPO) --certs $(CERTS) $(if $(KEEP),--keep) $(if $(SNAPSHOT),--snapshot) \
-	$(if $(FIX),-e docker_host_container_forward=true)
+	$(if $(FIX),-e docker_host_container_forward=true) $(foreach v,$(SECRET_VARS),--secret-var $(v))
 
 .PHONY: setup setup-check test test-integration test-integration-clean
 

@@ -46,8 +46,9 @@ pub enum Error {
         fix: String,
     },
 
-    /// The guest showed a known failure on its console (kernel panic, emergency mode, ...).
-    #[error("guest failure seen on the console: {pattern}\n  {detail}\n  fix: {fix}")]
+    /// The guest showed a known failure on its console (kernel panic, emergency mode, ...), or
+    /// QEMU reported it panicked (GUEST_PANICKED).
+    #[error("guest failure: {pattern}\n  {detail}\n  fix: {fix}")]
     GuestFailure {
         pattern: String,
         detail: String,
@@ -75,6 +76,11 @@ pub enum Error {
     #[error("verify failed: {problem}\n  fix: {fix}")]
     VerifyFailed { problem: String, fix: String },
 
+    /// SSH is gone while the guest is alive (after a reboot or an apply): the change under test
+    /// locked access out. Called with the evidence: the boot-done signal, how SSH fails, the agent.
+    #[error("lockout: {problem}\n  fix: {fix}")]
+    Lockout { problem: String, fix: String },
+
     /// An external command failed.
     #[error("`{cmd}` failed ({status}): {stderr}\n  fix: {fix}")]
     Command {
@@ -91,6 +97,13 @@ pub enum Error {
         context: String,
         #[source]
         source: std::io::Error,
+    },
+
+    /// Any of the above as the outcome of a `cycle`, which exits with its class's code.
+    #[error("{inner}")]
+    Classified {
+        inner: Box<Error>,
+        class: FailureClass,
     },
 
     /// Any of the above, with the evidence that explains it (a console tail, a log's path).
@@ -122,6 +135,8 @@ impl Error {
             Error::Ansible { .. } => 13,
             Error::VerifyFailed { .. } => 14,
             Error::Reboot { .. } => 15,
+            Error::Lockout { .. } => 16,
+            Error::Classified { inner, class } => class.exit_code(inner.exit_code()),
             Error::Evidence { inner, .. } => inner.exit_code(),
         }
     }
@@ -129,14 +144,55 @@ impl Error {
     /// The error itself, without attached evidence.
     pub fn inner(&self) -> &Error {
         match self {
-            Error::Evidence { inner, .. } => inner.inner(),
+            Error::Evidence { inner, .. } | Error::Classified { inner, .. } => inner.inner(),
             other => other,
         }
     }
 
     /// True when evidence is attached already.
     pub fn has_evidence(&self) -> bool {
-        matches!(self, Error::Evidence { .. })
+        match self {
+            Error::Evidence { .. } => true,
+            Error::Classified { inner, .. } => inner.has_evidence(),
+            _ => false,
+        }
+    }
+
+    /// The failure class of this error on its own (a `cycle` refines it by the stage it failed
+    /// in; see `cycle::classify`).
+    pub fn class(&self) -> FailureClass {
+        match self.inner() {
+            Error::Lockout { .. } => FailureClass::Lockout,
+            Error::VerifyFailed { .. } | Error::Ansible { .. } => FailureClass::Test,
+            Error::Qemu { .. }
+            | Error::Qmp { .. }
+            | Error::Timeout { .. }
+            | Error::GuestFailure { .. }
+            | Error::Reboot { .. }
+            | Error::Network { .. }
+            | Error::Image { .. }
+            | Error::Command { .. } => FailureClass::Infrastructure,
+            Error::Input { .. }
+            | Error::MissingTool { .. }
+            | Error::NotFound { .. }
+            | Error::AlreadyExists { .. }
+            | Error::Guard { .. }
+            | Error::Io { .. } => FailureClass::Input,
+            Error::Evidence { .. } | Error::Classified { .. } => {
+                unreachable!("inner() sees through")
+            }
+        }
+    }
+
+    /// This error as a `cycle`'s outcome of class `class` (its exit code is the class's).
+    pub fn classified(self, class: FailureClass) -> Self {
+        match self {
+            Error::Classified { inner, .. } => Error::Classified { inner, class },
+            e => Error::Classified {
+                inner: Box::new(e),
+                class,
+            },
+        }
     }
 
     /// Attach evidence (`title`: what it is, e.g. "console tail (/run/.../console.log)").
@@ -169,14 +225,126 @@ impl Error {
             | Error::Image { fix, .. }
             | Error::Ansible { fix, .. }
             | Error::VerifyFailed { fix, .. }
+            | Error::Lockout { fix, .. }
             | Error::Command { fix, .. } => *fix = new.into(),
-            Error::Evidence { inner, .. } => {
+            Error::Evidence { inner, .. } | Error::Classified { inner, .. } => {
                 let i = std::mem::replace(inner.as_mut(), Error::input("", ""));
                 **inner = i.with_fix(new);
             }
             Error::Io { .. } => {}
         }
         self
+    }
+
+    /// The same error with every text in it passed through `f` (e.g. a secret scrubbed out of a
+    /// console tail or a playbook's failure message); the variant, and so the exit code, stays.
+    pub fn map_text(self, f: &dyn Fn(&str) -> String) -> Self {
+        use Error::*;
+        match self {
+            Input { problem, fix } => Input {
+                problem: f(&problem),
+                fix: f(&fix),
+            },
+            MissingTool {
+                program,
+                looked_in,
+                fix,
+            } => MissingTool {
+                program: f(&program),
+                looked_in: f(&looked_in),
+                fix: f(&fix),
+            },
+            NotFound { what, fix } => NotFound {
+                what: f(&what),
+                fix: f(&fix),
+            },
+            AlreadyExists { what, fix } => AlreadyExists {
+                what: f(&what),
+                fix: f(&fix),
+            },
+            Guard { problem, fix } => Guard {
+                problem: f(&problem),
+                fix: f(&fix),
+            },
+            Qemu { problem, fix } => Qemu {
+                problem: f(&problem),
+                fix: f(&fix),
+            },
+            Qmp { problem, fix } => Qmp {
+                problem: f(&problem),
+                fix: f(&fix),
+            },
+            Timeout { what, secs, fix } => Timeout {
+                what: f(&what),
+                secs,
+                fix: f(&fix),
+            },
+            GuestFailure {
+                pattern,
+                detail,
+                fix,
+            } => GuestFailure {
+                pattern: f(&pattern),
+                detail: f(&detail),
+                fix: f(&fix),
+            },
+            Reboot { problem, fix } => Reboot {
+                problem: f(&problem),
+                fix: f(&fix),
+            },
+            Network { problem, fix } => Network {
+                problem: f(&problem),
+                fix: f(&fix),
+            },
+            Image { problem, fix } => Image {
+                problem: f(&problem),
+                fix: f(&fix),
+            },
+            Ansible { problem, fix } => Ansible {
+                problem: f(&problem),
+                fix: f(&fix),
+            },
+            VerifyFailed { problem, fix } => VerifyFailed {
+                problem: f(&problem),
+                fix: f(&fix),
+            },
+            Lockout { problem, fix } => Lockout {
+                problem: f(&problem),
+                fix: f(&fix),
+            },
+            Classified { inner, class } => Classified {
+                inner: Box::new(inner.map_text(f)),
+                class,
+            },
+            Command {
+                cmd,
+                status,
+                stderr,
+                fix,
+            } => Command {
+                cmd: f(&cmd),
+                status: f(&status),
+                stderr: f(&stderr),
+                fix: f(&fix),
+            },
+            Io { context, source } => {
+                let msg = source.to_string();
+                let scrubbed = f(&msg);
+                Io {
+                    context: f(&context),
+                    source: if scrubbed == msg {
+                        source
+                    } else {
+                        std::io::Error::new(source.kind(), scrubbed)
+                    },
+                }
+            }
+            Evidence { inner, title, text } => Evidence {
+                inner: Box::new(inner.map_text(f)),
+                title: f(&title),
+                text: f(&text),
+            },
+        }
     }
 
     pub fn input(problem: impl Into<String>, fix: impl Into<String>) -> Self {
@@ -301,7 +469,8 @@ impl From<&Error> for WireError {
             | Error::Network { problem, fix }
             | Error::Image { problem, fix }
             | Error::Ansible { problem, fix }
-            | Error::VerifyFailed { problem, fix } => (problem.clone(), fix.clone()),
+            | Error::VerifyFailed { problem, fix }
+            | Error::Lockout { problem, fix } => (problem.clone(), fix.clone()),
             Error::NotFound { what, fix } | Error::AlreadyExists { what, fix } => {
                 (what.clone(), fix.clone())
             }
@@ -332,6 +501,7 @@ impl From<WireError> for Error {
             13 => Error::Ansible { problem, fix },
             14 => Error::VerifyFailed { problem, fix },
             15 => Error::Reboot { problem, fix },
+            16 => Error::Lockout { problem, fix },
             3 => Error::MissingTool {
                 program: problem,
                 looked_in: "on the netd side".into(),
@@ -344,6 +514,63 @@ impl From<WireError> for Error {
                 fix,
             },
             _ => Error::Network { problem, fix },
+        }
+    }
+}
+
+/// Whose fault a failed `cycle` is, at a glance: the report says it and the exit code is the
+/// class's (README, "Exit codes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureClass {
+    /// The harness or the machine: QEMU crashed, the guest panicked, no lease, the first SSH
+    /// never came, the image could not be built. Retry, or fix the machine.
+    Infrastructure,
+    /// SSH gone while the guest is alive, after the reboot or the apply: the change locked
+    /// access out.
+    Lockout,
+    /// The change under test: the apply failed, or verify did.
+    Test,
+    /// The input or the tool: a bad flag or file, a missing program, a safety stop.
+    Input,
+}
+
+impl FailureClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureClass::Infrastructure => "infrastructure",
+            FailureClass::Lockout => "lockout",
+            FailureClass::Test => "test failure",
+            FailureClass::Input => "input/tool error",
+        }
+    }
+
+    /// A `cycle`'s exit code: 14 test failure (as verify's always was), 16 lockout, 20
+    /// infrastructure; an input or tool error keeps its own kind's code (1-6, 13 for a safety
+    /// stop), as documented before classes existed.
+    pub fn exit_code(self, kind_code: i32) -> i32 {
+        match self {
+            FailureClass::Test => 14,
+            FailureClass::Lockout => 16,
+            FailureClass::Infrastructure => 20,
+            FailureClass::Input => kind_code,
+        }
+    }
+
+    /// What to do about it, in one line.
+    pub fn meaning(self) -> &'static str {
+        match self {
+            FailureClass::Infrastructure => {
+                "the harness or this machine failed, not the change: run it again; if it repeats, \
+                 read console.log and `boma-qvm doctor`"
+            }
+            FailureClass::Lockout => {
+                "the change locked SSH out while the guest runs: the incident signature"
+            }
+            FailureClass::Test => "the change under test failed (apply or verify): fix the change",
+            FailureClass::Input => {
+                "the input or the tool: fix the command, the repo or the machine"
+            }
         }
     }
 }

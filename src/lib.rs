@@ -12,6 +12,7 @@ pub mod guest;
 pub mod machine;
 pub mod net;
 pub mod paths;
+pub mod secrets;
 pub mod settings;
 pub mod stage;
 pub mod tools;

@@ -292,6 +292,19 @@ fn pseudo_filesystem(path: &Path) -> Option<&'static str> {
     .map(|(_, name)| name)
 }
 
+/// Write `contents` to `path` through a temporary file beside it and a rename, so a reader
+/// never sees half a file (a crash leaves the old one or the new one).
+pub fn write_atomic(path: &Path, contents: impl AsRef<[u8]>) -> crate::Result<()> {
+    use crate::error::IoContext;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    std::fs::write(&tmp, contents).ctx(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).ctx(|| format!("renaming {} to {}", tmp.display(), path.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

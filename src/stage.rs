@@ -16,11 +16,27 @@ pub struct StageRecord {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A failure that was retried (an infrastructure failure at first boot): not the verdict.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retried: bool,
+}
+
+/// An automatic retry: what failed, and where its evidence is kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Retry {
+    /// The stage that failed ("dhcp lease", "ssh", "boot").
+    pub stage: String,
+    /// Why, in the error's words.
+    pub reason: String,
+    /// The failed attempt's console log, kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug)]
 pub struct Stages {
     pub records: Vec<StageRecord>,
+    pub retries: Vec<Retry>,
     t0: Instant,
 }
 
@@ -28,6 +44,7 @@ impl Default for Stages {
     fn default() -> Self {
         Stages {
             records: Vec::new(),
+            retries: Vec::new(),
             t0: Instant::now(),
         }
     }
@@ -57,8 +74,30 @@ impl Stages {
             seconds,
             ok: r.is_ok(),
             error,
+            retried: false,
         });
         r
+    }
+
+    /// The last failed stage is being retried: mark it, and record the retry.
+    pub fn retrying(&mut self, reason: &str, console: Option<std::path::PathBuf>) {
+        let stage = match self.records.iter_mut().rev().find(|r| !r.ok) {
+            Some(r) => {
+                r.retried = true;
+                r.name.clone()
+            }
+            None => String::new(),
+        };
+        self.retries.push(Retry {
+            stage,
+            reason: reason.to_string(),
+            console,
+        });
+    }
+
+    /// The stage that failed last (not retried), if any.
+    pub fn failed(&self) -> Option<&StageRecord> {
+        self.records.iter().rev().find(|r| !r.ok && !r.retried)
     }
 
     /// Record a part of the stage just run, timed by the step itself (e.g. a reboot's halves).
@@ -70,6 +109,7 @@ impl Stages {
             seconds,
             ok: true,
             error: None,
+            retried: false,
         });
     }
 

@@ -165,6 +165,137 @@ fn locate_with(
     })
 }
 
+// Running them: one place for every module (network, image, seed, SSH).
+
+/// The last `max` bytes of a program's output, as text (for error messages).
+pub fn tail(bytes: &[u8], max: usize) -> String {
+    let start = bytes.len().saturating_sub(max);
+    String::from_utf8_lossy(&bytes[start..]).trim().to_string()
+}
+
+fn describe(cmd: &std::process::Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+fn checked(cmd: String, out: std::process::Output) -> Result<std::process::Output> {
+    if out.status.success() {
+        return Ok(out);
+    }
+    let mut stderr = tail(&out.stderr, 2000);
+    if stderr.is_empty() {
+        stderr = tail(&out.stdout, 2000);
+    }
+    Err(Error::command(cmd, out.status.to_string(), stderr))
+}
+
+/// Run a short program to completion (blocking, no stdin); a non-zero exit is `Error::Command`
+/// with the tail of its stderr (or stdout).
+pub fn run(cmd: &mut std::process::Command) -> Result<std::process::Output> {
+    let desc = describe(cmd);
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| spawn_error(&desc, e))?;
+    checked(desc, out)
+}
+
+/// The async twin of [`run`], for long programs (debootstrap, mkfs, qemu-img convert).
+pub async fn run_async(cmd: &mut tokio::process::Command) -> Result<std::process::Output> {
+    let desc = describe(cmd.as_std());
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| spawn_error(&desc, e))?;
+    checked(desc, out)
+}
+
+/// `program args...`, fed `stdin` if given; its output whatever the exit status.
+pub fn output(program: &str, args: &[&str], stdin: Option<&str>) -> Result<std::process::Output> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut cmd = Command::new(program);
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    let desc = describe(&cmd);
+    let mut child = cmd.spawn().map_err(|e| spawn_error(&desc, e))?;
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin was piped");
+        pipe.write_all(input.as_bytes()).map_err(|e| Error::Io {
+            context: format!("writing to `{program}`"),
+            source: e,
+        })?;
+    }
+    child.wait_with_output().map_err(|e| Error::Io {
+        context: format!("waiting for `{program}`"),
+        source: e,
+    })
+}
+
+/// [`output`], with a non-zero exit as `Error::Command`; its stdout.
+pub fn stdout(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String> {
+    let out = output(program, args, stdin)?;
+    let desc = format!("{program} {}", args.join(" "));
+    let out = checked(desc, out)?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A program that could not be started: not installed is `Error::MissingTool` with its package.
+fn spawn_error(desc: &str, e: std::io::Error) -> Error {
+    let program = desc.split(' ').next().unwrap_or(desc);
+    match e.kind() {
+        std::io::ErrorKind::NotFound => missing(program),
+        _ => Error::Io {
+            context: format!("starting `{desc}`"),
+            source: e,
+        },
+    }
+}
+
+/// The Debian package that provides `program`, for the fix line of `Error::MissingTool`.
+fn package_for(program: &str) -> &'static str {
+    match program.rsplit('/').next().unwrap_or(program) {
+        "nft" => "nftables",
+        "dnsmasq" => "dnsmasq-base",
+        "qemu-img" => "qemu-utils",
+        "genisoimage" => "genisoimage",
+        "ssh" | "ssh-keygen" => "openssh-client",
+        "debootstrap" => "debootstrap",
+        "mkfs.ext4" => "e2fsprogs",
+        _ => "the package that provides it",
+    }
+}
+
+/// `Error::MissingTool` for `program`, naming its package.
+pub fn missing(program: &str) -> Error {
+    Error::missing_tool(
+        program,
+        format!(
+            "install it: apt-get install {} (the integration_test role installs all of boma-qvm's tools)",
+            package_for(program)
+        ),
+    )
+}
+
+/// Error unless every program is installed (checked before anything is built, so a missing
+/// program never leaves something half-made behind).
+pub fn require_all(programs: &[&str]) -> Result<()> {
+    for p in programs {
+        find(p).ok_or_else(|| missing(p))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -302,5 +433,31 @@ mod tests {
         );
         assert!(msg.contains("fix: set BOMA_QVM_X_DIR="), "{msg}");
         assert!(msg.ends_with("install it"), "{msg}");
+    }
+
+    #[test]
+    fn a_missing_or_failing_program_says_so() {
+        let e = stdout("boma-qvm-no-such-program", &[], None).unwrap_err();
+        assert!(matches!(e, Error::MissingTool { .. }), "{e}");
+        assert!(
+            missing("nft")
+                .to_string()
+                .contains("apt-get install nftables")
+        );
+        assert!(missing("dnsmasq").to_string().contains("dnsmasq-base"));
+        assert!(matches!(
+            require_all(&["sh", "boma-qvm-no-such-program"]),
+            Err(Error::MissingTool { .. })
+        ));
+        require_all(&["sh"]).unwrap();
+        let e = stdout("sh", &["-c", "echo oops >&2; exit 3"], None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("oops") && e.contains('3'), "{e}");
+        assert_eq!(stdout("cat", &[], Some("hi")).unwrap(), "hi");
+        let err = run(std::process::Command::new("sh").args(["-c", "echo boom >&2; exit 3"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sh -c") && err.contains("boom"), "{err}");
     }
 }

@@ -44,6 +44,7 @@ fn config(dir: &Path, address: Ipv4Addr) -> SessionConfig {
         subnet: "192.168.231.0/24".parse::<Subnet>().unwrap(),
         certs: CertPlan::internal(),
         extra_vars: vec![],
+        secret_vars: vec![],
         confine: None,
     }
 }
@@ -113,9 +114,9 @@ fn profile_errors_name_the_missing_piece_and_the_fix() {
         Profile::load(&fixture(), "askari,kiboko"),
         Err(Error::Input { .. })
     ));
-    // kiboko is in the inventory but has no overlay.
-    let e = Profile::load(&fixture(), "kiboko").unwrap_err();
-    assert!(e.to_string().contains("overrides/kiboko.yml"), "{e}");
+    // ubongo is in the inventory but has no overlay.
+    let e = Profile::load(&fixture(), "ubongo").unwrap_err();
+    assert!(e.to_string().contains("overrides/ubongo.yml"), "{e}");
 
     let tmp = tempfile::tempdir().unwrap();
     copy_dir(&fixture(), tmp.path());
@@ -342,13 +343,17 @@ async fn a_failed_apply_is_an_ansible_error() {
 }
 
 #[tokio::test]
-async fn the_credential_reaches_ansible_but_never_the_log_and_its_file_is_removed() {
+async fn the_credential_and_secret_vars_reach_ansible_but_never_the_log_and_their_file_is_removed()
+{
     let tmp = tempfile::tempdir().unwrap();
     let repo = tmp.path().join("repo");
+    // The apply prints both (also JSON-escaped in a result dump); the verify fails with both in
+    // its message, as a real failure message might.
     tiny_repo(
         &repo,
-        "    - debug: msg=\"key is {{ gandi_api_key }}\"\n",
-        "    - debug: msg=ok\n",
+        "    - debug: msg=\"key is {{ gandi_api_key }}, db is {{ db_password }}\"\n    \
+         - debug: var=db_password\n",
+        "    - fail: msg=\"db {{ db_password }} key {{ gandi_api_key }}\"\n",
     );
     let mut cfg = config(tmp.path(), VM);
     cfg.certs = CertTier::LeStaging
@@ -356,21 +361,42 @@ async fn the_credential_reaches_ansible_but_never_the_log_and_its_file_is_remove
             (v == "GANDI_API_KEY").then(|| "s3cr3t-4pi-k3y".into())
         })
         .unwrap();
+    cfg.secret_vars = vec![boma_qvm::ansible::Secret {
+        var: "db_password".into(),
+        value: "pa\"ss-w0rd-\u{e9}t\u{e9}".into(),
+    }];
     let s = Session::new(Profile::load(&repo, "askari").unwrap(), cfg).unwrap();
     let out = s
         .run_playbook(Playbook::Site, &opts(tmp.path(), "apply.log", 120))
         .await
         .unwrap();
     assert!(out.success, "{}", out.summary());
+    let verify = s
+        .run_playbook(Playbook::Verify, &opts(tmp.path(), "verify.log", 120))
+        .await
+        .unwrap();
+    let e = verify.into_result().unwrap_err().to_string();
     let log = std::fs::read_to_string(tmp.path().join("apply.log")).unwrap();
     assert!(
-        log.contains("key is ********") && !log.contains("s3cr3t-4pi-k3y"),
-        "{log}"
+        log.contains("key is ********, db is ********"),
+        "both reached Ansible and were scrubbed: {log}"
     );
     assert!(!tmp.path().join("ansible/secrets.json").exists());
+    let mut texts = vec![("the verify error".to_string(), e)];
+    for f in ["apply.log", "verify.log"] {
+        texts.push((
+            f.into(),
+            std::fs::read_to_string(tmp.path().join(f)).unwrap(),
+        ));
+    }
     for f in ["certs.json", "connection.json", "inventory/hosts.json"] {
         let text = std::fs::read_to_string(tmp.path().join("ansible").join(f)).unwrap();
-        assert!(!text.contains("s3cr3t-4pi-k3y"), "{f}");
+        texts.push((f.into(), text));
+    }
+    for (what, text) in texts {
+        for secret in ["s3cr3t-4pi-k3y", "ss-w0rd", "w0rd-\\u00e9"] {
+            assert!(!text.contains(secret), "{what} holds {secret}:\n{text}");
+        }
     }
 }
 

@@ -538,6 +538,90 @@ fn an_image_command_removes_a_stale_staging_symlink_as_a_link() {
     assert!(target.join("mnt/inside").exists());
 }
 
+/// The case: `ln -s / .tmp-x` in the cache, then a root image command. It must remove
+/// the link as a link and detach no mount. The command runs in a private mount namespace (a
+/// cleanup that did follow the link would detach every mount under `/`: only there), which
+/// records its mount table before and after, unchanged by anything else on the machine.
+#[test]
+fn a_staging_symlink_to_the_root_directory_unmounts_nothing() {
+    let t = Tmp::new();
+    let images = t.dirs().images();
+    std::fs::create_dir_all(&images).unwrap();
+    // A mount of our own that any unmount "under /" would take with it.
+    let _mnt = Mount::tmpfs(&t.path("host-mount"));
+    std::os::unix::fs::symlink("/", images.join(".tmp-x")).unwrap();
+    let (before, after) = (t.path("mounts-before"), t.path("mounts-after"));
+    let script = format!(
+        "cat /proc/self/mounts > {0}; \"$@\"; rc=$?; cat /proc/self/mounts > {1}; exit $rc",
+        s(&before),
+        s(&after)
+    );
+    let o = t
+        .cli_via(&[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+            "sh",
+        ])
+        .args(["image", "rm", "nosuch"])
+        .output()
+        .unwrap();
+    expect(&o, 4, &["golden image `nosuch` does not exist"]);
+    assert!(std::fs::symlink_metadata(images.join(".tmp-x")).is_err());
+    let points = |p: &Path| -> Vec<String> {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1).map(String::from))
+            .collect()
+    };
+    let (b, a) = (points(&before), points(&after));
+    assert!(b.contains(&s(&t.path("host-mount")).to_string()), "{b:?}");
+    assert_eq!(a, b, "the image command changed the mount table");
+}
+
+/// A cache the group can write (the role's old 2775) is refused before anything in it is acted
+/// on: the planted link stays, nothing is unmounted, and the message names the fix.
+#[test]
+fn a_cache_others_can_write_is_refused_with_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = Tmp::new();
+    let images = t.dirs().images();
+    std::fs::create_dir_all(&images).unwrap();
+    let target = t.path("elsewhere");
+    let mnt = Mount::tmpfs(&target.join("mnt"));
+    std::fs::write(target.join("mnt/inside"), "x").unwrap();
+    std::os::unix::fs::symlink(&target, images.join(".tmp-pull-x")).unwrap();
+    std::fs::set_permissions(&images, std::fs::Permissions::from_mode(0o2775)).unwrap();
+    let q = t.qcow2("small.qcow2");
+    for args in [
+        vec!["image", "rm", "nosuch"],
+        vec!["image", "import", s(&q)],
+        vec!["image", "list"],
+    ] {
+        let o = t.run(&args);
+        expect(
+            &o,
+            12,
+            &[
+                "refusing to use the image cache",
+                "writable by its group",
+                "chmod go-w",
+            ],
+        );
+    }
+    let ns = common::netns::Netns::new("prunew");
+    let net = format!("--net=/run/netns/{}", ns.name);
+    let o = t.cli_via(&["nsenter", &net]).arg("prune").output().unwrap();
+    expect(&o, 12, &["writable by its group"]);
+    assert!(std::fs::symlink_metadata(images.join(".tmp-pull-x")).is_ok());
+    assert!(mnt.is_mounted() && target.join("mnt/inside").exists());
+}
+
 /// Names in the image cache that start with `.tmp-`.
 fn staging(t: &Tmp) -> Vec<String> {
     cache_junk(t)

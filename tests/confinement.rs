@@ -128,6 +128,7 @@ fn session(tmp: &Path, repo: &Path, vm: Ipv4Addr, confine: Option<Confine>) -> S
             subnet: "192.168.231.0/24".parse::<Subnet>().unwrap(),
             certs: CertPlan::internal(),
             extra_vars: vec![],
+            secret_vars: vec![],
             confine,
         },
     )

@@ -119,6 +119,11 @@ async fn hard_reset_skips_the_shutdown_path() {
 async fn clean_shutdown_ends_with_qemu_gone() {
     let env = Env::new();
     let m = env.boot("shut", "").await;
+    // Its run directory (SSH key, QMP sockets, console) is this user's only.
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(m.run_dir()).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o7777, 0o700, "run dir mode {mode:o}");
     let State::Running { qemu, .. } = m.state() else {
         panic!("{:?}", m.state())
     };
@@ -138,6 +143,16 @@ async fn clean_shutdown_ends_with_qemu_gone() {
 async fn a_guest_that_ignores_the_power_button_is_stopped_after_the_timeout() {
     let env = Env::new();
     let m = env.boot("stubborn", "boma.noacpi=1").await;
+    let e = m
+        .reboot_within(Some(Duration::from_secs(5)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.exit_code(), 15, "a reboot that did not happen: {e}");
+    assert!(e.to_string().contains("reboot --hard"), "{e}");
+    assert!(
+        m.is_running(),
+        "a refused power button leaves the VM running"
+    );
     assert_eq!(
         m.shutdown_within(Duration::from_secs(5)).await.unwrap(),
         ShutdownOutcome::Forced
@@ -185,7 +200,63 @@ async fn a_kernel_panic_on_the_console_fails_waits_fast() {
         started.elapsed() < Duration::from_secs(240),
         "failed fast, not by timeout"
     );
-    assert!(event_names(&m).contains(&names::CONSOLE_FAILURE.to_string()));
+    // The wait may have ended on QEMU's GUEST_PANICKED first; the console watcher still records
+    // what the console said.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !event_names(&m).contains(&names::CONSOLE_FAILURE.to_string()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no CONSOLE_FAILURE: {:?}",
+            event_names(&m)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The pvpanic device and `-action panic=pause`: the panic is a QMP event, and the guest stays as
+/// it panicked. `panic=1` on the kernel command line would make the guest reset itself a second
+/// later (QEMU's default panic action would end the VM): neither may happen.
+#[tokio::test]
+async fn a_guest_kernel_panic_is_a_guest_panicked_event_and_the_vm_stays_paused() {
+    let env = Env::new();
+    let m = Machine::create(
+        &env.dirs,
+        &env.guest_spec("pvpanic", "boma.panic=1 panic=1"),
+    )
+    .unwrap()
+    .with_start_options(start_options());
+    m.start().await.unwrap();
+    // Read events.jsonl directly: a wait would (rightly) fail fast on the panic.
+    let deadline = std::time::Instant::now() + T;
+    let panicked = loop {
+        if let Some(r) = m
+            .events()
+            .unwrap()
+            .into_iter()
+            .find(|r| r.is(names::GUEST_PANICKED))
+        {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no GUEST_PANICKED: {:?}",
+            event_names(&m)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(panicked.data["action"], "pause", "{:?}", panicked.data);
+    // Longer than the guest's own panic=1 reboot delay.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(m.qemu_state().await.unwrap(), "guest-panicked");
+    let ev = event_names(&m);
+    let at = ev.iter().position(|e| e == names::GUEST_PANICKED).unwrap();
+    assert!(
+        !ev[at..]
+            .iter()
+            .any(|e| e == "RESET" || e == names::QEMU_EXITED),
+        "the panicked guest was reset or ended: {ev:?}"
+    );
+    assert_eq!(m.console_count("Kernel panic - not syncing"), 1);
 }
 
 #[tokio::test]
@@ -196,4 +267,57 @@ async fn a_power_off_vm_can_be_started_again() {
     m.start().await.unwrap();
     m.expect_console(READY, T).await.unwrap();
     assert!(m.is_running());
+}
+
+/// What a kept VM's run directory and a failed cycle's post-mortem hold, with a secret the guest
+/// printed (here: on its kernel command line, which the kernel echoes on the console and QEMU's
+/// argv carries into events.jsonl and spec.json): the post-mortem's copies are scrubbed as they
+/// are written, the VM's own files masked in place (same length), and the VM keeps running and
+/// logging afterwards.
+#[tokio::test]
+async fn a_secret_the_guest_printed_is_in_no_file_of_the_vm_or_the_post_mortem() {
+    use boma_qvm::cycle::{diagnostics, kept};
+    use boma_qvm::secrets::Scrubber;
+    let env = Env::new();
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let secret = format!("bqsecret{n:x}");
+    let m = env.boot("scrub", &format!("boma.note={secret}")).await;
+    let holds = |p: &std::path::Path| {
+        std::fs::read(p)
+            .unwrap()
+            .windows(secret.len())
+            .any(|w| w == secret.as_bytes())
+    };
+    assert!(holds(&m.console_log()), "the guest did not print it");
+    let sc = Scrubber::new([&secret]);
+    let out = env.tmp.path().join("run");
+    let written = diagnostics::copy_console_and_events(&m, &out, &sc).unwrap();
+    assert_eq!(written, ["console.log", "events.jsonl", "console-tail.txt"]);
+    let console_len = std::fs::metadata(m.console_log()).unwrap().len();
+    kept::mask_vm_files(&m, &sc);
+    assert_eq!(
+        std::fs::metadata(m.console_log()).unwrap().len(),
+        console_len,
+        "masked in place, same length"
+    );
+    let mut files = Vec::new();
+    for dir in [out.clone(), m.run_dir().to_path_buf()] {
+        for e in std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap()) {
+            if e.file_type().unwrap().is_file() {
+                files.push(e.path());
+            }
+        }
+    }
+    let held: Vec<_> = files.iter().filter(|f| holds(f)).collect();
+    assert!(held.is_empty(), "still hold the secret: {held:?}");
+    assert!(files.len() >= 8, "{files:?}");
+    let copy = std::fs::read_to_string(out.join("console.log")).unwrap();
+    assert!(copy.contains("boma.note=********"), "{copy}");
+    // The log QEMU writes is still the one it appends to: the guest's shutdown lands in it.
+    assert_eq!(m.shutdown().await.unwrap(), ShutdownOutcome::Clean);
+    let log = String::from_utf8_lossy(&std::fs::read(m.console_log()).unwrap()).into_owned();
+    assert!(log.contains(boma_qvm::guest::testguest::SHUTDOWN), "{log}");
 }

@@ -21,6 +21,9 @@ fn case(args: &[&str], exit: i32, says: &'static str) -> Case {
     }
 }
 
+/// A secret var's value (in the environment as `bq_secret`): never printed.
+const SECRET: &str = "bq-s3cret-value-0123";
+
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/boma")
 }
@@ -106,6 +109,29 @@ fn bad_input_is_refused_before_anything_boots() {
             "ansible_connection=local",
         ),
         case(&["--repo", &repo(&no_verify)], 4, "verify.yml"),
+        case(
+            &["--secret-var", "bq_unset"],
+            2,
+            "the environment variable bq_unset is not set",
+        ),
+        case(&["--secret-var", "bq_short"], 2, "cannot be scrubbed"),
+        case(&["--secret-var", "1bad"], 2, "not a valid variable name"),
+        case(&["--secret-var", "ansible_host"], 2, "connection var"),
+        case(
+            &["--secret-var", "bq_secret", "--secret-var", "bq_secret"],
+            2,
+            "given twice",
+        ),
+        case(
+            &["--secret-var", "bq_secret", "-e", "bq_secret=x"],
+            2,
+            "both set bq_secret",
+        ),
+        case(
+            &["--secret-var", "bq_secret", "-e", &format!("note={SECRET}")],
+            2,
+            "holds the value of --secret-var bq_secret",
+        ),
     ];
     let mut failures = Vec::new();
     for c in &cases {
@@ -127,6 +153,9 @@ fn bad_input_is_refused_before_anything_boots() {
             .env("BOMA_QVM_STATE_DIR", &state)
             .env("BOMA_QVM_CACHE_DIR", &cache)
             .env("BOMA_QVM_RUNS_DIR", &runs)
+            .env("bq_secret", SECRET)
+            .env("bq_short", "abc")
+            .env_remove("bq_unset")
             .stdin(Stdio::null())
             .output()
             .unwrap();
@@ -141,6 +170,9 @@ fn bad_input_is_refused_before_anything_boots() {
         }
         if !text.contains(c.says) || !text.contains("fix:") {
             wrong.push(format!("message lacks `{}` or a fix line", c.says));
+        }
+        if text.contains(SECRET) {
+            wrong.push("printed the secret".into());
         }
         if text.contains("kept for inspection") {
             wrong.push("claims a VM was kept".into());

@@ -5,6 +5,7 @@
 //! link loss, a power cut in the middle of fsynced writes to its ext4 root (journal recovery at
 //! the next boot, the root read-write again), and disk errors that also reach data still in the
 //! golden image behind the overlay — and the golden image byte-for-byte unchanged afterwards.
+//! A guest agent reply nobody reads does not hold up the next clean reboot.
 //! The real reboot of a Debian guest after an apply is the acceptance test's.
 
 mod common;
@@ -124,6 +125,39 @@ async fn debian_guest_boots_to_ssh_survives_faults_and_leaves_the_golden_image_u
         agent.stdout.starts_with("root\n") && agent.stdout.contains(boot_id.trim()),
         "{agent:?}"
     );
+
+    // A guest agent request whose client hung up before the reply (a timed-out call, an
+    // operator's socat) must not cost the next clean reboot systemd's 90 s stop timeout. Without
+    // a host end on the channel, qemu-ga (Debian 13: 10.0.x) spins in its write loop, never
+    // reaches its main loop where SIGTERM would end it, and is SIGKILLed after 90 s; the
+    // supervisor holds the host end for the VM's life and drains such replies.
+    ns.block_on(|| async {
+        use tokio::io::AsyncWriteExt;
+        // Boot finished: the agent runs, and the shutdown below interrupts nothing still starting.
+        ssh_retry(&vm, "systemctl is-system-running --wait; true").await;
+        let qga_sock = vm.run_dir().join("qga.sock");
+        let mut hasty = tokio::net::UnixStream::connect(&qga_sock).await.unwrap();
+        hasty
+            .write_all(b"{\"execute\":\"guest-ping\"}\n")
+            .await
+            .unwrap();
+        drop(hasty);
+        let journal = "sudo journalctl -b -u qemu-guest-agent --no-pager";
+        let deadline = Instant::now() + S;
+        while !ssh_retry(&vm, journal).await.contains("guest-ping called") {
+            assert!(Instant::now() < deadline, "the agent never got the request");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let rebooted = vm.reboot().await.unwrap();
+        vm.wait_ssh(BOOT).await.unwrap();
+        let stop = ssh_retry(&vm, "sudo journalctl -b -1 -u qemu-guest-agent --no-pager").await;
+        assert!(stop.contains("guest-ping called"), "{stop}");
+        assert!(stop.contains("Stopped qemu-guest-agent"), "{stop}");
+        assert!(
+            !stop.contains("timed out") && !stop.contains("SIGKILL"),
+            "qemu-ga did not stop on SIGTERM ({rebooted:?}):\n{stop}"
+        );
+    });
 
     // Faults where a real OS is the point.
     ns.block_on(|| async {

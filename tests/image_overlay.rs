@@ -140,3 +140,105 @@ async fn import_list_rm_round_trip() {
         "{e}"
     );
 }
+
+/// Golden images cannot be swapped: `ensure` (what `up` and `cycle` call) refuses one whose file
+/// is not the one stamped when it entered the cache (even with its size and mtime put back), and
+/// one that the group or another user could write. A byte-identical copy (a restored backup)
+/// passes after one full hash, and is stamped again.
+#[tokio::test]
+async fn a_swapped_or_group_writable_golden_image_is_refused() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let (t, dirs) = tmp_dirs();
+    let src = t.path().join("gold.qcow2");
+    let bytes = make_qcow2(&src, 64, 1, 0x5a);
+    let img = import::import(&dirs, &src, Some("gold")).await.unwrap();
+    let stamp = img.manifest.files.iter().find(|f| f.file == "disk.qcow2");
+    assert_eq!(
+        stamp.map(|s| s.sha256.as_str()),
+        Some(img.manifest.disk_sha256.as_str()),
+        "{:?}",
+        img.manifest
+    );
+    let named: image::ImageChoice = "gold".parse().unwrap();
+    image::ensure(&dirs, &named).await.unwrap();
+    let chmod = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+
+    // Swapped: another disk of the same size, read-only, root's, its mtime set back.
+    let evil = t.path().join("evil.qcow2");
+    make_qcow2(&evil, 64, 1, 0x66);
+    assert_eq!(std::fs::metadata(&evil).unwrap().len(), bytes.len() as u64);
+    let old = std::fs::metadata(&img.disk).unwrap();
+    chmod(&evil, 0o444);
+    std::fs::rename(&evil, &img.disk).unwrap();
+    let mtime = std::fs::File::options()
+        .write(false)
+        .read(true)
+        .open(&img.disk)
+        .unwrap();
+    mtime
+        .set_modified(old.modified().unwrap())
+        .unwrap_or_else(|e| panic!("set mtime: {e}"));
+    let e = image::ensure(&dirs, &named).await.unwrap_err();
+    assert_eq!(e.exit_code(), 12, "{e}");
+    assert!(
+        e.to_string()
+            .contains("was changed after it entered the cache")
+            && e.to_string().contains("image rm gold"),
+        "{e}"
+    );
+
+    // The same bytes back in a new file (a new inode): hashed once, accepted, stamped again.
+    let copy = t.path().join("copy.qcow2");
+    std::fs::write(&copy, &bytes).unwrap();
+    chmod(&copy, 0o444);
+    std::fs::rename(&copy, &img.disk).unwrap();
+    image::ensure(&dirs, &named).await.unwrap();
+    let restamped = store::get(&dirs, "gold").unwrap().manifest.files;
+    assert_eq!(
+        restamped[0].inode,
+        std::fs::metadata(&img.disk).unwrap().ino(),
+        "the new file was stamped"
+    );
+
+    // Writable by the group: the disk, then its directory.
+    chmod(&img.disk, 0o664);
+    let e = image::ensure(&dirs, &named).await.unwrap_err().to_string();
+    assert!(
+        e.contains("writable by its group") && e.contains("chmod go-w"),
+        "{e}"
+    );
+    chmod(&img.disk, 0o444);
+    chmod(&img.dir, 0o775);
+    let e = image::ensure(&dirs, &named).await.unwrap_err().to_string();
+    assert!(e.contains("writable by its group"), "{e}");
+    chmod(&img.dir, 0o755);
+    // Another user's file.
+    std::os::unix::fs::chown(&img.disk, Some(4242), None).unwrap();
+    let e = image::ensure(&dirs, &named).await.unwrap_err().to_string();
+    assert!(e.contains("uid 4242"), "{e}");
+    std::os::unix::fs::chown(&img.disk, Some(0), None).unwrap();
+    image::ensure(&dirs, &named).await.unwrap();
+}
+
+/// A manifest from before stamps were recorded: its disk is checked against `disk_sha256` in
+/// full, then stamped (by its owner); a mismatching one is refused.
+#[tokio::test]
+async fn an_unstamped_image_is_hashed_once_then_stamped() {
+    let (t, dirs) = tmp_dirs();
+    let src = t.path().join("old.qcow2");
+    make_qcow2(&src, 64, 1, 0x11);
+    let img = import::import(&dirs, &src, Some("old")).await.unwrap();
+    let mut m = img.manifest.clone();
+    m.files.clear();
+    m.write(&img.dir).unwrap();
+    let named: image::ImageChoice = "old".parse().unwrap();
+    image::ensure(&dirs, &named).await.unwrap();
+    assert_eq!(store::get(&dirs, "old").unwrap().manifest.files.len(), 1);
+
+    m.disk_sha256 = "0".repeat(64);
+    m.write(&img.dir).unwrap();
+    let e = image::ensure(&dirs, &named).await.unwrap_err().to_string();
+    assert!(e.contains("its manifest says 0000"), "{e}");
+}

@@ -36,12 +36,27 @@ fn a_first_boot_kernel_panic_is_retried_once_then_reported() {
     assert!(matches!(err.inner(), Error::GuestFailure { .. }), "{err}");
     let boots = stages.records.iter().filter(|s| s.name == "boot").count();
     assert_eq!(boots, 2, "booted twice: the retry happened");
-    let kept: Vec<_> = std::fs::read_dir(env.dirs.state.join("panics"))
+    let kept: Vec<_> = std::fs::read_dir(env.dirs.state.join("retries"))
         .unwrap()
         .collect();
     assert_eq!(kept.len(), 1, "the first panicked console is kept");
     let text = std::fs::read_to_string(kept[0].as_ref().unwrap().path()).unwrap();
     assert!(text.contains("Kernel panic"), "{text}");
+    // The retry is recorded for the report: the failed stage marked, the reason, the console.
+    assert_eq!(stages.retries.len(), 1, "{:?}", stages.retries);
+    let r = &stages.retries[0];
+    assert!(r.reason.contains("kernel panicked"), "{r:?}");
+    assert_eq!(
+        r.console.as_deref(),
+        Some(kept[0].as_ref().unwrap().path().as_path())
+    );
+    let retried: Vec<_> = stages.records.iter().filter(|s| s.retried).collect();
+    assert_eq!(retried.len(), 1, "{:?}", stages.records);
+    assert_eq!(retried[0].name, r.stage);
+    assert!(
+        stages.failed().is_some_and(|f| !f.retried),
+        "the second attempt's failure is the verdict"
+    );
 }
 
 #[test]

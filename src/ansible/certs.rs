@@ -87,6 +87,16 @@ impl CertTier {
                     format!("export {CREDENTIAL_ENV}=... in this shell (never pass it on the command line)"),
                 )
             })?;
+            if value.len() < crate::secrets::MIN_LEN {
+                return Err(Error::input(
+                    format!(
+                        "${CREDENTIAL_ENV} is {} characters long: too short to be a Gandi API key, \
+                         and too short to scrub from logs without masking ordinary text",
+                        value.len()
+                    ),
+                    format!("export the real key as {CREDENTIAL_ENV}"),
+                ));
+            }
             Some(Secret {
                 var: CREDENTIAL_VAR.to_string(),
                 value,
@@ -192,7 +202,15 @@ impl CertPlan {
     }
 }
 
-/// A credential. `Debug` never shows the value.
+/// `$GANDI_API_KEY` when it is set and long enough to be a key: scrubbed from everything a run
+/// writes whatever the tier, since a repo can read it itself (`lookup('env', 'GANDI_API_KEY')`).
+pub fn credential_in_env() -> Option<String> {
+    std::env::var(CREDENTIAL_ENV)
+        .ok()
+        .filter(|v| v.len() >= crate::secrets::MIN_LEN)
+}
+
+/// A credential, or an extra var marked secret. `Debug` never shows the value.
 #[derive(Clone)]
 pub struct Secret {
     pub var: String,

@@ -111,7 +111,7 @@ fn split_quoted(raw: &str) -> std::result::Result<Vec<String>, String> {
     Ok(tokens)
 }
 
-fn valid_var_name(k: &str) -> bool {
+pub fn valid_var_name(k: &str) -> bool {
     let mut chars = k.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')

@@ -26,12 +26,9 @@ pub fn strip_ansi(s: &str) -> String {
     out
 }
 
-/// Replace every secret value in `line` (empty values are ignored).
+/// Replace every secret value in `line` (empty values are ignored); see [`crate::secrets`].
 pub fn redact(line: &str, secrets: &[String]) -> String {
-    secrets
-        .iter()
-        .filter(|s| !s.is_empty())
-        .fold(line.to_string(), |l, s| l.replace(s.as_str(), "********"))
+    crate::secrets::Scrubber::new(secrets).scrub(line)
 }
 
 /// One host's `PLAY RECAP` line.

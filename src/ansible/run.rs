@@ -3,7 +3,8 @@
 //! The session directory (e.g. `<vm run dir>/ansible/`) holds:
 //! - `inventory/hosts.json` (+ `group_vars`/`host_vars` links): the transient inventory
 //! - `certs.json`, `connection.json`: extra-vars files (see `vars` for the layering order)
-//! - `secrets.json`: only while a playbook runs, mode 0600
+//! - `secrets.json`: the cert tier's credential and the vars marked secret (`--secret-var`), only
+//!   while a playbook (or the scope check) runs, mode 0600
 //! - `site-vars/site-vars.json` (+ links to the `group_vars`/`host_vars` next to site.yml): a
 //!   host-less inventory source added AFTER the transient inventory for verify runs only, so
 //!   verify sees the playbook-level vars the apply saw. Ansible loads playbook-adjacent vars from
@@ -32,6 +33,9 @@ pub struct SessionConfig {
     pub certs: CertPlan,
     /// The user's own `-e` values (`k=v`, `@file` or JSON), layered after the cert tier.
     pub extra_vars: Vec<String>,
+    /// Extra vars marked secret (`--secret-var`): passed in `secrets.json` with the credential,
+    /// and scrubbed from every log.
+    pub secret_vars: Vec<super::Secret>,
     /// Run every Ansible process confined to the VM network and loopback (a cycle always
     /// does; `None`: as they are, for library callers that set up their own isolation).
     pub confine: Option<super::Confine>,
@@ -110,6 +114,28 @@ impl Session {
         self.cfg.dir.join("secrets.json")
     }
 
+    /// Every secret of the session: the vars marked secret, then the cert tier's credential.
+    fn secrets(&self) -> impl Iterator<Item = &super::Secret> {
+        self.cfg
+            .secret_vars
+            .iter()
+            .chain(self.cfg.certs.secret.iter())
+    }
+
+    fn has_secrets(&self) -> bool {
+        self.secrets().next().is_some()
+    }
+
+    /// Scrubs the session's secrets, and `$GANDI_API_KEY` whatever the tier (a repo can read it
+    /// from the environment itself), from what the session writes.
+    pub fn scrubber(&self) -> crate::secrets::Scrubber {
+        crate::secrets::Scrubber::new(
+            self.secrets()
+                .map(|s| s.value.clone())
+                .chain(super::certs::credential_in_env()),
+        )
+    }
+
     /// The `-e` arguments, in the documented order (see `vars`).
     pub fn extra_var_args(&self) -> Vec<OsString> {
         let mut args: Vec<OsString> = Vec::new();
@@ -119,7 +145,7 @@ impl Session {
         };
         at(&self.profile.overlay);
         at(&self.cfg.dir.join("certs.json"));
-        if self.cfg.certs.secret.is_some() {
+        if self.has_secrets() {
             at(&self.secrets_path());
         }
         for e in &self.cfg.extra_vars {
@@ -195,13 +221,7 @@ impl Session {
             None => String::new(),
         };
         let header = format!("# boma-qvm: ansible-playbook {line}\n# scope: {scope:?}{confined}");
-        let secrets: Vec<String> = self
-            .cfg
-            .certs
-            .secret
-            .iter()
-            .map(|s| s.value.clone())
-            .collect();
+        let secrets = self.scrubber();
         tracing::info!(playbook = pb.name(), log = %show(&opts.log), "running ansible-playbook");
         let started = Instant::now();
         let teed = tee::run(
@@ -237,11 +257,11 @@ impl Session {
         Ok(outcome)
     }
 
-    /// The credential file for the duration of a run (0600, removed when the guard drops).
+    /// The secrets file for the duration of a run (0600, removed when the guard drops).
     pub(super) fn write_secret(&self) -> Result<Option<SecretFile>> {
-        let Some(secret) = &self.cfg.certs.secret else {
+        if !self.has_secrets() {
             return Ok(None);
-        };
+        }
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let path = self.secrets_path();
@@ -252,8 +272,11 @@ impl Session {
             .mode(0o600)
             .open(&path)
             .ctx(|| format!("creating {}", show(&path)))?;
-        let body = serde_json::json!({ secret.var.clone(): secret.value });
-        f.write_all(body.to_string().as_bytes())
+        let body: serde_json::Map<String, serde_json::Value> = self
+            .secrets()
+            .map(|s| (s.var.clone(), serde_json::Value::String(s.value.clone())))
+            .collect();
+        f.write_all(serde_json::Value::Object(body).to_string().as_bytes())
             .ctx(|| format!("writing {}", show(&path)))?;
         Ok(Some(SecretFile(path)))
     }

@@ -1,8 +1,9 @@
 //! Run a process, streaming its output to the terminal (as is) and a log file (colour stripped,
 //! secrets scrubbed), with a timeout that ends its whole process group.
 
-use super::output::{redact, strip_ansi};
+use super::output::strip_ansi;
 use crate::error::{Error, IoContext, Result, show};
+use crate::secrets::Scrubber;
 use std::io::Write;
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
@@ -43,13 +44,13 @@ pub async fn run(
     header: &str,
     echo: bool,
     timeout: Duration,
-    secrets: &[String],
+    secrets: &Scrubber,
 ) -> Result<Teed> {
     if let Some(parent) = log.parent() {
         std::fs::create_dir_all(parent).ctx(|| format!("creating {}", show(parent)))?;
     }
     let mut file = std::fs::File::create(log).ctx(|| format!("creating {}", show(log)))?;
-    writeln!(file, "{}", redact(header, secrets)).ctx(|| format!("writing {}", show(log)))?;
+    writeln!(file, "{}", secrets.scrub(header)).ctx(|| format!("writing {}", show(log)))?;
 
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -118,18 +119,15 @@ fn handle(
     file: &mut std::fs::File,
     lines: &mut Vec<String>,
     echo: bool,
-    secrets: &[String],
+    secrets: &Scrubber,
 ) {
-    let text = redact(
-        String::from_utf8_lossy(raw).trim_end_matches(['\n', '\r']),
-        secrets,
-    );
+    let text = secrets.scrub(String::from_utf8_lossy(raw).trim_end_matches(['\n', '\r']));
     if echo {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{text}");
         let _ = out.flush();
     }
-    let plain = strip_ansi(&text);
+    let plain = secrets.scrub(&strip_ansi(&text));
     let _ = writeln!(file, "{plain}");
     lines.push(plain);
 }

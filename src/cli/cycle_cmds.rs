@@ -28,9 +28,19 @@ pub struct CycleArgs {
     /// Take a snapshot after the apply, so `boma-qvm reset` can re-run reboot + assert.
     #[arg(long)]
     pub snapshot: bool,
+    /// Do not run verify before the reboot (only the reboot is under test; saves a verify).
+    #[arg(long)]
+    pub skip_verify_before_reboot: bool,
     /// Extra vars for both playbooks (repeatable), layered after the overlay and cert tier.
+    /// Never put a secret here: any user's `ps` shows the command line. Use --secret-var.
     #[arg(short = 'e', long = "extra-vars")]
     pub extra_vars: Vec<String>,
+    /// An extra var whose value is secret (repeatable): the value of var NAME is read from the
+    /// environment variable NAME (as `docker run -e NAME` does), passed to Ansible in a 0600
+    /// file that exists only while a playbook runs, never stored, and scrubbed from every file
+    /// the run writes. `apply`, `verify` and `reset` of the kept VM read it again.
+    #[arg(long = "secret-var", value_name = "NAME")]
+    pub secret_vars: Vec<String>,
     /// Golden image: built (the default: Debian 13 built offline, with Docker and the guest
     /// agent), cloud (Debian's genericcloud: no Docker, no agent), or an imported name.
     #[arg(long)]
@@ -67,8 +77,10 @@ pub async fn cycle(dirs: &Dirs, a: CycleArgs) -> Result<()> {
         certs,
         prod_opt_in: a.accept_prod_cert_risk,
         extra_vars: a.extra_vars,
+        secret_vars: a.secret_vars,
         keep: a.keep,
         snapshot: a.snapshot,
+        verify_before_reboot: !a.skip_verify_before_reboot,
         egress: req.egress,
         subnet: net.subnet,
         runs_root: a.runs_dir.unwrap_or_else(|| dirs.runs.clone()),
@@ -91,7 +103,8 @@ where
     F: AsyncFnOnce(&mut Kept) -> Result<()>,
 {
     let mut k = Kept::open(dirs, a.vm.as_deref())?;
-    step(&mut k).await?;
+    let r = step(&mut k).await;
+    k.scrub(r)?;
     println!(
         "{what} passed on {} in {:.0}s; logs in {}",
         k.machine.name(),
@@ -112,10 +125,29 @@ pub async fn verify(dirs: &Dirs, a: KeptVmArgs) -> Result<()> {
     .await
 }
 
-/// Back to the post-apply snapshot, then reboot + verify again without re-applying.
+/// The guest's state now against the post-apply state its cycle recorded: what changed since
+/// the apply (a reboot, a manual fix, a drift). Exit 0 whatever changed.
+pub async fn diff(dirs: &Dirs, a: KeptVmArgs) -> Result<()> {
+    let mut k = Kept::open(dirs, a.vm.as_deref())?;
+    let d = k.diff().await?;
+    println!("{}", d.render(usize::MAX).trim_end());
+    println!(
+        "{}: diff against the post-apply state written to {}",
+        k.machine.name(),
+        k.run_dir.display()
+    );
+    Ok(())
+}
+
+/// Back to the post-apply snapshot, then reboot + verify again without re-applying; what the
+/// reboot changed is shown whatever the verdict.
 pub async fn reset(dirs: &Dirs, a: KeptVmArgs) -> Result<()> {
     on_kept(dirs, a, "reset (reboot + verify)", async |k| {
-        k.reset().await
+        let r = k.reset().await;
+        if let Some(d) = &k.reboot_diff {
+            eprintln!("\n{}", d.render(12));
+        }
+        r
     })
     .await
 }

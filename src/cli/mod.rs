@@ -43,6 +43,9 @@ enum Cmd {
     Verify(cycle_cmds::KeptVmArgs),
     /// Restore the post-apply snapshot (`cycle --snapshot`), then reboot + verify again.
     Reset(cycle_cmds::KeptVmArgs),
+    /// What changed on a VM kept by `cycle` since its apply: its state now (nft ruleset,
+    /// listeners, units, containers, routes, sysctls, mounts) against the post-apply state.
+    Diff(cycle_cmds::KeptVmArgs),
     /// Create a VM and power it on.
     Up(Box<vm_cmds::UpArgs>),
     /// Power on an existing VM (after a shutdown or power cut), reusing its overlay.
@@ -292,7 +295,9 @@ fn preflight(cmd: &Cmd, dirs: &Dirs) -> Result<()> {
         Cmd::Cycle(_) => &[(state, true), (cache, true), (runs, true)],
         Cmd::Up(a) if a.kernel.is_some() => &[(state, true)],
         Cmd::Up(_) => &[(state, true), (cache, true)],
-        Cmd::Start(_) | Cmd::Apply(_) | Cmd::Verify(_) | Cmd::Reset(_) => &[(state, true)],
+        Cmd::Start(_) | Cmd::Apply(_) | Cmd::Verify(_) | Cmd::Reset(_) | Cmd::Diff(_) => {
+            &[(state, true)]
+        }
         Cmd::Net(NetCmd::Up { .. }) => &[(state, true)],
         Cmd::Net(_)
         | Cmd::Down(_)
@@ -404,6 +409,7 @@ async fn dispatch(cmd: Cmd, dirs: &Dirs) -> Result<()> {
         Cmd::Apply(a) => cycle_cmds::apply(dirs, a).await,
         Cmd::Verify(a) => cycle_cmds::verify(dirs, a).await,
         Cmd::Reset(a) => cycle_cmds::reset(dirs, a).await,
+        Cmd::Diff(a) => cycle_cmds::diff(dirs, a).await,
         Cmd::Up(a) => vm_cmds::up(dirs, *a).await,
         Cmd::Start(a) => vm_cmds::start(dirs, a).await,
         Cmd::Down(a) => vm_cmds::down(dirs, a).await,

@@ -479,6 +479,10 @@ pub fn prune_image_staging(dirs: &Dirs) -> Result<String> {
             if v.len() == 1 { "y" } else { "ies" },
             v.join(", ")
         ),
+        StagingPrune::NotWritable => format!(
+            "image cache: {} is not this user's to clean (root's shared cache?); left alone",
+            dirs.images().display()
+        ),
         StagingPrune::Busy => format!(
             "image cache: another image command is running (it holds {}); staging directories \
              left alone, run `boma-qvm prune` again once it is done",

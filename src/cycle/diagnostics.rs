@@ -8,6 +8,7 @@ use crate::Result;
 use crate::error::IoContext;
 use crate::guest::ssh;
 use crate::machine::{Machine, qga};
+use crate::secrets::Scrubber;
 use std::path::Path;
 use std::time::Duration;
 
@@ -26,24 +27,12 @@ pub const GUEST_COMMANDS: &[(&str, &str)] = &[
 
 /// Copy the console log and events, and capture the guest commands if SSH answers. Returns the
 /// list of files written. Never fails the run further: a capture that fails is noted in its file.
-pub async fn collect(m: &Machine, out: &Path) -> Result<Vec<String>> {
+/// Every file is written through `scrubber` (the run's secrets: the guest may print them).
+pub async fn collect(m: &Machine, out: &Path, scrubber: &Scrubber) -> Result<Vec<String>> {
     let vm = &m.vm;
     let conn = m.conn().ok();
     let conn = conn.as_ref();
-    std::fs::create_dir_all(out).ctx(|| format!("creating {}", out.display()))?;
-    let mut written = Vec::new();
-    for (src, name) in [
-        (vm.run.console_log(), "console.log"),
-        (vm.run.events(), "events.jsonl"),
-    ] {
-        if std::fs::copy(&src, out.join(name)).is_ok() {
-            written.push(name.to_string());
-        }
-    }
-    let tail = vm.console_tail(80);
-    std::fs::write(out.join("console-tail.txt"), &tail)
-        .ctx(|| "writing console-tail.txt".into())?;
-    written.push("console-tail.txt".into());
+    let mut written = copy_console_and_events(m, out, scrubber)?;
     let reachable = match conn {
         Some(c) => ssh::run(c, "true", Duration::from_secs(20))
             .await
@@ -63,9 +52,33 @@ pub async fn collect(m: &Machine, out: &Path) -> Result<Vec<String>> {
             },
             None => through_agent(vm, cmd).await,
         };
-        std::fs::write(out.join(file), text).ctx(|| format!("writing {file}"))?;
+        scrubber.write(&out.join(file), text)?;
         written.push(file.to_string());
     }
+    Ok(written)
+}
+
+/// The host-side part of the post-mortem: `console.log`, `events.jsonl` and `console-tail.txt`
+/// (its last 80 lines), copied through `scrubber` into `out`. Returns the files written.
+pub fn copy_console_and_events(
+    m: &Machine,
+    out: &Path,
+    scrubber: &Scrubber,
+) -> Result<Vec<String>> {
+    let vm = &m.vm;
+    std::fs::create_dir_all(out).ctx(|| format!("creating {}", out.display()))?;
+    let mut written = Vec::new();
+    for (src, name) in [
+        (vm.run.console_log(), "console.log"),
+        (vm.run.events(), "events.jsonl"),
+    ] {
+        if scrubber.copy(&src, &out.join(name)).is_ok() {
+            written.push(name.to_string());
+        }
+    }
+    let tail = vm.console_tail(80);
+    scrubber.write(&out.join("console-tail.txt"), &tail)?;
+    written.push("console-tail.txt".into());
     Ok(written)
 }
 
@@ -98,6 +111,7 @@ pub fn inspect_text(host: &str, run_dir: &Path) -> String {
          \n  boma-qvm ssh {host}              a shell as `ansible` (sudo works)\
          \n  boma-qvm status {host}           state, address, last event\
          \n  boma-qvm verify {host}           re-run the verify playbook\
+         \n  boma-qvm diff {host}             what changed since the apply (its state now vs after the apply)\
          \n  boma-qvm down {host}             destroy it (or `make test-integration-clean`)\
          \n\nEvidence: {}\n",
         run_dir.display()

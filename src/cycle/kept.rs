@@ -5,9 +5,11 @@
 //! log file in the run directory.
 
 use super::config::{CycleConfig, utc_stamp};
+use super::drift::{self, GuestState, StateDiff};
 use crate::ansible::{
     Confine, Connection, Playbook, PlaybookOutcome, Profile, RunOptions, Session, SessionConfig,
 };
+use crate::error::FailureClass;
 use crate::machine::Machine;
 use crate::machine::events::now;
 use crate::paths::Dirs;
@@ -18,11 +20,24 @@ use std::path::{Path, PathBuf};
 /// The name of the post-apply snapshot inside the VM's overlay.
 pub const SNAPSHOT: &str = "post-apply";
 
+/// The guest-state snapshots of a cycle, by the slug of their files in the run directory
+/// (`state-before-reboot.json`, ...).
+pub const STATE_BEFORE: &str = "before-reboot";
+pub const STATE_AFTER: &str = "after-reboot";
+
 pub struct Kept {
     pub machine: Machine,
     pub cfg: CycleConfig,
     pub run_dir: PathBuf,
     pub stages: Stages,
+    /// The post-apply state (before the reboot) and the one after it.
+    pub state_before: Option<GuestState>,
+    pub state_after: Option<GuestState>,
+    /// What the reboot changed, once both states are in.
+    pub reboot_diff: Option<StateDiff>,
+    /// Set when a step's own outcome decides the failure class (a playbook that ran and
+    /// failed is a test failure, whatever its error kind).
+    pub class: Option<FailureClass>,
     session: Option<Session>,
 }
 
@@ -43,6 +58,10 @@ impl Kept {
             cfg,
             run_dir,
             stages,
+            state_before: None,
+            state_after: None,
+            reboot_diff: None,
+            class: None,
             session: None,
         })
     }
@@ -60,6 +79,10 @@ impl Kept {
             cfg,
             run_dir,
             stages: Stages::new(),
+            state_before: None,
+            state_after: None,
+            reboot_diff: None,
+            class: None,
             session: None,
         })
     }
@@ -71,13 +94,20 @@ impl Kept {
     /// `<run dir>/<what>.log`, or `<what>-<UTC stamp>.log` when that one exists (a step run
     /// again on a kept VM never overwrites the cycle's own log).
     pub fn log(&self, what: &str) -> PathBuf {
-        let slug = what.replace(' ', "-");
-        let first = self.run_dir.join(format!("{slug}.log"));
-        if !first.exists() {
-            return first;
+        let slug = self.unique(&what.replace(' ', "-"), "", ".log");
+        self.run_dir.join(format!("{slug}.log"))
+    }
+
+    /// `slug`, or `slug-<UTC stamp>` when `<prefix><slug><suffix>` exists in the run directory.
+    fn unique(&self, slug: &str, prefix: &str, suffix: &str) -> String {
+        if !self
+            .run_dir
+            .join(format!("{prefix}{slug}{suffix}"))
+            .exists()
+        {
+            return slug.to_string();
         }
-        self.run_dir
-            .join(format!("{slug}-{}.log", utc_stamp(now() as u64)))
+        format!("{slug}-{}", utc_stamp(now() as u64))
     }
 
     /// The Ansible session, made on first use (the transient inventory, timed as its stage).
@@ -99,7 +129,107 @@ impl Kept {
         let log = self.log(what);
         self.session().await?;
         let session = self.session.as_ref().expect("made above");
-        self.stages.run(what, play(session, pb, &log)).await
+        let ran = std::cell::Cell::new(false);
+        let r = self.stages.run(what, play(session, pb, &log, &ran)).await;
+        if r.is_err() && ran.get() {
+            self.class = Some(FailureClass::Test);
+        }
+        r
+    }
+
+    /// After `e` (a failed apply or verify): if SSH is gone while the guest is alive, the
+    /// lockout "after the apply" (with its evidence) instead; otherwise `e`.
+    pub async fn lockout_or(&mut self, e: Error) -> Error {
+        match self.machine.lockout("after the apply", None).await {
+            Some(lockout) => {
+                self.class = Some(FailureClass::Lockout);
+                lockout
+            }
+            None => e,
+        }
+    }
+
+    /// Snapshot the guest's observable state as stage `state <when>` ("before reboot", "after
+    /// reboot", "now"); writes `state-<slug>.json` and `.txt`. After a reboot it first waits
+    /// (bounded) for the boot to finish, as verify does. `ssh_dead`: go to the agent directly.
+    /// Never fails: what could not be read is said in the snapshot.
+    pub async fn snapshot_state(&mut self, when: &str, ssh_dead: bool) -> GuestState {
+        let settle = when != "before reboot";
+        let slug = self.unique(&when.replace(' ', "-"), "state-", ".json");
+        let (m, dir) = (&self.machine, &self.run_dir);
+        let snap = self
+            .stages
+            .run(&format!("state {when}"), async {
+                let snap = drift::collect(m, when, ssh_dead, settle).await;
+                if let Err(e) = drift::write_snapshot(dir, &slug, &snap) {
+                    tracing::warn!("{e}");
+                }
+                tracing::info!("state {when}: read through {}", snap.state.sources());
+                Ok(snap)
+            })
+            .await
+            .expect("collect never fails");
+        snap.state
+    }
+
+    /// "What the reboot changed": the diff of the states before and after it (stage of that
+    /// name), into `reboot-diff.txt`.
+    pub async fn diff_reboot(&mut self) -> Option<StateDiff> {
+        let (before, after) = (self.state_before.as_ref()?, self.state_after.as_ref()?);
+        let dir = &self.run_dir;
+        let name = format!("{}.txt", self.unique("reboot-diff", "", ".txt"));
+        let d = self
+            .stages
+            .run("what the reboot changed", async {
+                let d = drift::diff(before, after);
+                if let Err(e) = drift::write_diff(dir, &name, &d) {
+                    tracing::warn!("{e}");
+                }
+                Ok(d)
+            })
+            .await
+            .expect("a diff never fails");
+        let breaks = d.findings.iter().filter(|f| f.breaks).count();
+        tracing::info!(
+            "what the reboot changed: {} finding(s), {breaks} that break something; {}",
+            d.findings.len(),
+            dir.join(&name).display()
+        );
+        self.reboot_diff = Some(d.clone());
+        Some(d)
+    }
+
+    /// `boma-qvm diff`: the guest's state now against the post-apply snapshot this VM's cycle
+    /// took, as stages `state now` and `diff`; the diff goes into `diff-<stamp>.txt`.
+    pub async fn diff(&mut self) -> Result<StateDiff> {
+        let before = drift::read_snapshot(&self.run_dir, STATE_BEFORE).map_err(|e| {
+            if matches!(e, Error::Io { .. }) {
+                Error::not_found(
+                    format!(
+                        "the post-apply state of {} (state-{STATE_BEFORE}.json in {})",
+                        self.machine.name(),
+                        self.run_dir.display()
+                    ),
+                    "a cycle takes it right after the apply; run `boma-qvm cycle` with this \
+                     version to get one",
+                )
+            } else {
+                e
+            }
+        })?;
+        let now = self.snapshot_state("now", false).await;
+        let dir = &self.run_dir;
+        let name = format!(
+            "diff-{}.txt",
+            utc_stamp(crate::machine::events::now() as u64)
+        );
+        self.stages
+            .run("diff", async {
+                let d = drift::diff(&before, &now);
+                drift::write_diff(dir, &name, &d)?;
+                Ok(d)
+            })
+            .await
     }
 
     /// `ansible-playbook site.yml`.
@@ -114,26 +244,11 @@ impl Kept {
     }
 
     /// The proven clean reboot (`Machine::reboot`), with its two halves recorded as stages of
-    /// their own. No SSH after the reboot is reported as what it is: the incident signature.
+    /// their own. No SSH after the reboot is `Error::Lockout`, called once the guest says its
+    /// boot is done: the incident signature.
     pub async fn reboot(&mut self) -> Result<()> {
         let m = &self.machine;
-        let host = self.cfg.host.clone();
-        let r = self
-            .stages
-            .run("reboot", async {
-                m.reboot().await.map_err(|e| match e.inner() {
-                    Error::Timeout { .. } => Error::verify_failed(
-                        format!("no SSH after the reboot ({e})"),
-                        format!(
-                            "this is the incident signature (a host that does not come back after \
-                             a reboot): read the console log in the run directory, or attach with \
-                             `boma-qvm console {host}`"
-                        ),
-                    ),
-                    _ => e,
-                })
-            })
-            .await?;
+        let r = self.stages.run("reboot", m.reboot()).await?;
         self.stages
             .record("reboot: guest shutdown", r.shutdown_secs);
         self.stages.record("reboot: boot to SSH", r.boot_secs);
@@ -146,15 +261,57 @@ impl Kept {
         self.stages.run("snapshot", m.snapshot_save(SNAPSHOT)).await
     }
 
-    /// Back to the post-apply snapshot, then reboot and verify again, without re-applying.
+    /// End a step run on the kept VM (`apply`, `verify`, `reset`): its secrets masked in the
+    /// VM's files, and scrubbed from the error.
+    pub fn scrub<T>(&self, r: Result<T>) -> Result<T> {
+        let scrubber = self.cfg.scrubber();
+        mask_vm_files(&self.machine, &scrubber);
+        r.map_err(|e| scrubber.error(e))
+    }
+
+    /// Back to the post-apply snapshot, then reboot and verify again, without re-applying;
+    /// what the reboot changed is diffed against the cycle's post-apply state.
     pub async fn reset(&mut self) -> Result<()> {
         let m = &self.machine;
         self.stages
             .run("restore snapshot", m.snapshot_load(SNAPSHOT))
             .await?;
-        self.reboot().await?;
+        self.state_before = drift::read_snapshot(&self.run_dir, STATE_BEFORE).ok();
+        self.reboot_and_diff().await?;
         self.verify("verify after reboot").await?;
         Ok(())
+    }
+
+    /// The reboot, then the state after it and what it changed: also after a lockout (the
+    /// state is then read through the agent or the console).
+    pub async fn reboot_and_diff(&mut self) -> Result<()> {
+        let r = self.reboot().await;
+        let locked = r
+            .as_ref()
+            .err()
+            .is_some_and(|e| matches!(e.inner(), Error::Lockout { .. }));
+        if locked {
+            self.class = Some(FailureClass::Lockout);
+        }
+        if r.is_ok() || locked {
+            self.state_after = Some(self.snapshot_state("after reboot", locked).await);
+            self.diff_reboot().await;
+        }
+        r
+    }
+}
+
+/// Mask the cycle's secrets in place in the files of the kept VM's run directory that QEMU and
+/// the supervisor write as the VM runs (console.log, events.jsonl, supervisor.log, ...), and in
+/// any other file there except disk images: the guest's disk holds what it was given.
+pub fn mask_vm_files(m: &Machine, scrubber: &crate::secrets::Scrubber) {
+    let hit = scrubber.mask_tree(m.run_dir(), &crate::secrets::is_disk_image);
+    if !hit.is_empty() {
+        tracing::info!(
+            "scrubbed secrets from {} file(s) of {}",
+            hit.len(),
+            m.run_dir().display()
+        );
     }
 }
 
@@ -172,6 +329,7 @@ pub fn session(cfg: &CycleConfig, m: &Machine) -> Result<Session> {
             subnet: cfg.subnet,
             certs: cfg.cert_plan()?,
             extra_vars: cfg.extra_vars.clone(),
+            secret_vars: cfg.secrets()?,
             confine: Some(confine),
         },
     )
@@ -189,13 +347,21 @@ pub fn confinement(m: &Machine) -> Result<Confine> {
     })
 }
 
-async fn play(session: &Session, pb: Playbook, log: &Path) -> Result<PlaybookOutcome> {
+/// Run the playbook; `ran` is set once it ran (its failure is then the change's, not a
+/// safety stop's or the tool's).
+async fn play(
+    session: &Session,
+    pb: Playbook,
+    log: &Path,
+    ran: &std::cell::Cell<bool>,
+) -> Result<PlaybookOutcome> {
     let opts = RunOptions {
         log: log.to_path_buf(),
         timeout: pb.default_timeout(),
         echo: true,
     };
     let out = session.run_playbook(pb, &opts).await?;
+    ran.set(true);
     tracing::info!("{}", out.summary());
     out.into_result()
 }

@@ -27,14 +27,83 @@ pub fn check(dirs: &Dirs, cfg: &mut CycleConfig, req: &mut UpRequest) -> Result<
     req.dns_names.extend(dns_names(&overlay));
     let cwd = std::env::current_dir().unwrap_or_else(|_| "/".into());
     let mut checked = Vec::with_capacity(cfg.extra_vars.len());
+    let mut maps = Vec::new();
     for raw in &cfg.extra_vars {
         let (passed, map) = extra::check(raw, &cwd)?;
         extra::refuse_local_connection(&map, &format!("-e '{raw}'"))?;
         checked.push(passed);
+        maps.push((raw.clone(), map));
     }
     cfg.extra_vars = checked;
+    check_secret_vars(cfg, &maps)?;
     req.check(dirs)?;
     Ok(profile)
+}
+
+/// `--secret-var` names: valid, given once, not also set by `-e` or by the cert tier, not a
+/// connection var, and each set in the environment to a value long enough to scrub, which no
+/// plain `-e` repeats (that would put it on the command line after all).
+fn check_secret_vars(cfg: &CycleConfig, extra: &[(String, serde_yaml_ng::Mapping)]) -> Result<()> {
+    let mut seen = std::collections::BTreeSet::new();
+    let tier_var = cfg.cert_plan().ok().and_then(|p| p.secret).map(|s| s.var);
+    for name in &cfg.secret_vars {
+        let bad = |problem: String, fix: String| Err(Error::input(problem, fix));
+        if !extra::valid_var_name(name) {
+            return bad(
+                format!("--secret-var {name}: not a valid variable name"),
+                "give the var's name (letters, digits, '_'; not starting with a digit); its value \
+                 comes from the environment variable of the same name"
+                    .into(),
+            );
+        }
+        if !seen.insert(name) {
+            return bad(
+                format!("--secret-var {name} is given twice"),
+                format!("give --secret-var {name} once"),
+            );
+        }
+        if tier_var.as_deref() == Some(name) {
+            return bad(
+                format!(
+                    "--secret-var {name}: the --certs {} tier sets it already",
+                    cfg.certs
+                ),
+                format!(
+                    "drop --secret-var {name}; the tier reads it from ${}",
+                    crate::ansible::certs::CREDENTIAL_ENV
+                ),
+            );
+        }
+        if let Some((raw, _)) = extra.iter().find(|(_, m)| m.contains_key(name.as_str())) {
+            return bad(
+                format!("--secret-var {name} and -e '{raw}' both set {name}"),
+                format!("set {name} once: drop it from -e, or drop --secret-var {name}"),
+            );
+        }
+        let connection = crate::ansible::Connection::new([0, 0, 0, 0].into(), "k".into());
+        if connection.inventory_vars().contains_key(name.as_str())
+            || name == "ansible_ssh_connection"
+        {
+            return bad(
+                format!("--secret-var {name}: it is a connection var, which boma-qvm sets itself"),
+                format!("drop --secret-var {name}; boma-qvm connects to the VM itself"),
+            );
+        }
+    }
+    for s in cfg.secrets()? {
+        if let Some((raw, _)) = extra.iter().find(|(raw, _)| raw.contains(&s.value)) {
+            let shown = crate::secrets::Scrubber::new([&s.value]).scrub(raw);
+            return Err(Error::input(
+                format!(
+                    "-e '{shown}' holds the value of --secret-var {}: on the command line, any \
+                     user's `ps` shows it",
+                    s.var
+                ),
+                format!("remove it from -e; --secret-var {} passes it", s.var),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The overlay file's vars: a YAML mapping (an empty file is none).

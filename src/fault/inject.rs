@@ -28,6 +28,12 @@ impl Machine {
         Ok(ctl.run(query_status {}).await?.status)
     }
 
+    /// QEMU's run state as QMP names it: `running`, `paused`, `guest-panicked`, `shutdown`, ...
+    pub async fn qemu_state(&self) -> Result<String> {
+        let ctl = self.vm.ctl().await?;
+        Ok(run_state_name(self.run_state(&ctl).await?))
+    }
+
     /// QEMU runs and the guest is not frozen (or otherwise stopped); the control connection.
     async fn require_guest_running(&self, fault: Fault) -> Result<Qmp> {
         self.require_running(fault)?;

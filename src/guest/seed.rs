@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::error::{Error, IoContext, Result, show};
-use crate::guest::image::tool;
 
 const USER_DATA: &str = include_str!("../../cloud-init/user-data");
 const META_DATA: &str = include_str!("../../cloud-init/meta-data");
@@ -169,7 +168,7 @@ pub fn render(spec: &SeedSpec) -> Result<Rendered> {
 /// Write `dir/seed.iso` (replacing an older one) and return its path.
 pub fn write(dir: &Path, spec: &SeedSpec) -> Result<PathBuf> {
     let r = render(spec)?;
-    tool::require("genisoimage", "apt-get install genisoimage")?;
+    crate::tools::require("genisoimage", "apt-get install genisoimage")?;
     std::fs::create_dir_all(dir).ctx(|| format!("creating {}", show(dir)))?;
     let src = tempfile::Builder::new()
         .prefix(".seed-")
@@ -185,7 +184,7 @@ pub fn write(dir: &Path, spec: &SeedSpec) -> Result<PathBuf> {
     }
     let iso = dir.join(ISO);
     let tmp = src.path().join(ISO);
-    tool::run(
+    crate::tools::run(
         Command::new("genisoimage")
             .current_dir(src.path())
             .args(["-quiet", "-V", "cidata", "-r", "-J", "-output"])

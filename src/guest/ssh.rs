@@ -11,7 +11,6 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, IoContext, Result, show};
-use crate::guest::image::tool;
 
 /// The admin user the seed creates and Ansible logs in as.
 pub const USER: &str = "ansible";
@@ -31,13 +30,13 @@ pub struct KeyPair {
 /// already there (re-deriving a missing `.pub`).
 pub fn keygen(dir: &Path) -> Result<KeyPair> {
     use std::os::unix::fs::PermissionsExt;
-    tool::require("ssh-keygen", SSH_FIX)?;
+    crate::tools::require("ssh-keygen", SSH_FIX)?;
     std::fs::create_dir_all(dir).ctx(|| format!("creating {}", show(dir)))?;
     let private = dir.join(KEY);
     let public = dir.join(format!("{KEY}.pub"));
     if private.exists() {
         if !public.exists() {
-            let out = tool::run(
+            let out = crate::tools::run(
                 std::process::Command::new("ssh-keygen")
                     .arg("-y")
                     .arg("-f")
@@ -51,7 +50,7 @@ pub fn keygen(dir: &Path) -> Result<KeyPair> {
             "boma-qvm@{}",
             dir.file_name().unwrap_or_default().to_string_lossy()
         );
-        tool::run(
+        crate::tools::run(
             std::process::Command::new("ssh-keygen")
                 .args(["-q", "-t", "ed25519", "-N", "", "-C", &comment, "-f"])
                 .arg(&private),
@@ -144,7 +143,7 @@ impl Conn {
 /// Run `cmd` on the guest, killing ssh after `timeout`. Returns the output whatever the exit
 /// status (255 means ssh itself failed); see [`run_ok`] for a checked variant.
 pub async fn run(conn: &Conn, cmd: &str, timeout: Duration) -> Result<Output> {
-    tool::require("ssh", SSH_FIX)?;
+    crate::tools::require("ssh", SSH_FIX)?;
     let argv = conn.command(cmd);
     let child = tokio::process::Command::new(&argv[0])
         .args(&argv[1..])
@@ -169,7 +168,7 @@ pub async fn run_ok(conn: &Conn, cmd: &str, timeout: Duration) -> Result<String>
             fix: crate::error::COMMAND_FIX.into(),
             cmd: format!("ssh {} -- {cmd}", conn.target()),
             status: out.status.to_string(),
-            stderr: tool::tail(&out.stderr, 2000),
+            stderr: crate::tools::tail(&out.stderr, 2000),
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -190,7 +189,7 @@ pub async fn run_retrying(
         let left = timeout.saturating_sub(start.elapsed());
         match run(conn, cmd, per_try.min(left)).await {
             Ok(out) if out.status.code() != Some(255) => return Ok(out),
-            Ok(out) => last = tool::tail(&out.stderr, 500),
+            Ok(out) => last = crate::tools::tail(&out.stderr, 500),
             Err(e) => last = e.to_string(),
         }
         tokio::time::sleep(Duration::from_secs(2).min(timeout.saturating_sub(start.elapsed())))
@@ -213,7 +212,7 @@ pub async fn wait_for_login(conn: &Conn, timeout: Duration) -> Result<()> {
             fix: crate::error::COMMAND_FIX.into(),
             cmd: format!("ssh {} -- true", conn.target()),
             status: out.status.to_string(),
-            stderr: tool::tail(&out.stderr, 500),
+            stderr: crate::tools::tail(&out.stderr, 500),
         });
     }
     tracing::info!(
@@ -229,7 +228,7 @@ pub async fn wait_for_login(conn: &Conn, timeout: Duration) -> Result<()> {
 pub fn exec_shell(conn: &Conn, cmd: Option<&[String]>) -> Result<std::convert::Infallible> {
     use std::io::IsTerminal;
     use std::os::unix::process::CommandExt;
-    tool::require("ssh", SSH_FIX)?;
+    crate::tools::require("ssh", SSH_FIX)?;
     let mut argv = conn.argv();
     let target = argv.pop().expect("argv ends with the target");
     argv.push(if std::io::stdin().is_terminal() {

@@ -71,11 +71,20 @@ pub fn dir(cache: &Path) -> PathBuf {
 /// kernel package download); later calls only check the script's stamp. Concurrent callers wait
 /// on a lock file beside the directory. Blocking.
 pub fn ensure(cache: &Path) -> Result<Guest> {
+    use std::os::unix::fs::OpenOptionsExt;
     let out = dir(cache);
-    std::fs::create_dir_all(&out).ctx(|| format!("creating {}", out.display()))?;
+    // Root runs build.sh into `out`: nothing on the way may be another user's to change.
+    crate::guest::image::trust::create_dir(&out)?;
+    crate::guest::image::trust::check(&out, "the test guest's cache directory")?;
     let lock_path = out.with_extension("lock");
-    let lock =
-        std::fs::File::create(&lock_path).ctx(|| format!("creating {}", lock_path.display()))?;
+    let lock = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&lock_path)
+        .ctx(|| format!("creating {}", lock_path.display()))?;
     let _held =
         nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| {
             Error::Io {

@@ -21,7 +21,51 @@ pub const ESCAPE: u8 = 0x1d;
 /// Seen at the start of every Linux boot; recorded as `CONSOLE_BOOT`.
 const BOOT_MARKER: &str = "Linux version ";
 
-/// Classify one console line: a failure pattern, a boot, or nothing.
+/// The console lines that say a boot is done, and what each one is (the `signal` of a
+/// `BOOT_DONE` record): cloud-init's final stage, a getty's login prompt, systemd reaching the
+/// default target (printed only while nothing else owns the console).
+pub fn boot_done_signal(line: &str) -> Option<&'static str> {
+    let l = strip_colour(line);
+    let l = l.trim_end();
+    if l.contains("Cloud-init v. ") && l.contains(" finished at ") {
+        return Some("cloud-init final stage finished");
+    }
+    if l.contains("Reached target multi-user.target")
+        || l.contains("Reached target graphical.target")
+    {
+        return Some("systemd reached its default target");
+    }
+    // "askari login: " (the prompt has no newline; kernel messages may follow on its line).
+    let mut w = l.split_whitespace();
+    if let (Some(host), Some("login:")) = (w.next(), w.next())
+        && !host.starts_with('[')
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    {
+        return Some("getty login prompt");
+    }
+    None
+}
+
+fn strip_colour(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars();
+    while let Some(c) = it.next() {
+        if c == '\u{1b}' {
+            for n in it.by_ref() {
+                if n.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else if c != '\r' {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Classify one console line: a failure pattern, a boot, a boot that is done, or nothing.
 pub fn classify(line: &str, failures: &[String]) -> Option<Record> {
     if let Some(p) = failures.iter().find(|p| line.contains(p.as_str())) {
         return Some(Record::new(
@@ -37,6 +81,13 @@ pub fn classify(line: &str, failures: &[String]) -> Option<Record> {
             json!({"line": line}),
         ));
     }
+    if let Some(signal) = boot_done_signal(line) {
+        return Some(Record::new(
+            Source::Console,
+            names::BOOT_DONE,
+            json!({"signal": signal, "line": strip_colour(line).trim_end()}),
+        ));
+    }
     None
 }
 
@@ -44,6 +95,7 @@ pub fn classify(line: &str, failures: &[String]) -> Option<Record> {
 pub async fn watch(log: PathBuf, events_path: PathBuf, failures: Vec<String>) {
     let mut offset = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
     let mut partial = String::new();
+    let mut prompt_seen = false;
     loop {
         if let Ok(mut f) = std::fs::File::open(&log) {
             let len = f.metadata().map(|m| m.len()).unwrap_or(0);
@@ -57,16 +109,32 @@ pub async fn watch(log: PathBuf, events_path: PathBuf, failures: Vec<String>) {
                 while let Some(nl) = partial.find('\n') {
                     let line: String = partial.drain(..=nl).collect();
                     let line = line.trim_end_matches(['\r', '\n']);
-                    if let Some(rec) = classify(line, &failures) {
-                        tracing::info!("console: {} ({line})", rec.event);
-                        if let Err(e) = events::append(&events_path, &rec) {
-                            tracing::warn!("cannot record console event: {e}");
-                        }
+                    // A login prompt seen while it was the unfinished last line is recorded.
+                    let seen = std::mem::take(&mut prompt_seen);
+                    match classify(line, &failures) {
+                        Some(rec) if seen && rec.is(names::BOOT_DONE) => {}
+                        Some(rec) => record(&events_path, rec, line),
+                        None => {}
                     }
+                }
+                // A getty's prompt waits for input without a newline: look at the partial line.
+                if !prompt_seen
+                    && partial.trim_end().ends_with("login:")
+                    && let Some(rec) = classify(partial.trim_end(), &failures)
+                {
+                    prompt_seen = true;
+                    record(&events_path, rec, partial.trim_end());
                 }
             }
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn record(events_path: &Path, rec: Record, line: &str) {
+    tracing::info!("console: {} ({line})", rec.event);
+    if let Err(e) = events::append(events_path, &rec) {
+        tracing::warn!("cannot record console event: {e}");
     }
 }
 
@@ -232,6 +300,74 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.event, names::CONSOLE_BOOT);
+    }
+
+    #[test]
+    fn a_finished_boot_is_recorded_with_its_signal() {
+        for (line, signal) in [
+            (
+                "[  140.008545] cloud-init[555]: Cloud-init v. 25.1.4 finished at Sun, 06 Dec 2026 11:16:16 +0000. Datasource DataSourceNoCloud [seed=/dev/vdb].  Up 139.97 seconds\r",
+                "cloud-init final stage finished",
+            ),
+            (
+                "rh2 login: [  108.613073] sh[649]: Completed socket interaction for boot stage config",
+                "getty login prompt",
+            ),
+            ("boma-it-askari login:", "getty login prompt"),
+            (
+                "[\u{1b}[0;32m  OK  \u{1b}[0m] Reached target \u{1b}[0;1;39mmulti-user.target\u{1b}[0m - Multi-User System.",
+                "systemd reached its default target",
+            ),
+        ] {
+            let r = classify(line, &pats()).unwrap_or_else(|| panic!("{line}"));
+            assert_eq!(r.event, names::BOOT_DONE, "{line}");
+            assert_eq!(r.data["signal"], signal, "{line}");
+        }
+        for line in [
+            "[   98.510572] cloud-init[555]: Cloud-init v. 25.1.4 running 'modules:config' at Sun",
+            "[  OK  ] Reached target getty.target - Login Prompts.",
+            "[  OK  ] Reached target network.target - Network.",
+            "Debian GNU/Linux 13 rh2 ttyS0",
+        ] {
+            assert!(classify(line, &pats()).is_none(), "{line}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_watcher_records_a_prompt_that_has_no_newline_once() {
+        let d = tempfile::tempdir().unwrap();
+        let (log, ev) = (d.path().join("console.log"), d.path().join("events.jsonl"));
+        std::fs::write(&log, "").unwrap();
+        let w = tokio::spawn(watch(log.clone(), ev.clone(), pats()));
+        // The watcher follows from the end it finds when it starts.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let append = |s: &str| {
+            use std::io::Write;
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&log)
+                .unwrap()
+                .write_all(s.as_bytes())
+                .unwrap();
+        };
+        append("Debian GNU/Linux 13 askari ttyS0\r\n\r\naskari login: ");
+        let mut t = events::Tail::from_start(&ev);
+        let r = t
+            .wait_for("BOOT_DONE", Duration::from_secs(5), |r| {
+                r.is(names::BOOT_DONE)
+            })
+            .await
+            .unwrap();
+        assert_eq!(r.data["signal"], "getty login prompt");
+        append("[  116.9] audit: type=1400\r\n[  117.0] more\r\n");
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        w.abort();
+        let all = events::read_all(&ev).unwrap();
+        assert_eq!(
+            all.iter().filter(|r| r.is(names::BOOT_DONE)).count(),
+            1,
+            "{all:?}"
+        );
     }
 
     #[test]

@@ -41,6 +41,12 @@ pub mod names {
     pub const QEMU_EXITED: &str = "QEMU_EXITED";
     pub const CONSOLE_FAILURE: &str = "CONSOLE_FAILURE";
     pub const CONSOLE_BOOT: &str = "CONSOLE_BOOT";
+    /// The console says the boot is done (cloud-init's final stage, a login prompt, systemd's
+    /// default target); `data.signal` says which.
+    pub const BOOT_DONE: &str = "BOOT_DONE";
+    /// A lockout was called: SSH gone while the guest is alive (`data`: after what, how SSH
+    /// failed, the boot-done signal and how long after it).
+    pub const LOCKOUT: &str = "LOCKOUT";
     pub const FAULT: &str = "FAULT";
     pub const FAULT_FAILED: &str = "FAULT_FAILED";
     /// `qemu-img check` of the overlay before a power-on.
@@ -205,8 +211,22 @@ pub async fn first_failure(mut tail: Tail) -> Error {
     }
 }
 
-/// The records that end any wait: the guest failed on its console, or QEMU is gone.
+/// The records that end any wait: the guest failed on its console or panicked, or QEMU is gone.
 pub fn fail_fast(r: &Record) -> Result<()> {
+    if r.is(names::GUEST_PANICKED) {
+        // Named like the console's pattern, so a first-boot panic is retried either way.
+        return Err(Error::GuestFailure {
+            pattern: "Kernel panic (QEMU: GUEST_PANICKED)".into(),
+            detail: format!(
+                "the guest kernel panicked ({}); the VM is paused where it panicked: read console.log in its run directory, or `boma-qvm console`",
+                r.data
+            ),
+            fix: "read the console log (`boma-qvm console VM --log`); the VM stays paused for \
+                  inspection until `boma-qvm down`; under TCG a first-boot panic is a known \
+                  emulator race and `up`/`cycle` retry it once"
+                .into(),
+        });
+    }
     if r.is(names::CONSOLE_FAILURE) {
         return Err(Error::GuestFailure {
             pattern: r.data["pattern"].as_str().unwrap_or("?").to_string(),
@@ -291,6 +311,30 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(e, Error::GuestFailure { .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn waits_fail_fast_on_a_guest_panicked_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("events.jsonl");
+        let mut t = Tail::from_start(&p);
+        let raw = json!({"event":"GUEST_PANICKED","data":{"action":"pause"},
+                         "timestamp":{"seconds":100,"microseconds":0}});
+        append(&p, &Record::from_qmp(&raw)).unwrap();
+        let e = t
+            .wait_for("RESET", Duration::from_secs(30), |r| r.is("RESET"))
+            .await
+            .unwrap_err();
+        match &e {
+            Error::GuestFailure {
+                pattern, detail, ..
+            } => {
+                assert!(pattern.contains("Kernel panic"), "{pattern}");
+                assert!(detail.contains("pause"), "{detail}");
+            }
+            other => panic!("expected a guest failure, got {other}"),
+        }
+        assert_eq!(e.exit_code(), 10);
     }
 
     #[tokio::test]

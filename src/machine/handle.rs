@@ -288,6 +288,10 @@ impl Machine {
     /// shutdown, the ACPI power button runs the guest's real shutdown path, then reset and a
     /// real boot. Returns once a RESET followed the SHUTDOWN and, for a guest with SSH, once SSH
     /// is back with a new boot_id (an unchanged one is `Error::Reboot`). Both halves are timed.
+    ///
+    /// SSH is waited for until the guest says its boot is done (console or agent) plus
+    /// [`super::LOCKOUT_GRACE`], not for a blanket timeout: then it is `Error::Lockout`, with the
+    /// evidence (how SSH fails, the boot-done signal, the agent, the console).
     pub async fn reboot(&self) -> Result<Rebooted> {
         self.reboot_within(None).await
     }
@@ -300,6 +304,7 @@ impl Machine {
             Some(c) => Some(boot_id(c).await?),
             None => None,
         };
+        let watch = self.vm.tail();
         let half = power::reboot(
             &self.vm,
             RebootMode::Clean,
@@ -315,7 +320,7 @@ impl Machine {
         };
         let boot = Instant::now();
         let wait = self.scaled(Duration::from_secs(90));
-        provision::watched(&self.vm, ssh::wait_for_login(&conn, wait)).await?;
+        provision::watched(&self.vm, self.ssh_back_or_lockout(&conn, watch, wait)).await?;
         let boot_secs = half.reset_secs + boot.elapsed().as_secs_f64();
         let before = before.expect("read with the connection");
         let after = boot_id(&conn).await?;

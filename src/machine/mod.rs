@@ -4,6 +4,7 @@
 //! and bringing a VM up and down.
 
 pub mod accel;
+mod access;
 pub mod boottest;
 pub mod console;
 pub mod events;
@@ -22,6 +23,7 @@ pub mod supervisor;
 pub(crate) mod vm;
 mod watch;
 
+pub use access::{BootDone, LOCKOUT_GRACE, SshState};
 pub use handle::{Machine, Rebooted};
 pub use power::ShutdownOutcome;
 pub use provision::{OsSource, UpRequest};

@@ -144,40 +144,67 @@ pub(crate) async fn watched<T>(vm: &Vm, fut: impl Future<Output = Result<T>>) ->
 
 /// Create and boot a VM, returning once it has its lease (and SSH and cloud-init, when asked).
 ///
-/// Under TCG a first boot occasionally dies with a guest kernel panic (measured: 1 in 8 two-vCPU
+/// An infrastructure failure of the first boot is retried once with a fresh VM, saying so and
+/// recording the retry in `stages`: under TCG a guest kernel panic (measured: 1 in 8 two-vCPU
 /// boots, an Oops in nf_conntrack while Docker starts; a multi-threaded TCG race, not the
-/// guest's fault). Such a boot is retried once with a fresh VM, saying so, and the panicked
-/// console is kept under `<state>/panics/`.
+/// guest's fault), and under any accelerator no DHCP lease, SSH that never came, cloud-init
+/// that never finished, or QEMU dying during the boot. A retry costs a boot (minutes under
+/// TCG), so only these are retried: a failure before the boot (image, network, input) would
+/// fail again. The failed attempt's console is kept under `<state>/retries/`.
 pub(crate) async fn up(dirs: &Dirs, req: &UpRequest, stages: &mut Stages) -> Result<Vm> {
     req.check(dirs)?;
     if let Some(w) = &req.accel_warning {
         eprintln!("{w}");
     }
-    match up_once(dirs, req, stages).await {
-        Err(e)
-            if req.accel == Accel::Tcg
-                && matches!(e.inner(), Error::GuestFailure { pattern, .. } if pattern.contains("Kernel panic")) =>
+    let e = match up_once(dirs, req, stages).await {
+        Ok(vm) => return Ok(vm),
+        Err(e) => e,
+    };
+    let name = spec::vm_name(&req.host)?;
+    let Some(why) = retryable(&e, req.accel, dirs.vm(&name).exists()) else {
+        return Err(e);
+    };
+    let vm = Vm::open(dirs, &name)?;
+    let kept = dirs
+        .state
+        .join("retries")
+        .join(format!("{name}-{}.console.log", events::now() as u64));
+    std::fs::create_dir_all(kept.parent().expect("has a parent")).ok();
+    let kept = std::fs::copy(vm.run.console_log(), &kept)
+        .ok()
+        .map(|_| kept);
+    let first = e.inner().to_string();
+    let first = first.lines().next().unwrap_or("");
+    tracing::warn!(
+        "{name}: {why} during its first boot ({first}); this is an infrastructure failure, not the \
+         change under test: retrying once with a fresh VM (the failed console is kept at {})",
+        kept.as_ref()
+            .map_or("nowhere".into(), |p| p.display().to_string())
+    );
+    stages.retrying(&format!("{why}: {first}"), kept);
+    teardown(vm).await?;
+    up_once(dirs, req, stages).await
+}
+
+/// Why a first boot's failure `e` is worth one retry, or `None`. `booted`: the VM was made and
+/// started (a failure before that is the image's, the network's or the input's).
+fn retryable(e: &Error, accel: Accel, booted: bool) -> Option<&'static str> {
+    if !booted {
+        return None;
+    }
+    match e.inner() {
+        Error::GuestFailure { pattern, .. }
+            if accel == Accel::Tcg && pattern.contains("Kernel panic") =>
         {
-            let detail = match e.inner() {
-                Error::GuestFailure { detail, .. } => detail.clone(),
-                _ => String::new(),
-            };
-            let name = spec::vm_name(&req.host)?;
-            let vm = Vm::open(dirs, &name)?;
-            let kept = dirs
-                .state
-                .join("panics")
-                .join(format!("{name}-{}.console.log", events::now() as u64));
-            std::fs::create_dir_all(kept.parent().expect("has a parent")).ok();
-            std::fs::copy(vm.run.console_log(), &kept).ok();
-            tracing::warn!(
-                "{name}: the guest kernel panicked during its first boot ({detail}); under TCG this is a known emulator race, so retrying once with a fresh VM (panicked console kept at {})",
-                kept.display()
-            );
-            teardown(vm).await?;
-            up_once(dirs, req, stages).await
+            Some("the guest kernel panicked (a known TCG emulator race)")
         }
-        r => r,
+        Error::Timeout { what, .. } if what.contains("lease") => Some("no DHCP lease"),
+        Error::Timeout { what, .. } if what.contains("cloud-init") => {
+            Some("cloud-init never finished")
+        }
+        Error::Timeout { .. } => Some("the first SSH login never came"),
+        Error::Qemu { .. } => Some("QEMU died"),
+        _ => None,
     }
 }
 
@@ -429,4 +456,38 @@ pub(crate) async fn teardown(vm: Vm) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_infrastructure_failures_after_the_boot_are_retried() {
+        let lease = Error::timeout("a DHCP lease for 52:54:00:aa:bb:cc", 300, "");
+        assert_eq!(retryable(&lease, Accel::Kvm, true), Some("no DHCP lease"));
+        assert_eq!(retryable(&lease, Accel::Kvm, false), None, "not booted");
+        let ssh = Error::timeout("`true` over ssh as ansible@192.168.231.5:22", 450, "")
+            .with_evidence("console tail", "...");
+        assert_eq!(
+            retryable(&ssh, Accel::Tcg, true),
+            Some("the first SSH login never came")
+        );
+        let panic = Error::GuestFailure {
+            pattern: "Kernel panic - not syncing".into(),
+            detail: String::new(),
+            fix: String::new(),
+        };
+        assert!(retryable(&panic, Accel::Tcg, true).is_some());
+        assert_eq!(retryable(&panic, Accel::Kvm, true), None);
+        let qemu = Error::qemu("QEMU exited while waiting (exit 1)", "");
+        assert_eq!(retryable(&qemu, Accel::Tcg, true), Some("QEMU died"));
+        for e in [
+            Error::command("cloud-init status --wait --long", "exit status: 1", "error"),
+            Error::input("x", "y"),
+            Error::image("build failed", "z"),
+        ] {
+            assert_eq!(retryable(&e, Accel::Tcg, true), None, "{e}");
+        }
+    }
 }

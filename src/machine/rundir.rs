@@ -45,9 +45,14 @@ impl RunDir {
     pub fn ctl_sock(&self) -> PathBuf {
         self.file("ctl.sock")
     }
-    /// The QEMU guest agent's channel (virtio-serial): a way in without network or SSH.
+    /// The QEMU guest agent's channel (virtio-serial): a way in without network or SSH. The
+    /// supervisor serves it, relaying to `qga_qemu_sock`.
     pub fn qga_sock(&self) -> PathBuf {
         self.file("qga.sock")
+    }
+    /// QEMU's own end of the agent channel, held open by the supervisor (see `qga::relay`).
+    pub fn qga_qemu_sock(&self) -> PathBuf {
+        self.file("qga-qemu.sock")
     }
     pub fn console_log(&self) -> PathBuf {
         self.file("console.log")
@@ -111,16 +116,16 @@ impl RunDir {
 
     pub fn write_spec(&self, spec: &VmSpec) -> Result<()> {
         let text = serde_json::to_string_pretty(spec).expect("spec serialises");
-        write_atomic(&self.spec(), text.as_bytes())
+        crate::paths::write_atomic(&self.spec(), text.as_bytes())
     }
 
     /// Refuse a run dir whose socket paths would not fit in a unix socket address.
     pub fn check_socket_paths(&self) -> Result<()> {
-        let longest = self
-            .ctl_sock()
-            .as_os_str()
-            .len()
-            .max(self.qmp_sock().as_os_str().len());
+        let longest = [self.ctl_sock(), self.qmp_sock(), self.qga_qemu_sock()]
+            .iter()
+            .map(|p| p.as_os_str().len())
+            .max()
+            .unwrap_or(0);
         if longest > MAX_SOCKET_PATH {
             return Err(Error::input(
                 format!(
@@ -138,16 +143,45 @@ impl RunDir {
     }
 }
 
-/// Write via a temporary file and rename, so readers never see half a file.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).ctx(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).ctx(|| format!("renaming {} into place", path.display()))
+/// Make `dir` (its parents as usual) readable, writable and searchable by this user only (0700,
+/// whatever the umask): a run directory holds the VM's SSH key, its QMP sockets (full control of
+/// the VM) and its logs, so no other user may read it or create anything in it.
+pub fn create_private(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        // An existing one is reused only when it is a real directory (not a link to elsewhere).
+        Err(e)
+            if e.kind() == std::io::ErrorKind::AlreadyExists
+                && std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir()) => {}
+        Err(e) => return Err(e).ctx(|| format!("creating {}", dir.display())),
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .ctx(|| format!("chmod 0700 {}", dir.display()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn run_dirs_are_private_to_their_user() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("vms/boma-it-x");
+        create_private(&d).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&d), 0o700);
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777)).unwrap();
+        create_private(&d).unwrap();
+        assert_eq!(mode(&d), 0o700, "an existing one is made private again");
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(&d, &link).unwrap();
+        assert!(create_private(&link).is_err(), "a symlink is not a run dir");
+    }
 
     #[test]
     fn deep_dirs_are_refused_for_sockets() {

@@ -1,14 +1,15 @@
 //! The per-VM supervisor: a small detached process (this same binary, `__supervise RUN_DIR`, in
 //! its own session) that owns QEMU as its child for the VM's whole life. It opens the VM's tap,
 //! starts QEMU paused, holds the QMP event stream and records every event into events.jsonl,
-//! watches the console, and cleans up (sockets, pid files) when QEMU exits. CLI invocations and
+//! watches the console, holds the guest agent's channel open and relays it to clients
+//! (`qga::relay`), and cleans up (sockets, pid files) when QEMU exits. CLI invocations and
 //! tests come and go; they talk to QEMU over the second QMP monitor and read events.jsonl.
 
 use crate::error::IoContext;
 use crate::machine::events::{self, Record, Source, names};
 use crate::machine::qemu::{account, argv};
 use crate::machine::rundir::RunDir;
-use crate::{Error, Result, machine::console, machine::procs, machine::qmp};
+use crate::{Error, Result, machine::console, machine::procs, machine::qga, machine::qmp};
 use futures::StreamExt;
 use serde_json::json;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -80,6 +81,7 @@ fn remove_runtime_files(run: &RunDir) {
         run.qmp_sock(),
         run.ctl_sock(),
         run.qga_sock(),
+        run.qga_qemu_sock(),
         run.console_pty(),
         run.qemu_pid(),
         run.supervisor_pid(),
@@ -91,7 +93,12 @@ fn remove_runtime_files(run: &RunDir) {
 /// The supervisor's main. Runs until QEMU exits (or SIGTERM asks it to stop QEMU).
 pub async fn run(run: RunDir, tap: Option<OwnedFd>) -> Result<()> {
     let spec = run.read_spec()?;
-    for p in [run.qmp_sock(), run.ctl_sock(), run.qga_sock()] {
+    for p in [
+        run.qmp_sock(),
+        run.ctl_sock(),
+        run.qga_sock(),
+        run.qga_qemu_sock(),
+    ] {
         let _ = std::fs::remove_file(p);
     }
     let tap_fd = tap.as_ref().map(|fd| fd.as_raw_fd());
@@ -242,6 +249,13 @@ pub async fn run(run: RunDir, tap: Option<OwnedFd>) -> Result<()> {
             json!({"pid": pid, "accel": spec.accel.as_str(), "argv": args, "user": runs_as}),
         ),
     );
+    // From here on the agent's channel has a host end for the VM's whole life.
+    let (qga_qemu, qga_clients) = (run.qga_qemu_sock(), run.qga_sock());
+    let relay = tokio::spawn(async move {
+        if let Err(e) = qga::relay(&qga_qemu, &qga_clients).await {
+            tracing::warn!("guest agent relay: {e}");
+        }
+    });
     let watcher = tokio::spawn(console::watch(
         run.console_log(),
         run.events(),
@@ -277,6 +291,7 @@ pub async fn run(run: RunDir, tap: Option<OwnedFd>) -> Result<()> {
         record(&run, rec);
     }
     watcher.abort();
+    relay.abort();
     let status_text = match &status {
         Ok(s) => s.to_string(),
         Err(e) => format!("unknown: {e}"),

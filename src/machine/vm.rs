@@ -82,7 +82,7 @@ impl Vm {
                 ),
             });
         }
-        std::fs::create_dir_all(&run.dir).ctx(|| format!("creating {}", run.dir.display()))?;
+        super::rundir::create_private(&run.dir)?;
         run.write_spec(spec)?;
         Ok(Vm {
             dirs: dirs.clone(),
@@ -223,6 +223,22 @@ impl Vm {
         ))
     }
 
+    /// The supervisor died or never came: its log's tail is the evidence, the fix says where.
+    fn supervisor_failed(&self, what: &str) -> Error {
+        let log = self.run.supervisor_log();
+        Error::qemu(
+            format!("{} for {}", what, self.name),
+            format!(
+                "read {} (and qemu.log beside it); `boma-qvm prune` clears what is left",
+                log.display()
+            ),
+        )
+        .with_evidence(
+            format!("supervisor log tail ({})", log.display()),
+            console::tail(&log, 5),
+        )
+    }
+
     /// Resolves if the supervisor never shows up or dies (crashed before recording anything).
     async fn supervisor_gone(&self) -> Error {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -233,16 +249,10 @@ impl Vm {
                 Some(_) => {
                     // Give a final QEMU_EXITED record a moment to land before calling it a crash.
                     tokio::time::sleep(Duration::from_millis(500)).await;
-                    return Error::qemu(
-                        "the supervisor exited".to_string(),
-                        console::tail(&self.run.supervisor_log(), 5),
-                    );
+                    return self.supervisor_failed("the supervisor exited");
                 }
                 None if std::time::Instant::now() > deadline => {
-                    return Error::qemu(
-                        "the supervisor never started".to_string(),
-                        console::tail(&self.run.supervisor_log(), 5),
-                    );
+                    return self.supervisor_failed("the supervisor never started");
                 }
                 None => {}
             }

@@ -8,8 +8,9 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use super::config::NetConfig;
-use super::files::{NetFiles, write_atomic};
-use super::tool;
+use super::files::NetFiles;
+use crate::paths::write_atomic;
+use crate::tools;
 use crate::{Error, Result, error::show};
 
 const TEMPLATE: &str = include_str!("../../net/dnsmasq.conf.tmpl");
@@ -134,7 +135,7 @@ pub fn running_pid(files: &NetFiles) -> Option<Pid> {
 pub fn start(files: &NetFiles) -> Result<Pid> {
     let conf = format!("--conf-file={}", files.dnsmasq_conf().display());
     let _ = std::fs::remove_file(files.pid());
-    let out = tool::output("dnsmasq", &[&conf], None)?;
+    let out = tools::output("dnsmasq", &[&conf], None)?;
     if !out.status.success() {
         let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
         let fix = match out.status.code() {

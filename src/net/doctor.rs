@@ -7,7 +7,8 @@ use std::fmt;
 use serde_json::Value;
 
 use super::config::NetConfig;
-use super::{nft, tool};
+use super::nft;
+use crate::tools;
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,15 +27,15 @@ impl fmt::Display for Warning {
 pub fn doctor(cfg: &NetConfig) -> Result<Vec<Warning>> {
     let mut out = Vec::new();
     for p in ["nft", "dnsmasq"] {
-        if let Err(Error::MissingTool { program, fix, .. }) = tool::require(&[p]) {
+        if let Err(Error::MissingTool { program, fix, .. }) = tools::require_all(&[p]) {
             out.push(Warning {
                 problem: format!("`{program}` is not installed"),
                 fix,
             });
         }
     }
-    if tool::require(&["nft"]).is_ok() {
-        let json = tool::run("nft", &["-j", "list", "ruleset"], None)?;
+    if tools::require_all(&["nft"]).is_ok() {
+        let json = tools::stdout("nft", &["-j", "list", "ruleset"], None)?;
         out.extend(check_ruleset(&json, &cfg.bridge)?);
     }
     Ok(out)

@@ -1,6 +1,6 @@
 //! The network's files under `Dirs::net()`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::error::IoContext;
 use crate::paths::Dirs;
@@ -72,15 +72,4 @@ impl NetFiles {
     pub fn create_dirs(&self) -> Result<()> {
         std::fs::create_dir_all(self.vms()).ctx(|| format!("creating {}", show(&self.vms())))
     }
-}
-
-/// Write `contents` to `path` atomically (temp file + rename), so dnsmasq never reads half a file.
-pub fn write_atomic(path: &Path, contents: &str) -> Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!("{name}.tmp"));
-    std::fs::write(&tmp, contents).ctx(|| format!("writing {}", show(&tmp)))?;
-    std::fs::rename(&tmp, path).ctx(|| format!("renaming {} to {}", show(&tmp), show(path)))
 }

@@ -26,7 +26,6 @@ pub mod status;
 pub mod subnet;
 pub mod sysctl;
 pub mod tap;
-pub mod tool;
 
 pub use config::NetConfig;
 pub use doctor::{Warning, doctor};

@@ -6,14 +6,16 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use super::config::NetConfig;
-use super::files::{NetFiles, write_atomic};
+use super::files::NetFiles;
 use super::ident::{Mac, ip_for, mac_for};
 use super::owned::{self, LinkRecord, Owned};
 use super::registry::{self, VmNet};
 use super::rtnl::Rtnl;
 use super::status::{DnsmasqState, NetStatus};
-use super::{bridge, dnsmasq, lease, nft, sysctl, tap, tool};
+use super::{bridge, dnsmasq, lease, nft, sysctl, tap};
 use crate::paths::Dirs;
+use crate::paths::write_atomic;
+use crate::tools;
 use crate::{Error, Result, error::show};
 
 /// Handle on the network's state (config + files). Cheap; `attach` makes one without touching
@@ -55,7 +57,7 @@ impl Network {
     pub async fn up(dirs: &Dirs, cfg: &NetConfig) -> Result<Network> {
         let start = Instant::now();
         cfg.validate()?;
-        tool::require(&["nft", "dnsmasq"])?;
+        tools::require_all(&["nft", "dnsmasq"])?;
         let net = Network::attach(dirs, cfg);
         let files = &net.files;
         let owned = Owned::load(files)?;
@@ -87,7 +89,7 @@ impl Network {
         files.create_dirs()?;
         write_atomic(
             &files.config(),
-            &serde_json::to_string_pretty(cfg).expect("config serializes"),
+            serde_json::to_string_pretty(cfg).expect("config serializes"),
         )?;
         let (index, made) = bridge::ensure(&rtnl, cfg, existing, &marker).await?;
         let created = made.is_some();
@@ -404,7 +406,7 @@ fn on_off(b: bool) -> &'static str {
 fn forget_lease(files: &NetFiles, mac: &Mac) -> Result<()> {
     let path = files.leases();
     match std::fs::read_to_string(&path) {
-        Ok(text) => write_atomic(&path, &lease::without_mac(&text, mac)),
+        Ok(text) => write_atomic(&path, lease::without_mac(&text, mac)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::Io {
             context: format!("reading {}", show(&path)),

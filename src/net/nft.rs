@@ -5,8 +5,8 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use super::config::NetConfig;
-use super::tool;
 use crate::error::IoContext;
+use crate::tools;
 use crate::{Error, Result, error::show};
 
 /// Family and name of our table.
@@ -41,7 +41,7 @@ pub fn render(cfg: &NetConfig, no_egress: &[Ipv4Addr], owner: &str) -> String {
 pub fn load(cfg: &NetConfig, no_egress: &[Ipv4Addr], owner: &str, file: &Path) -> Result<()> {
     std::fs::write(file, render(cfg, no_egress, owner))
         .ctx(|| format!("writing {}", show(file)))?;
-    tool::run("nft", &["-f", &file.to_string_lossy()], None).map_err(|e| match e {
+    tools::stdout("nft", &["-f", &file.to_string_lossy()], None).map_err(|e| match e {
         Error::Command { stderr, .. } => Error::network(
             format!("nft refused boma-qvm's table (from {}): {stderr}", show(file)),
             "check that the kernel has nf_tables with inet/nat support (`nft list ruleset` works as root)",
@@ -59,7 +59,7 @@ pub fn table_exists() -> Result<bool> {
 /// Who loaded the table `inet boma_qvm` in this network namespace: `None` when there is none,
 /// `Some(comment)` when there is one (an empty comment: not a boma-qvm that marks its table).
 pub fn table_owner() -> Result<Option<String>> {
-    let out = tool::output("nft", &["list", "table", FAMILY, TABLE], None)?;
+    let out = tools::output("nft", &["list", "table", FAMILY, TABLE], None)?;
     if !out.status.success() {
         return Ok(None);
     }
@@ -89,7 +89,7 @@ pub fn delete_table(owner: &str) -> Result<bool> {
         return Ok(false);
     }
     let script = format!("table {FAMILY} {TABLE} {{}}\ndelete table {FAMILY} {TABLE}\n");
-    tool::run("nft", &["-f", "-"], Some(&script))?;
+    tools::stdout("nft", &["-f", "-"], Some(&script))?;
     Ok(true)
 }
 
@@ -102,7 +102,7 @@ pub fn set_egress(ip: Ipv4Addr, on: bool) -> Result<()> {
     } else {
         add
     };
-    tool::run("nft", &["-f", "-"], Some(&script)).map_err(|e| match e {
+    tools::stdout("nft", &["-f", "-"], Some(&script)).map_err(|e| match e {
         Error::Command { stderr, .. } => Error::network(
             format!("could not switch egress for {ip}: {stderr}"),
             "bring the network up first (`boma-qvm net up`)",
@@ -114,7 +114,7 @@ pub fn set_egress(ip: Ipv4Addr, on: bool) -> Result<()> {
 
 /// Addresses currently in the live no-egress set.
 pub fn no_egress_members() -> Result<Vec<Ipv4Addr>> {
-    let out = tool::run(
+    let out = tools::stdout(
         "nft",
         &["-j", "list", "set", FAMILY, TABLE, SET_NO_EGRESS],
         None,

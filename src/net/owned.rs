@@ -12,8 +12,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::files::{NetFiles, write_atomic};
+use super::files::NetFiles;
 use crate::error::IoContext;
+use crate::paths::write_atomic;
 use crate::{Error, Result, error::show};
 
 /// A link this state created: its name and the ifindex it got (a later link of the same name,

@@ -5,9 +5,10 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
-use super::files::{NetFiles, write_atomic};
+use super::files::NetFiles;
 use super::ident::Mac;
 use crate::error::IoContext;
+use crate::paths::write_atomic;
 use crate::{Error, Result, error::show};
 
 /// A VM's place on the network.
@@ -146,8 +147,8 @@ pub fn write_dnsmasq_files(files: &NetFiles, vms: &[VmNet]) -> Result<()> {
         .filter_map(|v| v.hosts_line())
         .map(|l| l + "\n")
         .collect();
-    write_atomic(&files.dhcp_hosts(), &format!("{header}{dhcp}"))?;
-    write_atomic(&files.hosts(), &format!("{header}{hosts}"))
+    write_atomic(&files.dhcp_hosts(), format!("{header}{dhcp}"))?;
+    write_atomic(&files.hosts(), format!("{header}{hosts}"))
 }
 
 #[cfg(test)]

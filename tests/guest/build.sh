@@ -43,7 +43,8 @@ add_mod() {
   for d in $deps; do add_mod "$d"; done
   order+=("$path")
 }
-for m in virtio_pci virtio_blk virtio_net virtio-rng button evdev; do add_mod "$m"; done
+# pvpanic-mmio: the ISA pvpanic device QEMU gets (ACPI QEMU0001), so a panic is a GUEST_PANICKED event.
+for m in virtio_pci virtio_blk virtio_net virtio-rng button evdev pvpanic-mmio; do add_mod "$m"; done
 
 root="$work/root"
 mkdir -p "$root"/{bin,sbin,etc,proc,sys,dev,tmp,run,lib/modules,usr/share/udhcpc,var/run,mnt}

@@ -11,7 +11,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::rootfs::{self, RootfsGuard};
-use super::{BootSpec, DEFAULT_APPEND, DISK, INITRD, Image, KERNEL, Manifest, Source, store, tool};
+use super::{
+    BootSpec, DEFAULT_APPEND, DISK, FileStamp, INITRD, Image, KERNEL, Manifest, Source, store, tool,
+};
 use crate::error::{Error, IoContext, Result, show};
 use crate::paths::Dirs;
 
@@ -145,16 +147,31 @@ fn preflight() -> Result<()> {
         ("dpkg-query", "dpkg"),
         ("systemctl", "systemd"),
     ] {
-        tool::require(p, &format!("apt-get install {pkg}"))?;
+        crate::tools::require(p, &format!("apt-get install {pkg}"))?;
     }
     Ok(())
 }
 
+/// Start `log` empty (mode 0644), never writing through a symlink.
+fn new_log(log: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(log);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(log)
+        .map(drop)
+        .ctx(|| format!("creating {}", show(log)))
+}
+
 /// Run `cmd` with its output appended to `log`, logging its last line every 30 s.
 async fn run_logged(mut cmd: tokio::process::Command, what: &str, log: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let f = std::fs::OpenOptions::new()
-        .create(true)
         .append(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(log)
         .ctx(|| format!("opening {}", show(log)))?;
     let f2 = f.try_clone().ctx(|| format!("opening {}", show(log)))?;
@@ -175,7 +192,7 @@ async fn run_logged(mut cmd: tokio::process::Command, what: &str, log: &Path) ->
             s = child.wait() => break s.ctx(|| format!("waiting for {what}"))?,
             _ = tick.tick() => {
                 let text = std::fs::read(log).unwrap_or_default();
-                let last = tool::tail(&text, 200);
+                let last = crate::tools::tail(&text, 200);
                 let last = last.lines().last().unwrap_or("");
                 tracing::info!("{what}: still running after {:.0}s: {last}", start.elapsed().as_secs_f64());
             }
@@ -188,7 +205,7 @@ async fn run_logged(mut cmd: tokio::process::Command, what: &str, log: &Path) ->
     Err(Error::image(
         format!(
             "{what} failed ({status}); last output:\n{}",
-            tool::tail(&text, 1500)
+            crate::tools::tail(&text, 1500)
         ),
         format!(
             "see the full log {}; check the mirror is reachable, then build again",
@@ -209,13 +226,17 @@ pub async fn build(dirs: &Dirs, opts: &BuildOptions) -> Result<Image> {
     let debcache = dirs.cache.join("debootstrap");
     let logs = dirs.cache.join("logs");
     for d in [&debcache, &logs] {
-        std::fs::create_dir_all(d).ctx(|| format!("creating {}", show(d)))?;
+        super::trust::create_dir(d)?;
+        super::trust::check(d, "the cache directory")?;
     }
     let log = logs.join(format!("build-{}.log", opts.name));
-    std::fs::write(&log, "").ctx(|| format!("writing {}", show(&log)))?;
+    new_log(&log)?;
     let staged = store::staging(dirs, "build")?;
     let root = staged.path().join("rootfs");
-    let guard = RootfsGuard(root.clone());
+    let guard = RootfsGuard {
+        anchor: staged.images().to_path_buf(),
+        root: root.clone(),
+    };
     let mut stages = Stages(vec![]);
     tracing::info!(suite = %opts.suite, mirror = %opts.mirror, log = %show(&log), "building golden image {}", opts.name);
 
@@ -237,10 +258,16 @@ pub async fn build(dirs: &Dirs, opts: &BuildOptions) -> Result<Image> {
     rootfs::configure(&root)?;
     let packages = rootfs::packages(&root)?;
     let (kver, vmlinuz, initrd) = rootfs::kernel(&root)?;
+    let mut files = Vec::new();
     for (src, name) in [(&vmlinuz, KERNEL), (&initrd, INITRD)] {
         let dst = staged.path().join(name);
         std::fs::copy(src, &dst).ctx(|| format!("copying {}", show(src)))?;
         tool::set_readonly(&dst)?;
+        files.push(FileStamp::of(
+            staged.path(),
+            name,
+            tool::sha256_file(&dst)?,
+        )?);
     }
     stages.done("configure", t);
 
@@ -277,6 +304,7 @@ pub async fn build(dirs: &Dirs, opts: &BuildOptions) -> Result<Image> {
     let disk_bytes = std::fs::metadata(&disk)
         .ctx(|| format!("stat {}", show(&disk)))?
         .len();
+    files.insert(0, FileStamp::of(staged.path(), DISK, disk_sha256.clone())?);
     stages.done("sha256", t);
 
     Manifest {
@@ -296,6 +324,7 @@ pub async fn build(dirs: &Dirs, opts: &BuildOptions) -> Result<Image> {
         },
         packages,
         stages: stages.0,
+        files,
     }
     .write(staged.path())?;
     let img = store::install(dirs, staged, &opts.name)?;

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use super::store::{install, lock, staging, validate_name};
-use super::{BootSpec, DISK, Image, Manifest, Source, tool};
+use super::{BootSpec, DISK, FileStamp, Image, Manifest, Source, tool};
 use crate::error::{Error, IoContext, Result, show};
 use crate::paths::Dirs;
 
@@ -130,6 +130,7 @@ pub async fn import(dirs: &Dirs, path: &Path, name: Option<&str>) -> Result<Imag
         .ctx(|| format!("stat {}", show(&disk)))?
         .len();
     let from = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let stamp = FileStamp::of(staged.path(), DISK, disk_sha256.clone())?;
     Manifest {
         name: name.clone(),
         source: Source::Import { from: show(&from) },
@@ -139,6 +140,7 @@ pub async fn import(dirs: &Dirs, path: &Path, name: Option<&str>) -> Result<Imag
         boot: BootSpec::Disk,
         packages: Default::default(),
         stages: vec![],
+        files: vec![stamp],
     }
     .write(staged.path())?;
     let img = install(dirs, staged, &name)?;

@@ -15,6 +15,14 @@
 //!   symlink and leaving other users' entries alone.
 //!
 //! Golden files are mode 0444 and are only ever used as a qcow2 backing file (see `overlay`).
+//!
+//! Nothing in the cache may be writable by another user (`trust`): root acts on it and boots
+//! what it holds. Each golden file's identity is recorded in the manifest when it enters the
+//! cache (`FileStamp`: size, inode, mtime, ctime, sha256), and checked at every use (`ensure`,
+//! the resolver `up` and `cycle` call): a few `stat`s when nothing changed; a full sha256
+//! when anything did (a copied cache, or a swapped or rewritten file), and a file whose hash no
+//! longer matches is refused. ctime cannot be set by a user, so a rewrite that restores size and
+//! mtime is still seen.
 
 pub mod build;
 pub mod import;
@@ -24,6 +32,7 @@ pub mod pull;
 mod rootfs;
 pub mod store;
 pub mod tool;
+pub(crate) mod trust;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -75,6 +84,50 @@ pub struct Manifest {
     /// Seconds per build stage (offline builds) or for the download (pulls).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stages: Vec<Stage>,
+    /// What each golden file (disk, kernel, initrd) looked like when it entered the cache,
+    /// checked at every use. Manifests from before these were recorded have none: their disk is
+    /// then checked against `disk_sha256` in full, and the stamps recorded when this user may.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<FileStamp>,
+}
+
+/// One golden file's identity: `bytes`, `inode`, `mtime_ns`, `ctime_ns` are the cheap check,
+/// `sha256` the full one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStamp {
+    /// The file's name in the image directory.
+    pub file: String,
+    pub bytes: u64,
+    pub inode: u64,
+    pub mtime_ns: u64,
+    pub ctime_ns: u64,
+    pub sha256: String,
+}
+
+impl FileStamp {
+    /// The stamp of `dir/file` now, with its (already computed) sha256.
+    pub fn of(dir: &Path, file: &str, sha256: String) -> Result<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let p = dir.join(file);
+        let m = std::fs::symlink_metadata(&p).ctx(|| format!("stat {}", show(&p)))?;
+        let ns = |s: i64, n: i64| (s.max(0) as u64) * 1_000_000_000 + n.max(0) as u64;
+        Ok(FileStamp {
+            file: file.to_string(),
+            bytes: m.len(),
+            inode: m.ino(),
+            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+            sha256,
+        })
+    }
+
+    /// Whether `dir/file` is still the file stamped: same size, inode, mtime and ctime.
+    fn unchanged(&self, dir: &Path) -> bool {
+        FileStamp::of(dir, &self.file, String::new()).is_ok_and(|now| {
+            (now.bytes, now.inode, now.mtime_ns, now.ctime_ns)
+                == (self.bytes, self.inode, self.mtime_ns, self.ctime_ns)
+        })
+    }
 }
 
 /// One timed stage of making an image.
@@ -126,10 +179,23 @@ impl Manifest {
         })
     }
 
+    /// Write `manifest.json` in `dir` (mode 0644), replacing any in one rename.
     pub fn write(&self, dir: &Path) -> Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::PermissionsExt;
         let p = dir.join(MANIFEST);
         let text = serde_json::to_string_pretty(self).expect("manifest serialises");
-        std::fs::write(&p, text + "\n").ctx(|| format!("writing {}", show(&p)))
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".manifest-")
+            .permissions(std::fs::Permissions::from_mode(0o644))
+            .tempfile_in(dir)
+            .ctx(|| format!("writing {}", show(&p)))?;
+        tmp.write_all((text + "\n").as_bytes())
+            .ctx(|| format!("writing {}", show(&p)))?;
+        tmp.persist(&p)
+            .map_err(|e| e.error)
+            .ctx(|| format!("writing {}", show(&p)))?;
+        Ok(())
     }
 }
 
@@ -232,11 +298,13 @@ impl ImageChoice {
     }
 
     /// What can be known before anything is made: a named image must be in the cache (a built
-    /// or cloud image is made on first use).
+    /// or cloud image is made on first use), and a cached one must be one only root or this
+    /// user can have written (`trust`; its files are checked by `ensure`).
     pub fn check(&self, dirs: &Dirs) -> Result<()> {
         match self {
             ImageChoice::Named(name) => store::get(dirs, name).map(|_| ()),
-            ImageChoice::Cloud(_) | ImageChoice::Built(_) => Ok(()),
+            ImageChoice::Cloud(o) => store::find(dirs, &o.name).map(|_| ()),
+            ImageChoice::Built(o) => store::find(dirs, &o.name).map(|_| ()),
         }
     }
 
@@ -257,18 +325,24 @@ impl ImageChoice {
 
 /// Resolve `choice` to a cached image, pulling or building it first if needed. Cheap when the
 /// image is cached.
+/// Checks the image before handing it out (`Image::verify`).
 pub async fn ensure(dirs: &Dirs, choice: &ImageChoice) -> Result<Image> {
-    match choice {
-        ImageChoice::Named(name) => store::get(dirs, name),
+    let img = match choice {
+        ImageChoice::Named(name) => store::get(dirs, name)?,
         ImageChoice::Cloud(opts) => match store::find(dirs, &opts.name)? {
-            Some(img) => Ok(img),
-            None => Ok(pull::pull(dirs, opts).await?.image),
+            Some(img) => img,
+            None => pull::pull(dirs, opts).await?.image,
         },
         ImageChoice::Built(opts) => match store::find(dirs, &opts.name)? {
-            Some(img) => Ok(img),
-            None => build::build(dirs, opts).await,
+            Some(img) => img,
+            None => build::build(dirs, opts).await?,
         },
-    }
+    };
+    let checked = img.clone();
+    tokio::task::spawn_blocking(move || checked.verify())
+        .await
+        .map_err(|e| Error::image(format!("the image check failed: {e}"), "retry"))??;
+    Ok(img)
 }
 
 impl Image {
@@ -290,6 +364,92 @@ impl Image {
             ));
         }
         Ok(())
+    }
+}
+
+impl Image {
+    /// The golden files QEMU reads: the disk, and the kernel and initrd for direct kernel boot.
+    fn golden_files(&self) -> Vec<String> {
+        let mut files = vec![DISK.to_string()];
+        if let BootSpec::Kernel { kernel, initrd, .. } = &self.manifest.boot {
+            files.push(kernel.clone());
+            files.push(initrd.clone());
+        }
+        files
+    }
+
+    /// Refuse the image unless only root or this user can have written it (its directory, the
+    /// cache above it, the manifest and every golden file: owner, mode, no symlinks), and unless
+    /// every golden file is still the one recorded when it entered the cache (see the module
+    /// docs: cheap when unchanged, a full sha256 when not). Stamps missing from an older
+    /// manifest are recorded once the hash matched, when this user may write the manifest.
+    pub fn verify(&self) -> Result<()> {
+        let what = format!("golden image `{}`", self.name);
+        trust::check(&self.dir, &what)?;
+        trust::check(&self.dir.join(MANIFEST), &what)?;
+        let mut stamps = Vec::new();
+        let mut rehashed = false;
+        for file in self.golden_files() {
+            let path = self.dir.join(&file);
+            trust::check(&path, &what)?;
+            let recorded = self.manifest.files.iter().find(|s| s.file == file);
+            if let Some(s) = recorded
+                && s.unchanged(&self.dir)
+            {
+                stamps.push(s.clone());
+                continue;
+            }
+            let want = match recorded {
+                Some(s) => Some(s.sha256.clone()),
+                None if file == DISK => Some(self.manifest.disk_sha256.clone()),
+                None => None, // an older manifest: nothing recorded to compare with
+            };
+            tracing::info!(
+                "{what}: {} is not the file stamped in its manifest (or none was stamped); \
+                 checking its sha256",
+                show(&path)
+            );
+            let got = tool::sha256_file(&path)?;
+            rehashed = true;
+            if let Some(want) = want
+                && got != want
+            {
+                return Err(Error::image(
+                    format!(
+                        "{what} was changed after it entered the cache: {} has sha256 {got}, \
+                         its manifest says {want}",
+                        show(&path)
+                    ),
+                    format!(
+                        "do not use it: find out who changed it, then `boma-qvm image rm {0}` \
+                         and build, pull or import it again",
+                        self.name
+                    ),
+                ));
+            }
+            stamps.push(FileStamp::of(&self.dir, &file, got)?);
+        }
+        if rehashed {
+            self.restamp(stamps);
+        }
+        Ok(())
+    }
+
+    /// Record fresh stamps in the manifest when this user owns it (a failure only costs the next
+    /// use another hash).
+    fn restamp(&self, stamps: Vec<FileStamp>) {
+        use std::os::unix::fs::MetadataExt;
+        let mine = std::fs::metadata(self.dir.join(MANIFEST))
+            .is_ok_and(|m| m.uid() == nix::unistd::geteuid().as_raw());
+        if !mine {
+            return;
+        }
+        let mut m = self.manifest.clone();
+        m.files = stamps;
+        match m.write(&self.dir) {
+            Ok(()) => tracing::info!("golden image `{}`: stamps recorded", self.name),
+            Err(e) => tracing::warn!("golden image `{}`: stamps not recorded: {e}", self.name),
+        }
     }
 }
 
@@ -340,6 +500,7 @@ mod tests {
                 name: "debootstrap".into(),
                 secs: 1.5,
             }],
+            files: vec![],
         };
         let json = serde_json::to_string(&m).unwrap();
         assert!(

@@ -6,7 +6,6 @@ use std::process::Command;
 
 use serde::Deserialize;
 
-use super::tool;
 use crate::error::{Error, Result, show};
 
 const QEMU_IMG_FIX: &str = "apt-get install qemu-utils";
@@ -34,8 +33,8 @@ struct RawInfo {
 
 /// `qemu-img info -U --output=json PATH` (`-U`: also works while a running QEMU holds the image).
 pub fn info(path: &Path) -> Result<Info> {
-    tool::require("qemu-img", QEMU_IMG_FIX)?;
-    let out = tool::run(
+    crate::tools::require("qemu-img", QEMU_IMG_FIX)?;
+    let out = crate::tools::run(
         Command::new("qemu-img")
             .args(["info", "-U", "--output=json"])
             .arg(path),
@@ -97,7 +96,7 @@ pub fn create(golden: &Path, overlay: &Path, size: Option<u64>) -> Result<()> {
     if let Some(s) = size {
         cmd.arg(s.to_string());
     }
-    tool::run(&mut cmd)?;
+    crate::tools::run(&mut cmd)?;
     tracing::debug!("overlay {} backed by {}", show(overlay), show(&golden));
     Ok(())
 }

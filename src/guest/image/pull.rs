@@ -12,7 +12,7 @@ use sha2::Digest;
 use tokio::io::AsyncWriteExt;
 
 use super::progress::Progress;
-use super::{BootSpec, DISK, Image, Manifest, Source, store, tool};
+use super::{BootSpec, DISK, FileStamp, Image, Manifest, Source, store, tool};
 use crate::error::{Error, Result, show};
 use crate::paths::Dirs;
 
@@ -231,6 +231,7 @@ pub async fn pull_classified(dirs: &Dirs, opts: &PullOptions) -> Result<Pulled, 
         .into());
     }
     tool::set_readonly(&disk)?;
+    let stamp = FileStamp::of(staged.path(), DISK, got256.clone())?;
     Manifest {
         name: opts.name.clone(),
         source: Source::Pull {
@@ -246,6 +247,7 @@ pub async fn pull_classified(dirs: &Dirs, opts: &PullOptions) -> Result<Pulled, 
             name: "download".into(),
             secs: (secs * 10.0).round() / 10.0,
         }],
+        files: vec![stamp],
     }
     .write(staged.path())?;
     let image = store::install(dirs, staged, &opts.name)?;

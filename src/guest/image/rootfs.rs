@@ -51,38 +51,94 @@ fn unescape_mount_path(p: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Unmount anything mounted at or below `root` (deepest first, lazily). `root` must already be
-/// free of symlinks: it is compared with the mount table as it is, never resolved here.
+/// Unmount anything mounted at or below `root` (deepest first, lazily, never following a symlink
+/// at a mount point). `root` must be free of symlinks and on a path no one else can change: it
+/// is compared with the mount table as it is, never resolved here.
 fn unmount_under(root: &Path) {
+    use nix::mount::MntFlags;
     for p in mounts_under(root) {
         tracing::warn!("unmounting leftover mount {}", show(&p));
-        if let Err(e) = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH) {
+        if let Err(e) = nix::mount::umount2(&p, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
             tracing::warn!("cannot unmount {}: {e}", show(&p));
         }
     }
 }
 
-/// Delete a directory tree that may hold leftover mounts (a killed debootstrap's /proc, /sys,
-/// /dev/pts). Never follows a symlink: a symlink (or any non-directory) at `path` is removed as
-/// itself, and nothing it points at is touched or unmounted. A tree that still has a mount in
-/// it after unmounting is refused rather than deleted through (that would reach the host's
-/// files).
-pub fn remove_tree(path: &Path) -> Result<()> {
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(m) => m,
+/// Delete `path`, an entry below the cache directory `anchor` that may hold leftover mounts (a
+/// killed debootstrap's /proc, /sys, /dev/pts). Never follows a symlink:
+///
+/// - its parent directory is opened and must be, as the kernel resolved it, exactly
+///   `anchor`/`rel` (no symlink between `anchor` and it); it and every directory above it must
+///   belong to root or this user and let no other user rename what is inside (`trust`);
+/// - the entry is looked at and removed relative to that open directory: a symlink (or any
+///   non-directory) is unlinked as itself, and nothing it points at is touched or unmounted;
+/// - a directory must belong to root or this user; mounts are looked up under its resolved path
+///   only, unmounted deepest first, and a tree that still has a mount in it is refused rather
+///   than deleted through (that would reach the host's files).
+pub fn remove_tree(anchor: &Path, path: &Path) -> Result<()> {
+    use nix::fcntl::{OFlag, openat};
+    use nix::sys::stat::{FileStat, Mode, SFlag, fstatat};
+    use nix::unistd::{UnlinkatFlags, unlinkat};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let refuse = |why: String| {
+        Error::image(
+            format!("not removing {}: {why}", show(path)),
+            "nothing was removed or unmounted; look at it, remove it by hand if it is yours, \
+             then run `boma-qvm prune` again",
+        )
+    };
+    let (Ok(rel), Some(parent), Some(name)) =
+        (path.strip_prefix(anchor), path.parent(), path.file_name())
+    else {
+        return Err(refuse(format!("it is not inside {}", show(anchor))));
+    };
+    let expected_parent = std::fs::canonicalize(anchor)
+        .ctx(|| format!("resolving {}", show(anchor)))?
+        .join(rel.parent().unwrap_or(Path::new("")));
+    let pdir = match std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(parent)
+    {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e).ctx(|| format!("lstat {}", show(path))),
+        Err(e) => return Err(e).ctx(|| format!("opening {}", show(parent))),
     };
-    if !meta.is_dir() {
-        return std::fs::remove_file(path).ctx(|| format!("removing {}", show(path)));
+    let real_parent = std::fs::read_link(format!("/proc/self/fd/{}", pdir.as_raw_fd()))
+        .ctx(|| format!("resolving {}", show(parent)))?;
+    if real_parent != expected_parent {
+        return Err(refuse(format!(
+            "its directory resolves to {}, not {} (a symlink on the way)",
+            show(&real_parent),
+            show(&expected_parent)
+        )));
     }
-    // Resolve the parent only: `path` itself is a real directory, and stays as it is.
-    let real = match (path.parent(), path.file_name()) {
-        (Some(parent), Some(name)) => std::fs::canonicalize(parent)
-            .ctx(|| format!("resolving {}", show(parent)))?
-            .join(name),
-        _ => path.to_path_buf(),
+    super::trust::check(&real_parent, "the directory of")?;
+    let st: FileStat = match fstatat(&pdir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(nix::errno::Errno::ENOENT) => return Ok(()),
+        Err(e) => return Err(refuse(format!("cannot stat it: {e}"))),
     };
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFDIR {
+        return unlinkat(&pdir, name, UnlinkatFlags::NoRemoveDir)
+            .map_err(|e| refuse(format!("cannot unlink it: {e}")));
+    }
+    if !super::trust::trusted_owner(st.st_uid) {
+        return Err(refuse(format!(
+            "it belongs to uid {}, not to root or this user",
+            st.st_uid
+        )));
+    }
+    // Open it without following a symlink (an entry swapped in since the stat fails here).
+    let dir = openat(
+        &pdir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| refuse(format!("cannot open it without following a link: {e}")))?;
+    let real = real_parent.join(name);
     unmount_under(&real);
     if let Some(m) = mounts_under(&real).first() {
         return Err(Error::image(
@@ -97,15 +153,22 @@ pub fn remove_tree(path: &Path) -> Result<()> {
             ),
         ));
     }
-    std::fs::remove_dir_all(path).ctx(|| format!("removing {}", show(path)))
+    drop(dir);
+    // The parent is this user's or root's and no one else can rename in it: `real` stays what
+    // was checked. remove_dir_all never follows a symlink inside the tree.
+    std::fs::remove_dir_all(&real).ctx(|| format!("removing {}", show(path)))
 }
 
-/// Deletes the rootfs on drop (also when the build fails or is cancelled).
-pub struct RootfsGuard(pub PathBuf);
+/// Deletes the rootfs (below the cache directory `anchor`) on drop, also when the build fails
+/// or is cancelled.
+pub struct RootfsGuard {
+    pub anchor: PathBuf,
+    pub root: PathBuf,
+}
 
 impl Drop for RootfsGuard {
     fn drop(&mut self) {
-        if let Err(e) = remove_tree(&self.0) {
+        if let Err(e) = remove_tree(&self.anchor, &self.root) {
             tracing::warn!("{e}");
         }
     }
@@ -162,7 +225,7 @@ pub fn configure(root: &Path) -> Result<()> {
             .ctx(|| format!("linking {}", show(&resolv)))?;
         units.push("systemd-resolved");
     }
-    super::tool::run(
+    crate::tools::run(
         std::process::Command::new("systemctl")
             .arg(format!("--root={}", root.display()))
             .arg("enable")
@@ -177,7 +240,7 @@ pub fn configure(root: &Path) -> Result<()> {
 /// Package -> version of everything installed in `root`.
 pub fn packages(root: &Path) -> Result<std::collections::BTreeMap<String, String>> {
     let admindir = root.join("var/lib/dpkg");
-    let out = super::tool::run(
+    let out = crate::tools::run(
         std::process::Command::new("dpkg-query")
             .arg(format!("--admindir={}", admindir.display()))
             .args(["-W", "-f", "${Package}\t${Version}\n"]),
@@ -234,27 +297,123 @@ mod tests {
         assert_eq!(unescape_mount_path("/odd\\9"), "/odd\\9");
     }
 
+    /// A tmpfs mounted for a test, unmounted when dropped (also on a failed assertion).
+    struct Mount(PathBuf);
+
+    impl Mount {
+        fn tmpfs(at: &Path) -> Mount {
+            std::fs::create_dir_all(at).unwrap();
+            nix::mount::mount(
+                Some("tmpfs"),
+                at,
+                Some("tmpfs"),
+                nix::mount::MsFlags::empty(),
+                Some("size=1m"),
+            )
+            .unwrap();
+            std::fs::write(at.join("inside"), "x").unwrap();
+            Mount(at.to_path_buf())
+        }
+
+        fn is_mounted(&self) -> bool {
+            mounts_under(&self.0).contains(&self.0)
+        }
+    }
+
+    impl Drop for Mount {
+        fn drop(&mut self) {
+            while self.is_mounted() {
+                if nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// A cache directory (`images`) under a fresh temporary directory.
+    fn cache() -> (tempfile::TempDir, PathBuf) {
+        let t = tempfile::tempdir().unwrap();
+        let images = t.path().join("images");
+        std::fs::create_dir(&images).unwrap();
+        (t, images)
+    }
+
     #[test]
     fn a_symlink_is_removed_as_a_link_and_its_target_is_untouched() {
-        let t = tempfile::tempdir().unwrap();
+        let (t, images) = cache();
         let target = t.path().join("target");
-        std::fs::create_dir(&target).unwrap();
+        let mnt = Mount::tmpfs(&target.join("mnt"));
         std::fs::write(target.join("keep"), "x").unwrap();
-        let link = t.path().join(".tmp-link");
+        let link = images.join(".tmp-link");
         std::os::unix::fs::symlink(&target, &link).unwrap();
-        remove_tree(&link).unwrap();
+        remove_tree(&images, &link).unwrap();
         assert!(
             std::fs::symlink_metadata(&link).is_err(),
             "link still there"
         );
+        assert!(mnt.is_mounted(), "unmounted through the link");
         assert!(
-            target.join("keep").exists(),
+            target.join("keep").exists() && target.join("mnt/inside").exists(),
             "the target's contents were removed"
         );
-        let dir = t.path().join(".tmp-dir");
+        let dir = images.join(".tmp-dir");
         std::fs::create_dir_all(dir.join("a/b")).unwrap();
-        remove_tree(&dir).unwrap();
+        remove_tree(&images, &dir).unwrap();
         assert!(!dir.exists());
-        remove_tree(&dir).unwrap(); // gone already: fine
+        remove_tree(&images, &dir).unwrap(); // gone already: fine
+    }
+
+    /// The debootstrap build's cleanup (`RootfsGuard`) removes `<staging>/rootfs`. If the staging
+    /// directory became a symlink (to a tree with a `rootfs/` holding mounts), the guard must
+    /// unmount and remove nothing there.
+    #[test]
+    fn the_build_cleanup_never_unmounts_through_a_swapped_staging_directory() {
+        let (t, images) = cache();
+        let staging = images.join(".tmp-build-x");
+        let elsewhere = t.path().join("elsewhere");
+        let mnt = Mount::tmpfs(&elsewhere.join("rootfs/proc"));
+        std::os::unix::fs::symlink(&elsewhere, &staging).unwrap();
+        let e = remove_tree(&images, &staging.join("rootfs")).unwrap_err();
+        assert!(e.to_string().contains("a symlink on the way"), "{e}");
+        drop(RootfsGuard {
+            anchor: images.clone(),
+            root: staging.join("rootfs"),
+        });
+        assert!(mnt.is_mounted(), "the cleanup unmounted through a symlink");
+        assert!(elsewhere.join("rootfs/proc/inside").exists());
+    }
+
+    /// What the cleanup is for: a killed debootstrap's mount inside the real staging tree is
+    /// unmounted and the tree removed.
+    #[test]
+    fn a_leftover_mount_in_the_real_staging_tree_is_unmounted_and_removed() {
+        let (_t, images) = cache();
+        let root = images.join(".tmp-build-y/rootfs");
+        let mnt = Mount::tmpfs(&root.join("proc"));
+        drop(RootfsGuard {
+            anchor: images.clone(),
+            root: root.clone(),
+        });
+        assert!(!mnt.is_mounted(), "the leftover mount is still there");
+        assert!(!root.exists(), "the rootfs was not removed");
+    }
+
+    #[test]
+    fn entries_of_others_or_in_a_writable_directory_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let (_t, images) = cache();
+        let theirs = images.join(".tmp-theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(4242), None).unwrap();
+        let e = remove_tree(&images, &theirs).unwrap_err().to_string();
+        assert!(e.contains("uid 4242"), "{e}");
+        assert!(theirs.exists());
+
+        let mine = images.join(".tmp-mine");
+        std::fs::create_dir(&mine).unwrap();
+        std::fs::set_permissions(&images, std::fs::Permissions::from_mode(0o2775)).unwrap();
+        let e = remove_tree(&images, &mine).unwrap_err().to_string();
+        assert!(e.contains("writable by its group"), "{e}");
+        assert!(mine.exists());
     }
 }

@@ -2,13 +2,12 @@
 //! which VMs use an image.
 
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
-use tempfile::TempDir;
 
-use super::{DISK, Image, MANIFEST};
+use super::{DISK, Image, MANIFEST, trust};
 use crate::error::{Error, IoContext, Result, show};
 use crate::paths::Dirs;
 
@@ -36,13 +35,40 @@ pub struct Lock {
     _flock: Flock<File>,
 }
 
+/// The lock file, never through a symlink.
 fn open_lock_file(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
     File::options()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
-        .ctx(|| format!("opening {}", show(path)))
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                Error::image(
+                    format!("cannot open {}: {e}", show(path)),
+                    "only the cache's owner adds or removes images (the shared cache is root's): \
+                     run the image command with sudo, or use a cache of your own \
+                     (BOMA_QVM_CACHE_DIR or --cache-dir)",
+                )
+            } else {
+                Error::Io {
+                    context: format!("opening {}", show(path)),
+                    source: e,
+                }
+            }
+        })
+}
+
+/// The cache's images directory, made if missing (owner-writable only), and refused unless only
+/// root or this user can write it and the directories above it (`trust`).
+pub fn trusted_images_dir(dirs: &Dirs) -> Result<std::path::PathBuf> {
+    let images = dirs.images();
+    trust::create_dir(&images)?;
+    trust::check(&images, "the image cache")?;
+    Ok(images)
 }
 
 /// Take the image-cache lock, waiting (and saying so) if another boma-qvm holds it. Stale staging
@@ -51,8 +77,7 @@ fn open_lock_file(path: &Path) -> Result<File> {
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(20 * 60);
 
 pub async fn lock(dirs: &Dirs) -> Result<Lock> {
-    let images = dirs.images();
-    std::fs::create_dir_all(&images).ctx(|| format!("creating {}", show(&images)))?;
+    let images = trusted_images_dir(dirs)?;
     let path = images.join(".lock");
     let file = open_lock_file(&path)?;
     let deadline = std::time::Instant::now() + LOCK_WAIT;
@@ -106,6 +131,8 @@ pub enum StagingPrune {
     /// Another image operation holds the lock; its staging directory is live, so nothing was
     /// touched.
     Busy,
+    /// The cache is not this user's to change (e.g. root's shared cache): nothing was touched.
+    NotWritable,
 }
 
 /// Remove stale `.tmp-*` staging entries from the cache (for `prune`, and after an interrupted
@@ -115,6 +142,10 @@ pub fn prune_staging(dirs: &Dirs) -> Result<StagingPrune> {
     let images = dirs.images();
     if !images.is_dir() {
         return Ok(StagingPrune::Removed(vec![]));
+    }
+    trust::check(&images, "the image cache")?;
+    if nix::unistd::access(&images, nix::unistd::AccessFlags::W_OK).is_err() {
+        return Ok(StagingPrune::NotWritable);
     }
     let path = images.join(".lock");
     let _flock = match Flock::lock(open_lock_file(&path)?, FlockArg::LockExclusiveNonblock) {
@@ -127,7 +158,8 @@ pub fn prune_staging(dirs: &Dirs) -> Result<StagingPrune> {
 
 /// Remove `.tmp-*` staging entries; returns the ones removed. Only call with the lock held (every
 /// operation that stages holds it throughout, so with the lock held, any staging entry is stale).
-/// Never follows a symlink (`rootfs::remove_tree`), and leaves alone entries another user owns.
+/// Never follows a symlink (`rootfs::remove_tree`), and leaves alone entries another user owns
+/// (root leaves alone what is not root's).
 fn clean_stale(images: &Path) -> Vec<String> {
     use std::os::unix::fs::MetadataExt;
     let mut removed = Vec::new();
@@ -152,7 +184,7 @@ fn clean_stale(images: &Path) -> Vec<String> {
             continue;
         }
         tracing::info!("removing stale staging entry {}", show(&path));
-        match super::rootfs::remove_tree(&path) {
+        match super::rootfs::remove_tree(images, &path) {
             Ok(()) => removed.push(show(&path)),
             Err(err) => tracing::warn!("{err}"),
         }
@@ -160,21 +192,56 @@ fn clean_stale(images: &Path) -> Vec<String> {
     removed
 }
 
-/// A fresh staging directory inside the cache (same filesystem, so installing is a rename).
-/// It is deleted on drop unless installed.
-pub fn staging(dirs: &Dirs, what: &str) -> Result<TempDir> {
-    let images = dirs.images();
-    std::fs::create_dir_all(&images).ctx(|| format!("creating {}", show(&images)))?;
-    tempfile::Builder::new()
+/// A staging directory inside the cache (same filesystem, so installing is a rename). Removed on
+/// drop unless installed, through `rootfs::remove_tree` (never through a symlink, never across
+/// a mount a killed build left).
+#[derive(Debug)]
+pub struct Staging {
+    images: PathBuf,
+    path: Option<PathBuf>,
+}
+
+impl Staging {
+    pub fn path(&self) -> &Path {
+        self.path
+            .as_deref()
+            .expect("a staging directory until installed")
+    }
+
+    /// The cache directory it is in.
+    pub fn images(&self) -> &Path {
+        &self.images
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if let Some(p) = self.path.take()
+            && let Err(e) = super::rootfs::remove_tree(&self.images, &p)
+        {
+            tracing::warn!("{e}");
+        }
+    }
+}
+
+/// A fresh staging directory (mode 0700) inside the cache. Call with the lock held.
+pub fn staging(dirs: &Dirs, what: &str) -> Result<Staging> {
+    let images = trusted_images_dir(dirs)?;
+    let path = tempfile::Builder::new()
         .prefix(&format!(".tmp-{what}-"))
         .tempdir_in(&images)
-        .ctx(|| format!("creating a staging directory in {}", show(&images)))
+        .ctx(|| format!("creating a staging directory in {}", show(&images)))?
+        .keep();
+    Ok(Staging {
+        images,
+        path: Some(path),
+    })
 }
 
 /// Atomically put the staged image in place as `images/<name>`. An existing image of that name is
 /// swapped out in one `renameat2(RENAME_EXCHANGE)` and then deleted, so at every instant the name
 /// holds either the old complete image or the new complete one.
-pub fn install(dirs: &Dirs, staged: TempDir, name: &str) -> Result<Image> {
+pub fn install(dirs: &Dirs, mut staged: Staging, name: &str) -> Result<Image> {
     use std::os::unix::fs::PermissionsExt;
     validate_name(name)?;
     let target = dirs.images().join(name);
@@ -182,7 +249,7 @@ pub fn install(dirs: &Dirs, staged: TempDir, name: &str) -> Result<Image> {
     Image::load(&stage)?; // complete before it can replace anything
     std::fs::set_permissions(&stage, std::fs::Permissions::from_mode(0o755))
         .ctx(|| format!("chmod {}", show(&stage)))?;
-    if target.exists() {
+    if std::fs::symlink_metadata(&target).is_ok() {
         ensure_unused(dirs, name)?;
         let cwd = nix::fcntl::AT_FDCWD;
         nix::fcntl::renameat2(
@@ -196,9 +263,9 @@ pub fn install(dirs: &Dirs, staged: TempDir, name: &str) -> Result<Image> {
         // `staged` now holds the previous image; dropping it deletes that.
         drop(staged);
     } else {
-        let kept = staged.keep();
-        std::fs::rename(&kept, &target)
-            .ctx(|| format!("renaming {} to {}", show(&kept), show(&target)))?;
+        staged.path = None;
+        std::fs::rename(&stage, &target)
+            .ctx(|| format!("renaming {} to {}", show(&stage), show(&target)))?;
     }
     Image::load(&target)
 }
@@ -246,9 +313,16 @@ pub fn ensure_unused(dirs: &Dirs, name: &str) -> Result<()> {
 }
 
 /// The cached image `name`, or `None` if there is no such directory.
+/// Refused when others could have written it (`trust`; `Image::verify` checks its files).
 pub fn find(dirs: &Dirs, name: &str) -> Result<Option<Image>> {
     validate_name(name)?;
-    let dir = dirs.images().join(name);
+    let images = dirs.images();
+    let dir = images.join(name);
+    if std::fs::symlink_metadata(&dir).is_err() {
+        return Ok(None);
+    }
+    trust::check(&images, "the image cache")?;
+    trust::check(&dir, &format!("golden image `{name}`"))?;
     if !dir.join(MANIFEST).exists() {
         return Ok(None);
     }
@@ -271,10 +345,15 @@ pub fn list(dirs: &Dirs) -> Result<Vec<Image>> {
     let Ok(entries) = std::fs::read_dir(&images) else {
         return Ok(vec![]);
     };
+    trust::check(&images, "the image cache")?;
     let mut out = Vec::new();
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.starts_with('.') || !e.path().is_dir() {
+            continue;
+        }
+        if let Err(err) = trust::check(&e.path(), &format!("golden image `{name}`")) {
+            tracing::warn!("skipping {}: {err}", show(&e.path()));
             continue;
         }
         match Image::load(&e.path()) {
@@ -290,15 +369,16 @@ pub fn list(dirs: &Dirs) -> Result<Vec<Image>> {
 pub async fn rm(dirs: &Dirs, name: &str) -> Result<()> {
     validate_name(name)?;
     let _lock = lock(dirs).await?;
-    let dir = dirs.images().join(name);
-    if !dir.is_dir() {
+    let images = dirs.images();
+    let dir = images.join(name);
+    if std::fs::symlink_metadata(&dir).is_err() {
         return Err(Error::not_found(
             format!("golden image `{name}`"),
             "see `boma-qvm image list`",
         ));
     }
     ensure_unused(dirs, name)?;
-    std::fs::remove_dir_all(&dir).ctx(|| format!("removing {}", show(&dir)))?;
+    super::rootfs::remove_tree(&images, &dir)?;
     tracing::info!(image = %name, "removed");
     Ok(())
 }

@@ -1,64 +1,13 @@
-//! Small helpers the image, seed and ssh modules share: run an external tool with a clear error,
-//! check a tool is installed, hash a file, make a file read-only, format a UTC timestamp.
+//! Small helpers of the image cache: hash a file, make a file read-only, format a UTC timestamp.
+//! (Running external programs is `crate::tools`.)
 
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Output;
 
 use sha2::Digest;
 
 use crate::error::{Error, IoContext, Result, show};
-
-pub use crate::tools::require;
-
-/// The last `max` bytes of a tool's output, as text (for error messages).
-pub fn tail(bytes: &[u8], max: usize) -> String {
-    let start = bytes.len().saturating_sub(max);
-    String::from_utf8_lossy(&bytes[start..]).trim().to_string()
-}
-
-fn describe(cmd: &std::process::Command) -> String {
-    let mut s = cmd.get_program().to_string_lossy().into_owned();
-    for a in cmd.get_args() {
-        s.push(' ');
-        s.push_str(&a.to_string_lossy());
-    }
-    s
-}
-
-fn check(cmd: String, out: Output) -> Result<Output> {
-    if out.status.success() {
-        return Ok(out);
-    }
-    let mut stderr = tail(&out.stderr, 2000);
-    if stderr.is_empty() {
-        stderr = tail(&out.stdout, 2000);
-    }
-    Err(Error::command(cmd, out.status.to_string(), stderr))
-}
-
-/// Run a short tool to completion (blocking); a non-zero exit becomes `Error::Command`.
-pub fn run(cmd: &mut std::process::Command) -> Result<Output> {
-    let desc = describe(cmd);
-    let out = cmd
-        .stdin(std::process::Stdio::null())
-        .output()
-        .ctx(|| format!("running `{desc}`"))?;
-    check(desc, out)
-}
-
-/// Async twin of [`run`] for long tools (debootstrap, mkfs, qemu-img convert).
-pub async fn run_async(cmd: &mut tokio::process::Command) -> Result<Output> {
-    let desc = describe(cmd.as_std());
-    let out = cmd
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .ctx(|| format!("running `{desc}`"))?;
-    check(desc, out)
-}
 
 fn hash_file<D: Digest>(path: &Path) -> Result<String> {
     let mut f = std::fs::File::open(path).ctx(|| format!("opening {}", show(path)))?;
@@ -134,20 +83,5 @@ mod tests {
         assert_eq!(utc_rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(utc_rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(utc_rfc3339(1_795_669_482), "2026-11-26T05:04:42Z");
-    }
-
-    #[test]
-    fn run_reports_failing_command_and_stderr() {
-        let err = run(std::process::Command::new("sh").args(["-c", "echo boom >&2; exit 3"]))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("sh -c") && err.contains("boom"), "{err}");
-    }
-
-    #[test]
-    fn require_names_the_missing_program() {
-        let err = require("no-such-tool-boma", "apt-get install x").unwrap_err();
-        assert!(matches!(err, Error::MissingTool { .. }));
-        assert!(require("sh", "").is_ok());
     }
 }

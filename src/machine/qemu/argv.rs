@@ -185,7 +185,8 @@ pub fn nic(nic: &NicSpec, fd: i32) -> Vec<String> {
     ]
 }
 
-/// The guest agent's channel: a virtio-serial port named as qemu-guest-agent expects.
+/// The guest agent's channel: a virtio-serial port named as qemu-guest-agent expects. QEMU listens
+/// on `socket`; the supervisor connects at once and holds it for the VM's life (`qga::relay`).
 pub fn guest_agent(socket: &Path) -> Vec<String> {
     vec![
         "-chardev".into(),
@@ -195,6 +196,19 @@ pub fn guest_agent(socket: &Path) -> Vec<String> {
         "-device".into(),
         "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0".into(),
     ]
+}
+
+/// A pvpanic device, so a guest kernel panic reaches QEMU as a GUEST_PANICKED event instead of
+/// being only text on the console (or nothing, when the console is not on the serial port), and
+/// what QEMU does then: pause the VM. QEMU's default (`panic=shutdown`) would end the VM, and a
+/// guest kernel booted with `panic=N` would otherwise reset itself N s later; paused, the panicked
+/// guest stays in events.jsonl, on the console and in memory for whoever inspects it.
+///
+/// The ISA device (I/O port 0x505, announced in ACPI as QEMU0001), as libvirt's default panic
+/// model on x86: every Linux since 3.x binds it (`pvpanic` + `pvpanic-mmio`; Debian builds both
+/// as modules and udev loads them by the ACPI alias), while `pvpanic-pci` needs Linux 5.12.
+pub fn pvpanic() -> Vec<String> {
+    s(&["-device", "pvpanic", "-action", "panic=pause"])
 }
 
 /// Entropy for the guest: without it sshd and cloud-init wait for randomness at boot.
@@ -226,7 +240,7 @@ pub fn build(spec: &VmSpec, run: &RunDir, tap_fd: Option<i32>, handed: &Handed) 
     a.extend(qmp("mon0", &run.qmp_sock()));
     a.extend(qmp("mon1", &run.ctl_sock()));
     a.extend(serial(&run.console_log()));
-    a.extend(guest_agent(&run.qga_sock()));
+    a.extend(guest_agent(&run.qga_qemu_sock()));
     let boot_spec = match (&spec.boot, handed.kernel) {
         (Boot::Kernel { initrd, append, .. }, Some(k)) => Boot::Kernel {
             kernel: fd_path(k).into(),
@@ -253,6 +267,7 @@ pub fn build(spec: &VmSpec, run: &RunDir, tap_fd: Option<i32>, handed: &Handed) 
         a.extend(nic(n, fd));
     }
     a.extend(rng());
+    a.extend(pvpanic());
     a
 }
 
@@ -384,13 +399,21 @@ mod tests {
     }
 
     #[test]
+    fn a_guest_panic_is_reported_and_pauses_the_vm() {
+        assert_eq!(joined(pvpanic()), "-device pvpanic -action panic=pause");
+        let spec = VmSpec::new("boma-it-t", Accel::Tcg, Boot::Disk);
+        let j = joined(build(&spec, &RunDir::new("/r"), None, &Handed::default()));
+        assert!(j.contains("-device pvpanic -action panic=pause"), "{j}");
+    }
+
+    #[test]
     fn build_has_two_monitors_and_starts_paused() {
         let spec = VmSpec::new("boma-it-t", Accel::Tcg, Boot::Disk);
         let a = build(&spec, &RunDir::new("/r"), None, &Handed::default());
         let j = joined(a.clone());
         assert!(j.contains("path=/r/qmp.sock,server=on,wait=off"));
         assert!(j.contains("path=/r/ctl.sock,server=on,wait=off"));
-        assert!(j.contains("path=/r/qga.sock,server=on,wait=off"));
+        assert!(j.contains("path=/r/qga-qemu.sock,server=on,wait=off"));
         assert!(j.contains("name=org.qemu.guest_agent.0"));
         assert!(a.contains(&"-S".to_string()));
         assert!(j.contains("-smp 2 -m 3072"));
@@ -474,7 +497,7 @@ mod tests {
             "-serial",
             "chardev:ser0",
             "-chardev",
-            "socket,id=qga0,path=qga.sock,server=on,wait=off",
+            "socket,id=qga0,path=qga-qemu.sock,server=on,wait=off",
             "-device",
             "virtio-serial-pci,id=vser0",
             "-device",
@@ -503,6 +526,10 @@ mod tests {
             "rng-random,id=rng0,filename=/dev/urandom",
             "-device",
             "virtio-rng-pci,rng=rng0",
+            "-device",
+            "pvpanic",
+            "-action",
+            "panic=pause",
         ];
         assert_eq!(a, want, "\ngot:  {}\nwant: {}", a.join(" "), want.join(" "));
     }
