@@ -39,6 +39,12 @@ pub fn test_guest() -> (PathBuf, PathBuf) {
 pub fn qemu_account() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
+        // Tests build their networks in namespaces they made: never through a netd the machine
+        // runs (the role's boma-qvm-netd.service works in the host's namespace). Tests that
+        // want a netd start their own and name its socket.
+        // SAFETY: called before the test starts any thread of its own that reads the
+        // environment (the first Env or test guest of the test).
+        unsafe { std::env::set_var(boma_qvm::net::netd::SOCKET_VAR, "none") };
         let name = boma_qvm::machine::qemu::account::DEFAULT_ACCOUNT;
         if nix::unistd::User::from_name(name).ok().flatten().is_some() {
             return;
@@ -152,7 +158,8 @@ impl Env {
     fn point(&self, c: &mut Command) {
         c.env("BOMA_QVM_STATE_DIR", &self.dirs.state)
             .env("BOMA_QVM_CACHE_DIR", &self.dirs.cache)
-            .env("BOMA_QVM_RUNS_DIR", self.tmp.path().join("runs"));
+            .env("BOMA_QVM_RUNS_DIR", self.tmp.path().join("runs"))
+            .env(boma_qvm::net::netd::SOCKET_VAR, "none");
     }
 
     /// A test-guest VM spec: 1 vCPU is plenty for busybox and leaves the other core to the host.
