@@ -1,7 +1,7 @@
 //! Operators run boma-qvm without sudo (issue 12 parts 1 and 2): a real unprivileged user the
 //! test creates (groups boma-qvm and kvm) runs the busybox guest WITH a network through a real
 //! netd (root, in a network namespace the test made): up, status, a lease and its command
-//! service, egress-off/on, reboot, down, prune. QEMU runs as that user, in its sandbox;
+//! service, egress-off/on, reboot, shutdown, start, console --log, down, prune. QEMU runs as that user, in its sandbox;
 //! dnsmasq as nobody; another user's requests about the VM are refused; nothing is left.
 
 mod common;
@@ -118,6 +118,34 @@ fn an_operator_runs_a_networked_vm_without_sudo_through_netd() {
             .contains(&ip)
     );
     ok(&mut cli(), &s(&["reboot", "op"]));
+
+    // Off and on again: `start` brings the VM's tap back through netd, and the guest gets
+    // its lease again. First the rebooted guest must be up (its power-button handler too).
+    let console_log = user.state().join("vms/boma-it-op/console.log");
+    for _ in 0..240 {
+        let text = std::fs::read_to_string(&console_log).unwrap_or_default();
+        if text.matches(READY).count() >= 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let off = ok(&mut cli(), &s(&["shutdown", "op"]));
+    assert!(off.contains("shut down cleanly"), "{off}");
+    ok(&mut cli(), &s(&["start", "op"]));
+    let mut answer = String::new();
+    for _ in 0..60 {
+        let o = ns.exec(&format!(
+            "echo 'echo $((6*7))' | timeout 5 busybox nc {ip} 7000"
+        ));
+        answer = String::from_utf8_lossy(&o.stdout).into_owned();
+        if answer.trim() == "42" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    assert_eq!(answer.trim(), "42", "the guest is back on netd's network");
+    let log = ok(&mut cli(), &s(&["console", "op", "--log"]));
+    assert!(log.matches(READY).count() >= 3, "{log}");
 
     // Another user's requests about this VM are refused by netd (SO_PEERCRED).
     let other = TestUser::new();
