@@ -400,14 +400,7 @@ pub async fn prune(dirs: &Dirs) -> Result<()> {
             e.to_string().replace("\n  ", "; ")
         ),
     }
-    match prune_image_staging(dirs) {
-        Ok(s) => println!("{s}"),
-        // The shared cache is root's (the role's); a user's prune still did its own part.
-        Err(e) => println!(
-            "image cache: not checked for stale staging: {}",
-            e.to_string().replace("\n  ", "; ")
-        ),
-    }
+    println!("{}", prune_image_staging(dirs)?);
     Ok(())
 }
 
