@@ -119,11 +119,21 @@ async fn hard_reset_skips_the_shutdown_path() {
 async fn clean_shutdown_ends_with_qemu_gone() {
     let env = Env::new();
     let m = env.boot("shut", "").await;
-    // Its run directory (SSH key, QMP sockets, console) is this user's only.
-    let mode = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata(m.run_dir()).unwrap().permissions(),
+    // Its run directory (SSH key, QMP sockets, console) is this user's only, and, since root
+    // started it, QEMU's account's (its own group, sticky): never other users'.
+    let meta = std::fs::metadata(m.run_dir()).unwrap();
+    let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
+    assert_eq!(mode & 0o7777, 0o1770, "run dir mode {mode:o}");
+    let acct =
+        boma_qvm::machine::qemu::account::lookup(boma_qvm::machine::qemu::account::DEFAULT_ACCOUNT)
+            .unwrap();
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::gid(&meta),
+        acct.gid.as_raw(),
+        "the group is the account's own"
     );
-    assert_eq!(mode & 0o7777, 0o700, "run dir mode {mode:o}");
+    let group = nix::unistd::Group::from_gid(acct.gid).unwrap().unwrap();
+    assert!(group.mem.is_empty(), "nobody else is in {}", group.name);
     let State::Running { qemu, .. } = m.state() else {
         panic!("{:?}", m.state())
     };
