@@ -25,14 +25,17 @@
 # every process in the PID namespace dies with it, and the trap kills both and slirp4netns.
 # Kept for the next run: the minbase tarball in $HOSTTEST_CACHE (default /var/cache/boma-qvm-hosttest).
 #
-# Environment: SUITE (trixie), BOMA_QVM_DEBIAN_MIRROR (http://deb.debian.org/debian),
-#   HOSTTEST_CACHE, HOSTTEST_TMPFS_SIZE (6g), HOSTTEST_LOG (where the whole log goes).
+# Environment: HOSTTEST_AS=root (default) or user: a sudo user (`operator`, passwordless sudo,
+#   as .ci/setup needs unattended) runs .ci/setup from its home, and `sudo boma-qvm doctor`;
+#   SUITE (trixie), BOMA_QVM_DEBIAN_MIRROR (http://deb.debian.org/debian), HOSTTEST_CACHE,
+#   HOSTTEST_TMPFS_SIZE (6g).
 set -euo pipefail
 
 SUITE=${SUITE:-trixie}
 MIRROR=${BOMA_QVM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 CACHE=${HOSTTEST_CACHE:-/var/cache/boma-qvm-hosttest}
 TMPFS_SIZE=${HOSTTEST_TMPFS_SIZE:-6g}
+AS=${HOSTTEST_AS:-root}
 SYS_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 log() { printf '%s debian13: %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "FAIL: $*"; exit 1; }
@@ -89,23 +92,42 @@ inner() {
     for i in $(seq 1 100); do [ -e "$work/net-ready" ] && break; sleep 0.1; done
     [ -e "$work/net-ready" ] || die "the namespace's network (slirp4netns) did not come up"
 
-    # As a root login on a fresh machine: system PATH, HOME, nothing else.
+    # As a login on a fresh machine: system PATH, HOME, nothing else.
     in_root() { chroot "$root" /usr/bin/env -i PATH="$SYS_PATH" HOME=/root TERM=dumb "$@"; }
     log "inside: $(in_root cat /etc/debian_version) root filesystem, $(in_root uname -r) kernel (the host's)"
+    local home=/root sudo=
+    if [ "$AS" = user ]; then
+        # A machine installed with a sudo user: sudo, the user in group sudo. .ci/setup runs
+        # unattended, so that user's sudo needs no password here (an operator would type it).
+        home=/home/operator sudo=sudo
+        log "inside: a sudo user: apt-get install sudo; useradd -m -G sudo operator (NOPASSWD)"
+        in_root bash -c 'apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends sudo >/dev/null'
+        in_root useradd -m -s /bin/bash -G sudo operator
+        printf 'operator ALL=(ALL:ALL) NOPASSWD: ALL\n' >"$root/etc/sudoers.d/operator"
+        chmod 0440 "$root/etc/sudoers.d/operator"
+        mv "$root/root/boma-qvm" "$root$home/boma-qvm"
+        in_root chown -R operator:operator "$home/boma-qvm"
+        as_user() { in_root su -l operator -c "$*"; }
+    else
+        as_user() { in_root bash -c "$*"; }
+    fi
 
-    log "inside: PREBUILT_BIN=/opt/boma-qvm-prebuilt/boma-qvm .ci/setup"
-    in_root bash -c 'cd /root/boma-qvm && PREBUILT_BIN=/opt/boma-qvm-prebuilt/boma-qvm .ci/setup'
+    log "inside: as $AS: cd ~/boma-qvm && PREBUILT_BIN=/opt/boma-qvm-prebuilt/boma-qvm .ci/setup"
+    as_user 'cd ~/boma-qvm && PREBUILT_BIN=/opt/boma-qvm-prebuilt/boma-qvm .ci/setup'
     # The second apply (make setup-check) failed above unless it said changed=0; show its recap.
-    log "inside: second apply: $(grep -E '^localhost +: ok=' "$root/root/boma-qvm/target/setup-check.log" | tr -s ' ')"
-    grep -E '^localhost +: ok=[0-9]+ +changed=0 +unreachable=0 +failed=0 ' \
-        "$root/root/boma-qvm/target/setup-check.log" >/dev/null || die "the second apply changed something"
+    local recap=$root$home/boma-qvm/target/setup-check.log
+    log "inside: second apply: $(grep -E '^localhost +: ok=' "$recap" | tr -s ' ')"
+    grep -E '^localhost +: ok=[0-9]+ +changed=0 +unreachable=0 +failed=0 ' "$recap" >/dev/null \
+        || die "the second apply changed something"
     log "inside: /etc/boma-qvm/config.env:"
     grep -v '^#' "$root/etc/boma-qvm/config.env" >&2
 
-    log "inside: env -i PATH=<system> HOME=/root boma-qvm doctor"
-    in_root bash -c 'cd / && exec boma-qvm doctor'
-    log "inside: env -i PATH=<system> HOME=/root boma-qvm doctor --boot-test"
-    in_root bash -c 'cd / && exec boma-qvm doctor --boot-test'
+    # As .ci/run: only the system PATH and HOME (a sudo user goes through sudo, whose
+    # secure_path is that PATH: the runbook says to run it as root or through sudo).
+    log "inside: as $AS: env -i PATH=<system> HOME=$home $sudo boma-qvm doctor"
+    as_user "cd / && exec env -i PATH=$SYS_PATH HOME=$home $sudo boma-qvm doctor"
+    log "inside: as $AS: env -i PATH=<system> HOME=$home $sudo boma-qvm doctor --boot-test"
+    as_user "cd / && exec env -i PATH=$SYS_PATH HOME=$home $sudo boma-qvm doctor --boot-test"
     # Nothing of boma-qvm's may outlive the doctor (this namespace's processes, by its /proc).
     local left
     left=$(cat "$root"/proc/[0-9]*/comm 2>/dev/null | grep -E '^(qemu-system|dnsmasq|boma-qvm)' || true)
@@ -123,6 +145,7 @@ fi
 # Outside: check, cache the minbase tarball, start the namespaces, wire their network, clean up.
 BIN=${1:?usage: tests/host/debian13.sh BIN (a built boma-qvm)}
 [ "$(id -u)" -eq 0 ] || die "needs root (debootstrap, namespaces, chroot). Fix: run it as root"
+case "$AS" in root | user) ;; *) die "HOSTTEST_AS=$AS: want root or user" ;; esac
 [ -x "$BIN" ] && [ -f "$BIN" ] || die "BIN=$BIN is not an executable file. Fix: build it (cargo build) or pass BIN=/path/to/boma-qvm"
 BIN=$(realpath "$BIN")
 for t in debootstrap unshare slirp4netns git tar chroot; do
@@ -130,8 +153,10 @@ for t in debootstrap unshare slirp4netns git tar chroot; do
 done
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-[ -z "$(git -C "$repo" status --porcelain --untracked-files=no)" ] \
-    || log "note: uncommitted changes in $repo are NOT tested (the copy is git archive HEAD)"
+if git -C "$repo" rev-parse --git-dir >/dev/null 2>&1; then
+    [ -z "$(git -C "$repo" status --porcelain --untracked-files=no)" ] \
+        || log "note: uncommitted changes in $repo are NOT tested (the copy is git archive HEAD)"
+fi
 
 start=$SECONDS
 mkdir -p "$CACHE"
@@ -195,12 +220,20 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-git -C "$repo" archive --format=tar HEAD >"$work/repo.tar"
-log "testing $(git -C "$repo" rev-parse --short HEAD) with BIN=$BIN ($("$BIN" --version))"
+# A clean copy, as a fresh clone would have it: git archive HEAD (without git: the tree,
+# minus target/ and .git).
+if git -C "$repo" rev-parse --git-dir >/dev/null 2>&1; then
+    git -C "$repo" archive --format=tar HEAD >"$work/repo.tar"
+    what=$(git -C "$repo" rev-parse --short HEAD)
+else
+    tar -C "$repo" --exclude=./target --exclude=./.git -cf "$work/repo.tar" .
+    what="$repo (not a git checkout)"
+fi
+log "testing $what with BIN=$BIN ($("$BIN" --version))"
 mkdir "$work/root"
 
 unshare --mount --propagation private --pid --fork --kill-child --net --uts --ipc \
-    env SUITE="$SUITE" HOSTTEST_CACHE="$CACHE" HOSTTEST_TMPFS_SIZE="$TMPFS_SIZE" \
+    env SUITE="$SUITE" HOSTTEST_CACHE="$CACHE" HOSTTEST_TMPFS_SIZE="$TMPFS_SIZE" HOSTTEST_AS="$AS" \
     bash "$here/debian13.sh" --inner "$work" "$BIN" &
 ns_pid=$!
 # The namespace's network: user-mode NAT through this machine's sockets, once the netns exists.
