@@ -25,7 +25,7 @@
 # every process in the PID namespace dies with it, and the trap kills both and slirp4netns.
 # Kept for the next run: the minbase tarball in $HOSTTEST_CACHE (default /var/cache/boma-qvm-hosttest).
 #
-# Environment: HOSTTEST_AS=root (default) or user: a sudo user (`operator`, passwordless sudo,
+# Environment: HOSTTEST_AS=root (default) or user: a sudo user (`alice`, passwordless sudo,
 #   as .ci/setup needs unattended) runs .ci/setup from its home, and `sudo boma-qvm doctor`;
 #   SUITE (trixie), BOMA_QVM_DEBIAN_MIRROR (http://deb.debian.org/debian), HOSTTEST_CACHE,
 #   HOSTTEST_TMPFS_SIZE (6g).
@@ -99,15 +99,15 @@ inner() {
     if [ "$AS" = user ]; then
         # A machine installed with a sudo user: sudo, the user in group sudo. .ci/setup runs
         # unattended, so that user's sudo needs no password here (an operator would type it).
-        home=/home/operator sudo=sudo
-        log "inside: a sudo user: apt-get install sudo; useradd -m -G sudo operator (NOPASSWD)"
+        home=/home/alice sudo=sudo
+        log "inside: a sudo user: apt-get install sudo; useradd -m -G sudo alice (NOPASSWD)"
         in_root bash -c 'apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends sudo >/dev/null'
-        in_root useradd -m -s /bin/bash -G sudo operator
-        printf 'operator ALL=(ALL:ALL) NOPASSWD: ALL\n' >"$root/etc/sudoers.d/operator"
-        chmod 0440 "$root/etc/sudoers.d/operator"
+        in_root useradd -m -s /bin/bash -G sudo alice
+        printf 'alice ALL=(ALL:ALL) NOPASSWD: ALL\n' >"$root/etc/sudoers.d/alice"
+        chmod 0440 "$root/etc/sudoers.d/alice"
         mv "$root/root/boma-qvm" "$root$home/boma-qvm"
-        in_root chown -R operator:operator "$home/boma-qvm"
-        as_user() { in_root su -l operator -c "$*"; }
+        in_root chown -R alice:alice "$home/boma-qvm"
+        as_user() { in_root su -l alice -c "$*"; }
     else
         as_user() { in_root bash -c "$*"; }
     fi
