@@ -128,10 +128,21 @@ inner() {
     as_user "cd / && exec env -i PATH=$SYS_PATH HOME=$home $sudo boma-qvm doctor"
     log "inside: as $AS: env -i PATH=<system> HOME=$home $sudo boma-qvm doctor --boot-test"
     as_user "cd / && exec env -i PATH=$SYS_PATH HOME=$home $sudo boma-qvm doctor --boot-test"
-    # Nothing of boma-qvm's may outlive the doctor (this namespace's processes, by its /proc).
-    local left
-    left=$(cat "$root"/proc/[0-9]*/comm 2>/dev/null | grep -E '^(qemu-system|dnsmasq|boma-qvm)' || true)
-    [ -z "$left" ] || die "left running after doctor: $left"
+    # Nothing of boma-qvm's may outlive the doctor (this namespace's processes, by its /proc;
+    # zombies aside: this shell is PID 1 and reaps orphans only between commands). A VM's
+    # detached supervisor may take a moment to exit after `down`: 10 s.
+    local left= p
+    for i in $(seq 1 50); do
+        left=
+        for p in "$root"/proc/[0-9]*; do
+            [ "$(awk '{print $3}' "$p/stat" 2>/dev/null)" = Z ] && continue
+            grep -qE '^(qemu-system|dnsmasq|boma-qvm)' "$p/comm" 2>/dev/null \
+                && left+="$(basename "$p"): $(tr '\0' ' ' <"$p/cmdline" 2>/dev/null); "
+        done
+        [ -z "$left" ] && break
+        sleep 0.2
+    done
+    [ -z "$left" ] || die "left running 10 s after doctor: $left"
     log "inside: all passed"
 }
 
