@@ -215,9 +215,9 @@ cleanup() {
     [ -n "$slirp_pid" ] && kill "$slirp_pid" 2>/dev/null || true
     # unshare --kill-child: when unshare dies, its child (PID 1 of the namespace) gets SIGKILL,
     # and with it every process in the PID namespace; the mount namespace (tmpfs, binds) goes too.
+    # SIGKILL: unshare --fork ignores SIGTERM and SIGINT while it waits for its child.
     if [ -n "$ns_pid" ] && kill -0 "$ns_pid" 2>/dev/null; then
-        kill "$ns_pid" 2>/dev/null || true
-        for _ in $(seq 1 50); do kill -0 "$ns_pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$ns_pid" 2>/dev/null || true
     fi
     wait 2>/dev/null || true
     rm -rf "$work"
