@@ -37,7 +37,7 @@ CACHE=${HOSTTEST_CACHE:-/var/cache/boma-qvm-hosttest}
 TMPFS_SIZE=${HOSTTEST_TMPFS_SIZE:-6g}
 AS=${HOSTTEST_AS:-root}
 SYS_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-log() { printf '%s debian13: %s\n' "$(date +%T)" "$*" >&2; }
+log() { printf '%s host-%s: %s\n' "$(date +%T)" "$SUITE" "$*" >&2; }
 die() { log "FAIL: $*"; exit 1; }
 
 # ---------------------------------------------------------------------------------------------
@@ -146,14 +146,9 @@ inner() {
     log "inside: all passed"
 }
 
-if [ "${1:-}" = --inner ]; then
-    shift
-    inner "$@"
-    exit 0
-fi
-
 # ---------------------------------------------------------------------------------------------
 # Outside: check, cache the minbase tarball, start the namespaces, wire their network, clean up.
+outer() {
 BIN=${1:?usage: tests/host/debian13.sh BIN (a built boma-qvm)}
 [ "$(id -u)" -eq 0 ] || die "needs root (debootstrap, namespaces, chroot). Fix: run it as root"
 case "$AS" in root | user) ;; *) die "HOSTTEST_AS=$AS: want root or user" ;; esac
@@ -258,6 +253,18 @@ for _ in $(seq 1 100); do
     nsenter -t "$ns_pid" -n ip -o -4 addr show tap0 2>/dev/null | grep -q 10.0.2.100 && break
     sleep 0.1
 done
+nsenter -t "$ns_pid" -n ip -o -4 addr show tap0 2>/dev/null | grep -q 10.0.2.100 \
+    || die "slirp4netns did not configure tap0 in 10 s: $(tail -n 3 "$work/slirp.log" | tr '\n' ' ')"
 nsenter -t "$ns_pid" -n ip link set lo up
 touch "$work/net-ready"
 wait "$ns_pid"
+}
+
+# Both halves are functions, parsed whole before anything runs: a checkout that changes this
+# file under a running test cannot change what it does.
+if [ "${1:-}" = --inner ]; then
+    shift
+    inner "$@"
+    exit 0
+fi
+outer "$@"
