@@ -27,6 +27,8 @@
 #
 # Environment: HOSTTEST_AS=root (default) or user: a sudo user (`alice`, passwordless sudo,
 #   as .ci/setup needs unattended) runs .ci/setup from its home, and `sudo boma-qvm doctor`;
+#   HOSTTEST_IMAGE_BUILD=1 then also runs `boma-qvm image build` there (the golden image, about
+#   3 more minutes and up to ~5 GiB more of the tmpfs, so give HOSTTEST_TMPFS_SIZE=12g);
 #   SUITE (trixie), BOMA_QVM_DEBIAN_MIRROR (http://deb.debian.org/debian), HOSTTEST_CACHE,
 #   HOSTTEST_TMPFS_SIZE (6g).
 set -euo pipefail
@@ -36,6 +38,7 @@ MIRROR=${BOMA_QVM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 CACHE=${HOSTTEST_CACHE:-/var/cache/boma-qvm-hosttest}
 TMPFS_SIZE=${HOSTTEST_TMPFS_SIZE:-6g}
 AS=${HOSTTEST_AS:-root}
+IMAGE_BUILD=${HOSTTEST_IMAGE_BUILD:-0}
 SYS_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 log() { printf '%s host-%s: %s\n' "$(date +%T)" "$SUITE" "$*" >&2; }
 die() { log "FAIL: $*"; exit 1; }
@@ -143,6 +146,14 @@ inner() {
         sleep 0.2
     done
     [ -z "$left" ] || die "left running 10 s after doctor: $left"
+
+    if [ "$IMAGE_BUILD" = 1 ]; then
+        # The main job's first stage on this release: the golden image, built with this
+        # release's debootstrap (no VM boots).
+        log "inside: as $AS: $sudo boma-qvm image build"
+        as_user "cd / && exec env -i PATH=$SYS_PATH HOME=$home $sudo boma-qvm image build"
+        as_user "cd / && exec env -i PATH=$SYS_PATH HOME=$home $sudo boma-qvm image list" >&2
+    fi
     log "inside: all passed"
 }
 
@@ -239,7 +250,7 @@ log "testing $what with BIN=$BIN ($("$BIN" --version))"
 mkdir "$work/root"
 
 unshare --mount --propagation private --pid --fork --kill-child --net --uts --ipc \
-    env SUITE="$SUITE" HOSTTEST_CACHE="$CACHE" HOSTTEST_TMPFS_SIZE="$TMPFS_SIZE" HOSTTEST_AS="$AS" \
+    env SUITE="$SUITE" HOSTTEST_CACHE="$CACHE" HOSTTEST_TMPFS_SIZE="$TMPFS_SIZE" HOSTTEST_AS="$AS" HOSTTEST_IMAGE_BUILD="$IMAGE_BUILD" \
     bash "$here/debian13.sh" --inner "$work" "$BIN" &
 ns_pid=$!
 # The namespace's network: user-mode NAT through this machine's sockets, once the netns exists.
