@@ -27,6 +27,9 @@
 #
 # Environment: HOSTTEST_AS=root (default) or user: a sudo user (`alice`, passwordless sudo,
 #   as .ci/setup needs unattended) runs .ci/setup from its home, and `sudo boma-qvm doctor`;
+#   HOSTTEST_NET=1 then also runs tests/host/net-check.sh there: the test guest `up` on
+#   boma-qvm's bridge, nft table and dnsmasq (a DHCP lease, TCP from the control node), then
+#   `down` and `net down` (about 30 s more);
 #   HOSTTEST_IMAGE_BUILD=1 then also runs `boma-qvm image build` there (the golden image, about
 #   3 more minutes and up to ~5 GiB more of the tmpfs, so give HOSTTEST_TMPFS_SIZE=12g);
 #   SUITE (trixie), BOMA_QVM_DEBIAN_MIRROR (http://deb.debian.org/debian), HOSTTEST_CACHE,
@@ -39,6 +42,7 @@ CACHE=${HOSTTEST_CACHE:-/var/cache/boma-qvm-hosttest}
 TMPFS_SIZE=${HOSTTEST_TMPFS_SIZE:-6g}
 AS=${HOSTTEST_AS:-root}
 IMAGE_BUILD=${HOSTTEST_IMAGE_BUILD:-0}
+NET=${HOSTTEST_NET:-0}
 SYS_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 log() { printf '%s host-%s: %s\n' "$(date +%T)" "$SUITE" "$*" >&2; }
 die() { log "FAIL: $*"; exit 1; }
@@ -134,18 +138,29 @@ inner() {
     # Nothing of boma-qvm's may outlive the doctor (this namespace's processes, by its /proc;
     # zombies aside: this shell is PID 1 and reaps orphans only between commands). A VM's
     # detached supervisor may take a moment to exit after `down`: 10 s.
-    local left= p
-    for i in $(seq 1 50); do
-        left=
-        for p in "$root"/proc/[0-9]*; do
-            [ "$(awk '{print $3}' "$p/stat" 2>/dev/null)" = Z ] && continue
-            grep -qE '^(qemu-system|dnsmasq|boma-qvm)' "$p/comm" 2>/dev/null \
-                && left+="$(basename "$p"): $(tr '\0' ' ' <"$p/cmdline" 2>/dev/null); "
+    leftovers() {
+        local left= p i
+        for i in $(seq 1 50); do
+            left=
+            for p in "$root"/proc/[0-9]*; do
+                [ "$(awk '{print $3}' "$p/stat" 2>/dev/null)" = Z ] && continue
+                grep -qE '^(qemu-system|dnsmasq|boma-qvm)' "$p/comm" 2>/dev/null \
+                    && left+="$(basename "$p"): $(tr '\0' ' ' <"$p/cmdline" 2>/dev/null); "
+            done
+            [ -z "$left" ] && break
+            sleep 0.2
         done
-        [ -z "$left" ] && break
-        sleep 0.2
-    done
+        printf '%s' "$left"
+    }
+    local left
+    left=$(leftovers)
     [ -z "$left" ] || die "left running 10 s after doctor: $left"
+
+    if [ "$NET" = 1 ]; then
+        log "inside: as $AS: tests/host/net-check.sh (up the test guest on boma-qvm's network)"
+        as_user "cd ~/boma-qvm && exec env -i PATH=$SYS_PATH HOME=$home $sudo bash tests/host/net-check.sh"
+        [ -z "$(leftovers)" ] || die "left running after the net check: $(leftovers)"
+    fi
 
     if [ "$IMAGE_BUILD" = 1 ]; then
         # The main job's first stage on this release: the golden image, built with this
@@ -250,7 +265,7 @@ log "testing $what with BIN=$BIN ($("$BIN" --version))"
 mkdir "$work/root"
 
 unshare --mount --propagation private --pid --fork --kill-child --net --uts --ipc \
-    env SUITE="$SUITE" HOSTTEST_CACHE="$CACHE" HOSTTEST_TMPFS_SIZE="$TMPFS_SIZE" HOSTTEST_AS="$AS" HOSTTEST_IMAGE_BUILD="$IMAGE_BUILD" \
+    env SUITE="$SUITE" HOSTTEST_CACHE="$CACHE" HOSTTEST_TMPFS_SIZE="$TMPFS_SIZE" HOSTTEST_AS="$AS" HOSTTEST_IMAGE_BUILD="$IMAGE_BUILD" HOSTTEST_NET="$NET" \
     bash "$here/debian13.sh" --inner "$work" "$BIN" &
 ns_pid=$!
 # The namespace's network: user-mode NAT through this machine's sockets, once the netns exists.
