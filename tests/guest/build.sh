@@ -44,7 +44,11 @@ add_mod() {
   seen[$name]=1
   path=$(find "$moddir" -name "$name.ko" -o -name "$name.ko.xz" | head -1)
   [ -n "$path" ] || return 0   # built in
-  deps=$("$bb" strings "$path" | sed -n "s/^depends=//p" | head -1 | tr "," " ")
+  # The modinfo depends= line, read from the module itself (decompressed: Debian 13's are .ko.xz).
+  case "$path" in
+    *.xz) deps=$("$bb" xzcat "$path" | "$bb" strings | sed -n "s/^depends=//p" | head -1 | tr "," " ") ;;
+    *) deps=$("$bb" strings "$path" | sed -n "s/^depends=//p" | head -1 | tr "," " ") ;;
+  esac
   for d in $deps; do add_mod "$d"; done
   order+=("$path")
 }
