@@ -7,7 +7,8 @@
 #      trixie's python3, the integration_test role applied twice (the second apply must report
 #      changed=0), then the read-only checks;
 #   2. `env -i PATH=<system> HOME=/root boma-qvm doctor`, then the same with --boot-test (builds
-#      the busybox test guest from trixie's kernel package and boots it under TCG), as .ci/run.
+#      the busybox test guest from trixie's kernel package and boots it under TCG), as .ci/run;
+#   3. tests/host/net-check.sh: that guest `up` on boma-qvm's own network (HOSTTEST_NET).
 #
 # usage: tests/host/debian13.sh BIN     (make test-host-debian13; needs root)
 #
@@ -27,9 +28,9 @@
 #
 # Environment: HOSTTEST_AS=root (default) or user: a sudo user (`alice`, passwordless sudo,
 #   as .ci/setup needs unattended) runs .ci/setup from its home, and `sudo boma-qvm doctor`;
-#   HOSTTEST_NET=1 then also runs tests/host/net-check.sh there: the test guest `up` on
-#   boma-qvm's bridge, nft table and dnsmasq (a DHCP lease, TCP from the control node), then
-#   `down` and `net down` (about 30 s more);
+#   HOSTTEST_NET=1 (the default; 0 skips it) then also runs tests/host/net-check.sh there: the
+#   test guest `up` on boma-qvm's bridge, nft table and dnsmasq (a DHCP lease, TCP from the
+#   control node), then `down` and `net down` (about 15 s);
 #   HOSTTEST_IMAGE_BUILD=1 then also runs `boma-qvm image build` there (the golden image, about
 #   3 more minutes and up to ~5 GiB more of the tmpfs, so give HOSTTEST_TMPFS_SIZE=12g);
 #   SUITE (trixie), BOMA_QVM_DEBIAN_MIRROR (http://deb.debian.org/debian), HOSTTEST_CACHE,
@@ -42,7 +43,7 @@ CACHE=${HOSTTEST_CACHE:-/var/cache/boma-qvm-hosttest}
 TMPFS_SIZE=${HOSTTEST_TMPFS_SIZE:-6g}
 AS=${HOSTTEST_AS:-root}
 IMAGE_BUILD=${HOSTTEST_IMAGE_BUILD:-0}
-NET=${HOSTTEST_NET:-0}
+NET=${HOSTTEST_NET:-1}
 SYS_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 log() { printf '%s host-%s: %s\n' "$(date +%T)" "$SUITE" "$*" >&2; }
 die() { log "FAIL: $*"; exit 1; }
