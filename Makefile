@@ -7,8 +7,9 @@
 #                                   the main job: boma-qvm cycle on the bundled example repo
 #   make test-integration-clean     reap every boma-it-* leftover (boma-qvm prune)
 #   make test-host-debian13 [HOSTTEST_BIN=path]
-#                                   .ci/setup + doctor --boot-test on a fresh Debian 13 root
-#                                   filesystem in namespaces (root; tests/host/debian13.sh)
+#                                   .ci/setup, doctor --boot-test and the test guest on boma-qvm's
+#                                   network, on a fresh Debian 13 root filesystem in namespaces
+#                                   (root; [HOSTTEST_AS=user] [SUITE=bookworm]; tests/host/debian13.sh)
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 
