@@ -7,6 +7,10 @@
 #                                   the main job: boma-qvm cycle on the bundled example repo
 #   make test-integration-clean     reap every boma-it-* leftover (boma-qvm prune)
 #   make bench                      the figures of docs/benchmarks.md (boots Debian VMs for tens of minutes, as root)
+#   make test-host-debian13 [HOSTTEST_BIN=path]
+#                                   .ci/setup, doctor --boot-test and the test guest on boma-qvm's
+#                                   network, on a fresh Debian 13 root filesystem in namespaces
+#                                   (root; [HOSTTEST_AS=user] [SUITE=bookworm]; tests/host/debian13.sh)
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 
@@ -39,7 +43,11 @@ BOMA_QVM ?= $(if $(wildcard $(BIN)),$(BIN),boma-qvm)
 CYCLE_ARGS = --repo $(REPO) --certs $(CERTS) $(if $(KEEP),--keep) $(if $(SNAPSHOT),--snapshot) \
 	$(if $(FIX),-e docker_host_container_forward=true) $(foreach v,$(SECRET_VARS),--secret-var $(v))
 
-.PHONY: setup setup-check test test-integration test-integration-clean bench
+# The boma-qvm that test-host-debian13 installs on the Debian 13 root (PREBUILT_BIN): BIN if
+# built, else the debug build.
+HOSTTEST_BIN ?= $(if $(wildcard $(BIN)),$(BIN),target/debug/boma-qvm)
+
+.PHONY: setup setup-check test test-integration test-integration-clean test-host-debian13 bench
 
 setup:
 	$(CARGO_BUILD)
@@ -71,3 +79,6 @@ BENCH_LOCK ?= /var/lock/boma-debian-vm.lock
 bench:
 	cargo bench --bench boma --no-run
 	flock $(BENCH_LOCK) cargo bench --bench boma
+
+test-host-debian13:
+	nice -n 10 tests/host/debian13.sh $(HOSTTEST_BIN)

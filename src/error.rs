@@ -446,6 +446,78 @@ impl Error {
     }
 }
 
+/// An error as it crosses the netd socket: its exit code, problem and fix (evidence folded
+/// into the problem). `Error::from(WireError)` rebuilds the variant the code stands for, so a
+/// refusal from the privileged side reads (and exits) exactly as the same refusal made locally.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WireError {
+    pub code: i32,
+    pub problem: String,
+    pub fix: String,
+}
+
+impl From<&Error> for WireError {
+    fn from(e: &Error) -> WireError {
+        let code = e.exit_code();
+        let text = e.to_string();
+        let (problem, fix) = match e.inner() {
+            Error::Input { problem, fix }
+            | Error::Guard { problem, fix }
+            | Error::Qemu { problem, fix }
+            | Error::Qmp { problem, fix }
+            | Error::Reboot { problem, fix }
+            | Error::Network { problem, fix }
+            | Error::Image { problem, fix }
+            | Error::Ansible { problem, fix }
+            | Error::VerifyFailed { problem, fix }
+            | Error::Lockout { problem, fix } => (problem.clone(), fix.clone()),
+            Error::NotFound { what, fix } | Error::AlreadyExists { what, fix } => {
+                (what.clone(), fix.clone())
+            }
+            other => match other.to_string().split_once("\n  fix: ") {
+                Some((p, f)) => (p.to_string(), f.to_string()),
+                None => (text.clone(), COMMAND_FIX.to_string()),
+            },
+        };
+        let problem = match e {
+            Error::Evidence { title, text, .. } => format!("{problem}\n--- {title} ---\n{text}"),
+            _ => problem,
+        };
+        WireError { code, problem, fix }
+    }
+}
+
+impl From<WireError> for Error {
+    fn from(w: WireError) -> Error {
+        let WireError { code, problem, fix } = w;
+        match code {
+            2 => Error::Input { problem, fix },
+            4 => Error::NotFound { what: problem, fix },
+            5 => Error::AlreadyExists { what: problem, fix },
+            6 => Error::Guard { problem, fix },
+            7 => Error::Qemu { problem, fix },
+            8 => Error::Qmp { problem, fix },
+            12 => Error::Image { problem, fix },
+            13 => Error::Ansible { problem, fix },
+            14 => Error::VerifyFailed { problem, fix },
+            15 => Error::Reboot { problem, fix },
+            16 => Error::Lockout { problem, fix },
+            3 => Error::MissingTool {
+                program: problem,
+                looked_in: "on the netd side".into(),
+                fix,
+            },
+            1 => Error::Command {
+                cmd: "boma-qvm netd".into(),
+                status: "failed".into(),
+                stderr: problem,
+                fix,
+            },
+            _ => Error::Network { problem, fix },
+        }
+    }
+}
+
 /// Whose fault a failed `cycle` is, at a glance: the report says it and the exit code is the
 /// class's (README, "Exit codes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -528,6 +600,27 @@ pub fn show(p: &std::path::Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_cross_the_wire_with_their_code_problem_and_fix() {
+        for e in [
+            Error::network("bridge x is foreign", "pick another"),
+            Error::not_found("VM boma-it-a", "list them"),
+            Error::input("bad", "good"),
+            Error::AlreadyExists {
+                what: "VM b".into(),
+                fix: "down it".into(),
+            },
+        ] {
+            let w = WireError::from(&e);
+            let json = serde_json::to_string(&w).unwrap();
+            let back: Error = serde_json::from_str::<WireError>(&json).unwrap().into();
+            assert_eq!(back.exit_code(), e.exit_code());
+            assert_eq!(back.to_string(), e.to_string());
+        }
+        let w = WireError::from(&Error::command("nft -f -", "exit 1", "no"));
+        assert_eq!(Error::from(w).exit_code(), 1);
+    }
 
     #[test]
     fn every_kind_prints_a_fix_and_evidence_comes_once_after_it() {

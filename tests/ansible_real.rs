@@ -45,6 +45,7 @@ fn config(dir: &Path, address: Ipv4Addr) -> SessionConfig {
         certs: CertPlan::internal(),
         extra_vars: vec![],
         secret_vars: vec![],
+        confine: None,
     }
 }
 

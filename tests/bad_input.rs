@@ -15,6 +15,7 @@ struct Tmp {
 
 impl Tmp {
     fn new() -> Tmp {
+        common::qemu_account();
         let dir = tempfile::Builder::new()
             .prefix("bqi")
             .tempdir_in("/tmp")

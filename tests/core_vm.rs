@@ -44,6 +44,64 @@ async fn clean_reboot_runs_the_guest_shutdown_path_then_boots_again() {
     assert!(m.is_running(), "QEMU paused then resumed, it did not exit");
 }
 
+/// Tests run as root: QEMU must not. The supervisor drops it to the dedicated account, in its
+/// seccomp sandbox, with its run directory the only place it can write, and the kernel handed
+/// over as an fd (the test guest lives in root's cache, which the account cannot enter).
+#[tokio::test]
+async fn root_never_runs_qemu_the_account_does_in_its_sandbox() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::new();
+    let m = env.boot("drop", "").await;
+    let State::Running { qemu, supervisor } = m.state() else {
+        panic!("not running")
+    };
+    let acct =
+        boma_qvm::machine::qemu::account::lookup(boma_qvm::machine::qemu::account::DEFAULT_ACCOUNT)
+            .unwrap();
+    let procs = boma_qvm::machine::procs::uid;
+    assert_eq!(procs(supervisor), Some(0), "the test started it as root");
+    assert_eq!(
+        procs(qemu),
+        Some(acct.uid.as_raw()),
+        "QEMU runs as the dedicated account"
+    );
+    let status = std::fs::read_to_string(format!("/proc/{qemu}/status")).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    assert!(field("Gid:").starts_with(&acct.gid.to_string()), "{status}");
+    assert_eq!(field("CapEff:"), "0000000000000000", "no capabilities");
+    assert_eq!(field("Seccomp:"), "2", "QEMU's seccomp filter is on");
+    let argv = boma_qvm::machine::procs::cmdline(qemu);
+    let at = argv.iter().position(|a| a == "-sandbox").expect("-sandbox");
+    assert_eq!(
+        argv[at + 1],
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+    );
+    assert!(
+        argv.iter().any(|a| a.starts_with("/proc/self/fd/"))
+            && !argv.iter().any(|a| a.contains("/root/")),
+        "the kernel is handed over, not named: {argv:?}"
+    );
+    let run = m.run_dir();
+    let meta = std::fs::metadata(run).unwrap();
+    assert_eq!(
+        meta.mode() & 0o7777,
+        0o1770,
+        "sticky, group-writable run dir"
+    );
+    assert_eq!(meta.gid(), acct.gid.as_raw());
+    let spec = std::fs::metadata(run.join("spec.json")).unwrap();
+    assert_eq!(spec.uid(), 0, "root's files stay root's");
+    let out = env.cli().ok(&["status", "drop"]);
+    assert!(out.contains("qemu-user=boma-qvm-qemu"), "{out}");
+    m.down().await.unwrap();
+}
+
 #[tokio::test]
 async fn hard_reset_skips_the_shutdown_path() {
     let env = Env::new();
@@ -61,11 +119,21 @@ async fn hard_reset_skips_the_shutdown_path() {
 async fn clean_shutdown_ends_with_qemu_gone() {
     let env = Env::new();
     let m = env.boot("shut", "").await;
-    // Its run directory (SSH key, QMP sockets, console) is this user's only.
-    let mode = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata(m.run_dir()).unwrap().permissions(),
+    // Its run directory (SSH key, QMP sockets, console) is this user's only, and, since root
+    // started it, QEMU's account's (its own group, sticky): never other users'.
+    let meta = std::fs::metadata(m.run_dir()).unwrap();
+    let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
+    assert_eq!(mode & 0o7777, 0o1770, "run dir mode {mode:o}");
+    let acct =
+        boma_qvm::machine::qemu::account::lookup(boma_qvm::machine::qemu::account::DEFAULT_ACCOUNT)
+            .unwrap();
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::gid(&meta),
+        acct.gid.as_raw(),
+        "the group is the account's own"
     );
-    assert_eq!(mode & 0o7777, 0o700, "run dir mode {mode:o}");
+    let group = nix::unistd::Group::from_gid(acct.gid).unwrap().unwrap();
+    assert!(group.mem.is_empty(), "nobody else is in {}", group.name);
     let State::Running { qemu, .. } = m.state() else {
         panic!("{:?}", m.state())
     };

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use boma_qvm::net::files::NetFiles;
 use boma_qvm::net::rtnl::Rtnl;
-use boma_qvm::net::{self, DnsmasqState, NetConfig, Network, nft, open_tap, tap_name_for};
+use boma_qvm::net::{self, DnsmasqState, NetConfig, Network, nft, tap_name_for};
 use boma_qvm::paths::Dirs;
 use common::lite::{lite, proc_alive};
 
@@ -22,7 +22,7 @@ fn prune_after_a_crash_removes_every_network_object() {
             .vm_net("boma-it-crash", vec!["crash.example.org".into()], false)
             .unwrap();
         network.register_vm(&vm).unwrap();
-        let fd = open_tap(&tap, &l.cfg.bridge).await.unwrap();
+        let fd = network.open_tap("boma-it-crash").await.unwrap();
         let DnsmasqState::Running(pid) = network.status().await.unwrap().dnsmasq else {
             panic!("no dnsmasq")
         };
@@ -185,9 +185,7 @@ fn runs_unchanged_under_ip_netns_exec() {
                 .vm_net("boma-it-inner", vec!["inner.example.org".into()], true)
                 .unwrap();
             network.register_vm(&vm).unwrap();
-            let fd = open_tap(&tap_name_for("boma-it-inner"), &cfg.bridge)
-                .await
-                .unwrap();
+            let fd = network.open_tap("boma-it-inner").await.unwrap();
             drop(fd);
             network.down().await.unwrap();
         });

@@ -20,7 +20,7 @@ fn tap_is_on_the_bridge_and_vanishes_when_its_fd_closes() {
         let network = Network::up(&l.dirs, &l.cfg).await.unwrap();
         let rtnl = Rtnl::connect().unwrap();
         let bridge = rtnl.link("boma-qvm0").await.unwrap().unwrap();
-        let fd = open_tap(&tap, "boma-qvm0").await.unwrap();
+        let fd = network.open_tap("boma-it-tap").await.unwrap();
         let link = rtnl
             .link(&tap)
             .await
@@ -36,7 +36,7 @@ fn tap_is_on_the_bridge_and_vanishes_when_its_fd_closes() {
         let gone = vanishes(&rtnl, &tap).await;
         assert!(gone, "tap {tap} still exists after its fd was closed");
 
-        let e = open_tap(&tap, "no-such-br").await.unwrap_err();
+        let e = open_tap(&tap, "no-such-br").await.map(|_| ()).unwrap_err();
         assert!(
             matches!(e, Error::Network { .. })
                 && e.to_string().contains("bridge no-such-br does not exist"),
@@ -60,7 +60,7 @@ fn qemu_takes_the_tap_fd_and_the_tap_dies_with_qemu() {
     l.ns.block_on(|| async {
         let network = Network::up(&l.dirs, &l.cfg).await.unwrap();
         let rtnl = Rtnl::connect().unwrap();
-        let fd = open_tap(&tap, &l.cfg.bridge).await.unwrap();
+        let fd = network.open_tap("boma-it-qemu").await.unwrap();
         let raw = fd.as_raw_fd();
         let mut cmd = std::process::Command::new("qemu-system-x86_64");
         cmd.args([

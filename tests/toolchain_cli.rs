@@ -47,6 +47,7 @@ struct World {
 
 impl World {
     fn new(config: &str) -> World {
+        common::qemu_account();
         let tmp = tempfile::Builder::new()
             .prefix("bqt")
             .tempdir_in("/tmp")

@@ -78,6 +78,47 @@ pub fn core_version(version_output: &str) -> Option<(u32, u32, u32)> {
     ))
 }
 
+/// How a cycle confines the processes it starts for Ansible (see `net::confine`, ADR-026):
+/// through `boma-qvm __confined`, on the VM network and loopback only, or on loopback only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Confine {
+    /// The boma-qvm binary that runs `__confined`.
+    pub exe: PathBuf,
+    /// The state directory whose network the VM is on (direct mode).
+    pub state: PathBuf,
+    /// netd's socket when netd runs the VM's network.
+    pub netd: Option<PathBuf>,
+    /// No network at all (reading the real inventory needs none).
+    pub loopback_only: bool,
+}
+
+impl Confine {
+    /// The program and leading arguments that run `program` confined.
+    pub fn wrap(&self, program: &std::path::Path) -> (PathBuf, Vec<std::ffi::OsString>) {
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--state-dir".into(),
+            self.state.clone().into(),
+            "__confined".into(),
+        ];
+        if let Some(n) = &self.netd {
+            args.extend(["--netd".into(), n.clone().into()]);
+        }
+        if self.loopback_only {
+            args.push("--loopback-only".into());
+        }
+        args.extend(["--".into(), program.into()]);
+        (self.exe.clone(), args)
+    }
+
+    /// The same, with no network at all.
+    pub fn loopback(&self) -> Confine {
+        Confine {
+            loopback_only: true,
+            ..self.clone()
+        }
+    }
+}
+
 /// Environment every Ansible invocation gets: no host key prompts (each VM has a new key), no
 /// retry files in the user's repo, and an unparsable inventory is an error, not an empty scope.
 pub fn base_env() -> Vec<(&'static str, String)> {
@@ -92,6 +133,33 @@ pub fn base_env() -> Vec<(&'static str, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn confined_commands_go_through_the_wrapper() {
+        let c = Confine {
+            exe: "/usr/local/bin/boma-qvm".into(),
+            state: "/s".into(),
+            netd: Some("/run/boma-qvm/netd.sock".into()),
+            loopback_only: false,
+        };
+        let (exe, args) = c.wrap(std::path::Path::new("/opt/a/bin/ansible-playbook"));
+        assert_eq!(exe, PathBuf::from("/usr/local/bin/boma-qvm"));
+        let args: Vec<String> = args.iter().map(|a| a.to_string_lossy().into()).collect();
+        assert_eq!(
+            args,
+            [
+                "--state-dir",
+                "/s",
+                "__confined",
+                "--netd",
+                "/run/boma-qvm/netd.sock",
+                "--",
+                "/opt/a/bin/ansible-playbook"
+            ]
+        );
+        let (_, args) = c.loopback().wrap(std::path::Path::new("x"));
+        assert!(args.iter().any(|a| a == "--loopback-only"));
+    }
 
     #[test]
     fn reads_the_core_version() {

@@ -52,6 +52,8 @@ pub struct PlaybookOutcome {
     pub log: PathBuf,
     pub elapsed: Duration,
     pub scope: ScopeReport,
+    /// The run was confined to the VM network and loopback (ADR-026).
+    pub confined: bool,
 }
 
 impl PlaybookOutcome {
@@ -72,6 +74,9 @@ impl PlaybookOutcome {
         );
         for f in &self.failures {
             s.push_str(&format!("\n  - [{}] {}", f.task, f.message));
+            if self.confined && crate::net::confine::is_confinement_refusal(&f.message) {
+                s.push_str(&format!("\n    why: {}", crate::net::confine::WHY));
+            }
         }
         s.push_str(&format!("\n  log: {}", show(&self.log)));
         s

@@ -41,6 +41,16 @@ impl Profile {
     /// Check the repo layout, read the real inventory with `ansible-inventory` and make sure `host`
     /// is in it. Runs one short `ansible-inventory` process.
     pub fn load(repo: &Path, host: &str) -> Result<Profile> {
+        Profile::load_confined(repo, host, None)
+    }
+
+    /// `load`, with `ansible-inventory` confined to loopback (a cycle: the real inventory's
+    /// plugins and scripts reach nothing).
+    pub fn load_confined(
+        repo: &Path,
+        host: &str,
+        confine: Option<&super::Confine>,
+    ) -> Result<Profile> {
         validate_host_name(host)?;
         if repo.exists() && !repo.is_dir() {
             return Err(Error::input(
@@ -73,7 +83,7 @@ impl Profile {
             VERIFY,
             "the outcome checks run after the apply and after the reboot (see tests/fixtures/boma)",
         )?;
-        let export = read_inventory(&repo, &inventories)?;
+        let export = read_inventory(&repo, &inventories, confine)?;
         let known = export.hosts();
         if !known.contains(host) {
             let list: Vec<&str> = known.iter().map(String::as_str).collect();
@@ -206,9 +216,21 @@ pub fn ini_value(text: &str, section: &str, key: &str) -> Option<String> {
 
 /// `ansible-inventory --list --export` over the real inventory (run from the repo, so its
 /// ansible.cfg applies). `--export` keeps group vars on their groups instead of flattening them.
-fn read_inventory(repo: &Path, inventories: &[PathBuf]) -> Result<InventoryExport> {
+fn read_inventory(
+    repo: &Path,
+    inventories: &[PathBuf],
+    confine: Option<&super::Confine>,
+) -> Result<InventoryExport> {
     let program = find_tool("ansible-inventory")?;
-    let mut cmd = std::process::Command::new(&program);
+    let mut cmd = match confine {
+        Some(c) => {
+            let (exe, args) = c.loopback().wrap(&program);
+            let mut cmd = std::process::Command::new(exe);
+            cmd.args(args);
+            cmd
+        }
+        None => std::process::Command::new(&program),
+    };
     cmd.current_dir(repo)
         .envs(base_env())
         .env("ANSIBLE_NOCOLOR", "1");

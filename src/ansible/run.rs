@@ -36,6 +36,9 @@ pub struct SessionConfig {
     /// Extra vars marked secret (`--secret-var`): passed in `secrets.json` with the credential,
     /// and scrubbed from every log.
     pub secret_vars: Vec<super::Secret>,
+    /// Run every Ansible process confined to the VM network and loopback (a cycle always
+    /// does; `None`: as they are, for library callers that set up their own isolation).
+    pub confine: Option<super::Confine>,
 }
 
 /// One profile mirrored onto one VM: the transient inventory and vars files on disk, and the
@@ -170,7 +173,15 @@ impl Session {
         args: &[OsString],
     ) -> Result<tokio::process::Command> {
         let prog = find_tool(program)?;
-        let mut cmd = tokio::process::Command::new(&prog);
+        let mut cmd = match &self.cfg.confine {
+            Some(c) => {
+                let (exe, wrapper) = c.wrap(&prog);
+                let mut cmd = tokio::process::Command::new(exe);
+                cmd.args(wrapper);
+                cmd
+            }
+            None => tokio::process::Command::new(&prog),
+        };
         cmd.args(args)
             .current_dir(&self.profile.repo)
             .envs(base_env());
@@ -198,7 +209,18 @@ impl Session {
             .map(|a| a.to_string_lossy())
             .collect::<Vec<_>>()
             .join(" ");
-        let header = format!("# boma-qvm: ansible-playbook {line}\n# scope: {scope:?}");
+        let confined = match &self.cfg.confine {
+            Some(c) => format!(
+                "\n# confined: this run and everything it starts on the control node reach only the VM network ({}) and loopback ({})",
+                self.cfg.subnet,
+                match &c.netd {
+                    Some(n) => format!("a veth from netd at {}", show(n)),
+                    None => "a veth on this state's bridge".to_string(),
+                }
+            ),
+            None => String::new(),
+        };
+        let header = format!("# boma-qvm: ansible-playbook {line}\n# scope: {scope:?}{confined}");
         let secrets = self.scrubber();
         tracing::info!(playbook = pb.name(), log = %show(&opts.log), "running ansible-playbook");
         let started = Instant::now();
@@ -224,6 +246,7 @@ impl Session {
             log: opts.log.clone(),
             elapsed,
             scope,
+            confined: self.cfg.confine.is_some(),
         };
         tracing::info!(
             playbook = pb.name(),

@@ -79,6 +79,21 @@ enum Cmd {
     Doctor(net_cmds::DoctorArgs),
     /// Inject a fault into a running VM: power-cut, power-on, reset, link-down, freeze, disk-errors-on, egress-off, nmi, ...
     Fault(fault_cmds::FaultArgs),
+    /// The privileged network daemon (root): runs the shared VM network for unprivileged users
+    /// on a unix socket (group boma-qvm); installed as boma-qvm-netd.service by the role.
+    Netd(net_cmds::NetdArgs),
+    /// Internal: run a command confined to the VM network and loopback (the cycle's Ansible).
+    #[command(name = "__confined", hide = true)]
+    Confined {
+        /// netd's socket (the VM's network is netd's); without it, root builds the veth itself.
+        #[arg(long)]
+        netd: Option<PathBuf>,
+        /// No veth: loopback only.
+        #[arg(long)]
+        loopback_only: bool,
+        #[arg(last = true, required = true)]
+        cmd: Vec<std::ffi::OsString>,
+    },
     /// Internal: the per-VM supervisor process.
     #[command(name = "__supervise", hide = true)]
     Supervise {
@@ -165,11 +180,32 @@ pub fn main() -> i32 {
         eprintln!("error: {e}");
         return e.exit_code();
     }
+    let state_typed = dirs.origins.state == DirOrigin::Flag;
     let result = match cli.cmd {
         Cmd::Supervise {
             run_dir,
             keep_fd: _,
         } => supervise(run_dir),
+        // Before any thread exists: it forks, and its child unshares a user namespace.
+        Cmd::Confined {
+            netd,
+            loopback_only,
+            cmd,
+        } => {
+            return match boma_qvm::net::confine::run(boma_qvm::net::confine::Options {
+                dirs: dirs.clone(),
+                netd,
+                loopback_only,
+                argv: cmd,
+            }) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    e.exit_code()
+                }
+            };
+        }
+        Cmd::Netd(a) => net_cmds::netd(&dirs, state_typed, a),
         cmd => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -239,7 +275,10 @@ fn preflight(cmd: &Cmd, dirs: &Dirs) -> Result<()> {
             | Cmd::Net(NetCmd::Down | NetCmd::Status)
             | Cmd::Image(ImageCmd::List | ImageCmd::Rm { .. })
     );
-    if !matches!(cmd, Cmd::Doctor(_) | Cmd::Supervise { .. }) {
+    if !matches!(
+        cmd,
+        Cmd::Doctor(_) | Cmd::Supervise { .. } | Cmd::Netd(_) | Cmd::Confined { .. }
+    ) {
         let mut problems: Vec<_> = settings::check().iter().map(|p| p.error()).collect();
         if inspects_or_cleans {
             for p in &problems {
@@ -273,7 +312,7 @@ fn preflight(cmd: &Cmd, dirs: &Dirs) -> Result<()> {
         Cmd::Prune => &[(state, false), (cache, false)],
         Cmd::Image(ImageCmd::List) => &[(cache, false)],
         Cmd::Image(_) => &[(cache, true)],
-        Cmd::Doctor(_) | Cmd::Supervise { .. } => &[],
+        Cmd::Doctor(_) | Cmd::Supervise { .. } | Cmd::Netd(_) | Cmd::Confined { .. } => &[],
     };
     for (kind, write) in uses {
         dirs.check(*kind, *write)?;
@@ -386,6 +425,8 @@ async fn dispatch(cmd: Cmd, dirs: &Dirs) -> Result<()> {
         Cmd::Net(c) => net_cmds::net(dirs, c).await,
         Cmd::Doctor(a) => net_cmds::doctor(dirs, a).await,
         Cmd::Fault(a) => fault_cmds::fault(dirs, a).await,
-        Cmd::Supervise { .. } => unreachable!("handled before the runtime"),
+        Cmd::Supervise { .. } | Cmd::Netd(_) | Cmd::Confined { .. } => {
+            unreachable!("handled before the runtime")
+        }
     }
 }

@@ -3,10 +3,12 @@
 use boma_qvm::machine::accel::{self, AccelChoice, KvmProbe};
 use boma_qvm::machine::boottest;
 use boma_qvm::machine::{Machine, StartOptions};
+use boma_qvm::net::access::NetAccess;
 use boma_qvm::net::{self, NetConfig, Network};
 use boma_qvm::paths::Dirs;
 use boma_qvm::{Error, Result, ansible};
 use clap::{Args, Subcommand};
+use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Subcommand, Debug)]
@@ -25,6 +27,7 @@ pub enum NetCmd {
 }
 
 pub async fn net(dirs: &Dirs, cmd: NetCmd) -> Result<()> {
+    let access = NetAccess::choose(dirs)?;
     match cmd {
         NetCmd::Up { bridge, subnet } => {
             let cfg = NetConfig {
@@ -32,8 +35,8 @@ pub async fn net(dirs: &Dirs, cmd: NetCmd) -> Result<()> {
                 subnet: subnet.parse()?,
                 upstream_dns: None,
             };
-            let n = Network::up(dirs, &cfg).await?;
-            println!("{}", n.status().await?);
+            access.up(&cfg).await?;
+            println!("{}", access.status().await?);
         }
         NetCmd::Down => {
             let vms = Machine::list(dirs);
@@ -43,15 +46,53 @@ pub async fn net(dirs: &Dirs, cmd: NetCmd) -> Result<()> {
                     "`boma-qvm down` them first (or `boma-qvm prune`)",
                 ));
             }
-            Network::saved(dirs).down().await?;
+            access.down().await?;
             println!("network down");
         }
         NetCmd::Status => {
-            let n = Network::saved(dirs);
-            println!("{}", n.status().await?);
+            println!("{}", access.status().await?);
         }
     }
     Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct NetdArgs {
+    /// The unix socket to listen on (mode 0660, group --group).
+    #[arg(long, default_value = net::netd::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// The group whose members may use the socket.
+    #[arg(long, default_value = net::netd::DEFAULT_GROUP)]
+    pub group: String,
+    /// The network's bridge.
+    #[arg(long, default_value = net::config::DEFAULT_BRIDGE)]
+    pub bridge: String,
+    /// The network's subnet (the bridge takes .1).
+    #[arg(long, default_value = net::config::DEFAULT_SUBNET)]
+    pub subnet: String,
+    /// Upstream DNS for the VMs while egress is on (repeatable); default: /etc/resolv.conf's.
+    #[arg(long = "upstream-dns")]
+    pub upstream_dns: Vec<std::net::IpAddr>,
+}
+
+/// `boma-qvm netd`: the privileged network daemon, until SIGTERM. Its state: `--state-dir`
+/// when typed, else /var/lib/boma-qvm/netd.
+pub fn netd(dirs: &Dirs, state_typed: bool, a: NetdArgs) -> Result<()> {
+    let state_dir = if state_typed {
+        dirs.state.clone()
+    } else {
+        PathBuf::from(net::netd::DEFAULT_STATE_DIR)
+    };
+    net::netd::serve(net::netd::Options {
+        socket: a.socket,
+        state_dir,
+        group: a.group,
+        config: NetConfig {
+            bridge: a.bridge,
+            subnet: a.subnet.parse()?,
+            upstream_dns: (!a.upstream_dns.is_empty()).then_some(a.upstream_dns),
+        },
+    })
 }
 
 #[derive(Args, Debug)]
@@ -192,6 +233,20 @@ pub async fn doctor(dirs: &Dirs, a: DoctorArgs) -> Result<()> {
         }
     }
     problems += check_ansible();
+    match NetAccess::choose(dirs) {
+        Ok(a @ NetAccess::Netd { .. }) => match a.status().await {
+            Ok(_) => println!("ok: the VM network through {}", a.describe()),
+            Err(e) => {
+                problems += 1;
+                println!("UNREACHABLE: {e}");
+            }
+        },
+        Ok(a) => println!("ok: the VM network {}", a.describe()),
+        Err(e) => {
+            problems += 1;
+            println!("NO NETWORK: {e}");
+        }
+    }
     for w in net::doctor(&Network::saved_config(dirs))? {
         problems += 1;
         println!("WARNING: {}\n  fix: {}", w.problem, w.fix);

@@ -2,7 +2,8 @@
 
 use boma_qvm::machine::accel::{self, AccelChoice, KvmProbe};
 use boma_qvm::machine::{Machine, OsSource, ShutdownOutcome, StartOptions, State, UpRequest};
-use boma_qvm::net::{NetConfig, Network};
+use boma_qvm::net::NetConfig;
+use boma_qvm::net::access::NetAccess;
 use boma_qvm::paths::Dirs;
 use boma_qvm::stage::Stages;
 use boma_qvm::{Error, Result, machine::console, machine::prune as prune_mod};
@@ -250,6 +251,14 @@ fn describe(m: &Machine) -> Result<String> {
     );
     if let State::Running { supervisor, qemu } = state {
         s.push_str(&format!("  qemu-pid={qemu} supervisor-pid={supervisor}"));
+        if let Some(uid) = boma_qvm::machine::procs::uid(qemu) {
+            let name = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+                .unwrap_or_else(|| uid.to_string());
+            s.push_str(&format!(" qemu-user={name}"));
+        }
         if let Some(pty) = m.console_pty() {
             s.push_str(&format!("  console={}", pty.display()));
         }
@@ -281,7 +290,7 @@ pub async fn status(dirs: &Dirs, a: OptVmArg) -> Result<()> {
     if machines.is_empty() {
         println!("no VMs");
     }
-    let mut networked = false;
+    let mut networked = None;
     for m in &machines {
         match describe(m) {
             Ok(d) => println!("{d}"),
@@ -293,10 +302,14 @@ pub async fn status(dirs: &Dirs, a: OptVmArg) -> Result<()> {
             ),
             Err(e) => return Err(e),
         }
-        networked |= m.spec().is_ok_and(|s| s.nic.is_some());
+        if networked.is_none()
+            && let Ok(Some(a)) = m.net_access()
+        {
+            networked = Some(a);
+        }
     }
-    if networked {
-        let st = Network::saved(dirs).status().await?;
+    if let Some(access) = networked {
+        let st = access.status().await?;
         print!("network:\n{st}");
         if !st.healthy() {
             println!("  fix: `boma-qvm net up` (or `boma-qvm start VM`) repairs it");
@@ -385,8 +398,13 @@ pub async fn prune(dirs: &Dirs) -> Result<()> {
         format!(", {} stray process(es)", r.processes.len())
     };
     println!("pruned {} VM(s){stray}", r.vms.len());
-    let n = boma_qvm::net::prune(dirs).await?;
-    println!("{n}");
+    match NetAccess::choose(dirs) {
+        Ok(access) => println!("{}", access.prune().await?),
+        Err(e) => println!(
+            "network: not pruned: {}",
+            e.to_string().replace("\n  ", "; ")
+        ),
+    }
     println!("{}", prune_image_staging(dirs)?);
     Ok(())
 }
@@ -410,9 +428,15 @@ pub async fn left_behind(dirs: &Dirs, host: &str) -> String {
             ),
         });
     }
-    let net = Network::saved(dirs);
     let mut idle_net = false;
-    match net.status().await {
+    let status = match vm.as_ref().and_then(|m| m.net_access().ok().flatten()) {
+        Some(a) => a.status().await,
+        None => match NetAccess::choose(dirs) {
+            Ok(a) => a.status().await,
+            Err(e) => Err(e),
+        },
+    };
+    match status {
         Ok(st) if !st.is_down() => {
             let on: Vec<&str> = st.vms.iter().map(|v| v.name.as_str()).collect();
             idle_net = on.is_empty();

@@ -7,7 +7,7 @@
 use super::config::{CycleConfig, utc_stamp};
 use super::drift::{self, GuestState, StateDiff};
 use crate::ansible::{
-    Connection, Playbook, PlaybookOutcome, Profile, RunOptions, Session, SessionConfig,
+    Confine, Connection, Playbook, PlaybookOutcome, Profile, RunOptions, Session, SessionConfig,
 };
 use crate::error::FailureClass;
 use crate::machine::Machine;
@@ -332,8 +332,11 @@ pub fn mask_vm_files(m: &Machine, scrubber: &crate::secrets::Scrubber) {
 }
 
 /// The Ansible session for the VM: the transient inventory and vars files in its run dir.
+/// Every Ansible process of the session runs confined to the VM's network and loopback
+/// (ADR-026): through netd when netd runs that network, else on this state's bridge.
 pub fn session(cfg: &CycleConfig, m: &Machine) -> Result<Session> {
-    let profile = Profile::load(&cfg.repo, &cfg.host)?;
+    let confine = confinement(m)?;
+    let profile = Profile::load_confined(&cfg.repo, &cfg.host, Some(&confine))?;
     Session::new(
         profile,
         SessionConfig {
@@ -343,8 +346,21 @@ pub fn session(cfg: &CycleConfig, m: &Machine) -> Result<Session> {
             certs: cfg.cert_plan()?,
             extra_vars: cfg.extra_vars.clone(),
             secret_vars: cfg.secrets()?,
+            confine: Some(confine),
         },
     )
+}
+
+/// How `m`'s Ansible runs are confined.
+pub fn confinement(m: &Machine) -> Result<Confine> {
+    Ok(Confine {
+        exe: m.start.exe.clone(),
+        state: m.dirs().state.clone(),
+        netd: m
+            .net_access()?
+            .and_then(|a| a.socket().map(std::path::Path::to_path_buf)),
+        loopback_only: false,
+    })
 }
 
 /// Run the playbook; `ran` is set once it ran (its failure is then the change's, not a

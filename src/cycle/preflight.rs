@@ -13,7 +13,14 @@ use crate::paths::Dirs;
 /// Check `cfg` and `req`; make relative `@FILE` extra vars absolute and add the overlay's DNS
 /// names to `req`.
 pub fn check(dirs: &Dirs, cfg: &mut CycleConfig, req: &mut UpRequest) -> Result<Profile> {
-    let profile = Profile::load(&cfg.repo, &cfg.host)?;
+    // The real inventory is read with ansible-inventory confined to loopback (ADR-026).
+    let confine = crate::ansible::Confine {
+        exe: req.start.exe.clone(),
+        state: dirs.state.clone(),
+        netd: None,
+        loopback_only: true,
+    };
+    let profile = Profile::load_confined(&cfg.repo, &cfg.host, Some(&confine))?;
     cfg.cert_plan()?;
     let overlay = overlay_vars(&profile)?;
     extra::refuse_local_connection(&overlay, &show(&profile.overlay))?;

@@ -3,12 +3,12 @@
 //! that proves it is in events.jsonl where there is one (QEMU_EXITED, RESET, STOP, RESUME).
 
 use super::{Fault, refused};
-use crate::Result;
 use crate::machine::Machine;
 use crate::machine::events::{Record, names};
 use crate::machine::power::{self, RebootMode};
 use crate::machine::qemu::argv::NETDEV_ID;
 use crate::machine::qmp::Qmp;
+use crate::{Error, Result};
 use qapi::qmp::{RunState, cont, inject_nmi, query_status, set_link, stop};
 use serde_json::json;
 use std::time::Duration;
@@ -214,13 +214,19 @@ impl Machine {
         self.require_running(f)?;
         self.require_nic(f)?;
         let ip = self.ip()?;
-        let network = crate::net::Network::saved(&self.dirs);
+        let access = self.net_access()?.ok_or_else(|| {
+            Error::network(
+                format!("{} has no NIC", self.name()),
+                "it was started without a network",
+            )
+        })?;
         let detail = format!(
             "outbound NAT {} for {ip} (nft set no_egress)",
             if on { "restored" } else { "cut" }
         );
+        let name = self.name().to_string();
         self.injecting(f, detail, json!({"ip": ip.to_string()}), async {
-            network.set_egress(ip, on)
+            access.set_egress(&name, ip, on).await
         })
         .await
     }

@@ -33,7 +33,7 @@ impl Machine {
                 ),
             ));
         };
-        if !procs::mentions(&procs::cmdline(qemu), &self.vm.run.dir) {
+        if !crate::machine::vm::is_qemu_of(qemu, &self.vm.run) {
             return Err(Error::qemu(
                 format!("pid {qemu} in qemu.pid is not {}'s QEMU", self.vm.name),
                 "look at `boma-qvm status`; `boma-qvm prune` clears stale state",

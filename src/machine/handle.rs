@@ -215,8 +215,9 @@ impl Machine {
         Ok(())
     }
 
-    /// Save the running VM's memory and device state to `file` (QMP `migrate` to an `exec:`
-    /// URI; QEMU 7.2 has no `file:` migration). The guest is paused first, so the state is one
+    /// Save the running VM's memory and device state to `file` (QMP `migrate` over a unix
+    /// socket that this process copies to the file: QEMU 7.2 has no `file:` migration, and
+    /// QEMU's sandbox forbids `exec:`). The guest is paused first, so the state is one
     /// consistent instant and the disk is flushed with it; it stays paused afterwards (QEMU's
     /// `postmigrate`): destroy the VM, or `cont` it over QMP to go on. The disk is not in the
     /// file: restore it with the overlay as it was at this instant.
@@ -227,6 +228,12 @@ impl Machine {
     /// The VM's address on the isolated network.
     pub fn ip(&self) -> Result<Ipv4Addr> {
         provision::vm_ip(&self.dirs, &self.vm)
+    }
+
+    /// How the VM reaches its network (netd or directly), the way it was made; `None` without
+    /// a NIC.
+    pub fn net_access(&self) -> Result<Option<crate::net::access::NetAccess>> {
+        provision::access_of(&self.dirs, &self.vm)
     }
 
     /// SSH to the VM as `ansible` with the run's key.

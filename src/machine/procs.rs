@@ -45,6 +45,23 @@ pub fn cmdline(pid: i32) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The working directory of `pid` (`None` when it is gone or not ours to look at).
+pub fn cwd(pid: i32) -> Option<std::path::PathBuf> {
+    std::fs::read_link(format!("/proc/{pid}/cwd")).ok()
+}
+
+/// The real uid of `pid` (from /proc/PID/status).
+pub fn uid(pid: i32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Every pid whose argv satisfies `pred`.
 pub fn find(pred: impl Fn(&[String]) -> bool) -> Vec<i32> {
     let Ok(rd) = std::fs::read_dir("/proc") else {

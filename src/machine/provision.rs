@@ -8,13 +8,14 @@ use crate::machine::events;
 use crate::machine::spec::{self, Boot, NicSpec, VmSpec};
 use crate::machine::vm::{StartOptions, Vm};
 use crate::machine::warm;
-use crate::net::{self, NetConfig, Network};
+use crate::net::access::NetAccess;
+use crate::net::{self, NetConfig};
 use crate::paths::Dirs;
 use crate::stage::Stages;
 use crate::{Error, Result, guest::seed, guest::ssh};
 use std::future::Future;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// What the VM boots.
@@ -163,7 +164,6 @@ pub(crate) async fn up(dirs: &Dirs, req: &UpRequest, stages: &mut Stages) -> Res
                 name: spec::vm_name(&req.host)?,
                 host: req.host.clone(),
                 backing: image.as_ref().map(|i| i.disk.clone()),
-                overlay: None,
                 seed: SeedPlan::Fresh,
             };
             Ok(cold(dirs, req, image.as_ref(), &plan, stages).await?.vm)
@@ -214,9 +214,6 @@ pub(crate) async fn cold(
     );
     stages.retrying(&format!("{why}: {first}"), kept);
     teardown(vm).await?;
-    if let Some(o) = &plan.overlay {
-        let _ = std::fs::remove_file(o);
-    }
     cold_once(dirs, req, image, plan, stages).await
 }
 
@@ -293,8 +290,6 @@ pub(crate) struct Plan {
     /// The qcow2 the overlay is backed by (the golden image, or a warm template's disk); `None`
     /// for a kernel boot without a disk.
     pub backing: Option<PathBuf>,
-    /// Where the overlay goes (default: the run directory).
-    pub overlay: Option<PathBuf>,
     pub seed: SeedPlan,
 }
 
@@ -312,7 +307,8 @@ pub(crate) enum SeedPlan {
 /// A VM made (run directory, spec, overlay, seed, network registration), not yet started.
 pub(crate) struct Made {
     pub vm: Vm,
-    pub network: Option<Network>,
+    /// How this process reaches the network, and the config it runs with.
+    pub network: Option<(NetAccess, NetConfig)>,
     pub vm_net: Option<net::VmNet>,
 }
 
@@ -336,8 +332,14 @@ pub(crate) async fn make(
     plan: &Plan,
     stages: &mut Stages,
 ) -> Result<Made> {
+    // How this process reaches the network (netd, or directly as root): decided, and refused
+    // with the fix, before anything is made.
     let network = match &req.net {
-        Some(cfg) => Some(stages.run("network", Network::up(dirs, cfg)).await?),
+        Some(cfg) => {
+            let access = NetAccess::choose(dirs)?;
+            let cfg = stages.run("network", access.up(cfg)).await?;
+            Some((access, cfg))
+        }
         None => None,
     };
     let boot = match (image, &req.os) {
@@ -358,21 +360,28 @@ pub(crate) async fn make(
     };
     let name = &plan.name;
     let mut spec = base_spec(req, name, boot);
-    let vm_net = match &network {
-        Some(n) => Some(n.vm_net(name, req.dns_names.clone(), req.egress)?),
-        None => None,
-    };
-    if let (Some(n), Some(v)) = (&network, &vm_net) {
+    let mac = net::mac_for(name);
+    if let Some((access, cfg)) = &network {
         spec.nic = Some(NicSpec {
-            mac: v.mac.to_string(),
+            mac: mac.to_string(),
             tap: net::tap_name_for(name),
-            bridge: n.config().bridge.clone(),
+            bridge: cfg.bridge.clone(),
+            netd: access.socket().map(Path::to_path_buf),
         });
     }
     let vm = Vm::create(dirs, &spec)?;
     let made = async {
+        let vm_net = match &network {
+            Some((access, cfg)) => Some(
+                access
+                    .register(cfg, name, req.dns_names.clone(), req.egress)
+                    .await?,
+            ),
+            None => None,
+        };
         if let Some(backing) = &plan.backing {
-            let overlay = plan.overlay.clone().unwrap_or_else(|| vm.run.overlay());
+            // In the run directory: the only place the account QEMU runs as may write.
+            let overlay = vm.run.overlay();
             stages
                 .run("overlay", async {
                     image::overlay::create(backing, &overlay, Some(req.disk_gib * (1 << 30)))
@@ -387,16 +396,16 @@ pub(crate) async fn make(
             spec.seed = Some(seed_iso);
             vm.run.write_spec(&spec)?;
         }
-        if let (Some(n), Some(v)) = (&network, &vm_net) {
-            n.register_vm(v)?;
-        }
-        Ok::<(), Error>(())
+        Ok::<Option<net::VmNet>, Error>(vm_net)
     }
     .await;
-    if let Err(e) = made {
-        let _ = teardown(vm).await;
-        return Err(e);
-    }
+    let vm_net = match made {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = teardown(vm).await;
+            return Err(e);
+        }
+    };
     Ok(Made {
         vm,
         network,
@@ -415,14 +424,13 @@ pub(crate) async fn wait_ready(
     let vm = &made.vm;
     let kept = |e: Error| keep_note(vm, e);
     let ip = match (&made.network, &made.vm_net) {
-        (Some(n), Some(v)) => {
-            let lease = n.lease_file();
+        (Some((access, _)), Some(v)) => {
             let t = req.accel.scale(Duration::from_secs(60));
             Some(
                 stages
                     .run(
                         "dhcp lease",
-                        watched(vm, net::wait_for_lease(&lease, &v.mac, t)),
+                        watched(vm, access.wait_lease(&vm.name, &v.mac, t)),
                     )
                     .await
                     .map_err(kept)?,
@@ -501,20 +509,24 @@ fn write_seed(
     seed::write(&vm.run.dir, &s)
 }
 
+/// How the VM reaches its network: the way it was made (its NIC records netd's socket).
+pub(crate) fn access_of(dirs: &Dirs, vm: &Vm) -> Result<Option<NetAccess>> {
+    Ok(vm
+        .spec()?
+        .nic
+        .map(|nic| NetAccess::recorded(dirs, nic.netd.as_deref())))
+}
+
 /// The VM's address on the isolated network (from its registration).
 pub(crate) fn vm_ip(dirs: &Dirs, vm: &Vm) -> Result<Ipv4Addr> {
-    let network = Network::saved(dirs);
-    network
-        .vms()?
-        .into_iter()
-        .find(|v| v.name == vm.name)
-        .map(|v| v.ip)
-        .ok_or_else(|| {
-            Error::network(
-                format!("{} has no address on the isolated network", vm.name),
-                "it was started without a network",
-            )
-        })
+    let no_net = || {
+        Error::network(
+            format!("{} has no address on the isolated network", vm.name),
+            "it was started without a network",
+        )
+    };
+    let access = access_of(dirs, vm)?.ok_or_else(no_net)?;
+    access.vm(&vm.name)?.map(|(v, _)| v.ip).ok_or_else(no_net)
 }
 
 /// SSH to the VM as `ansible` with the run's key.
@@ -531,10 +543,16 @@ pub(crate) fn ssh_conn(dirs: &Dirs, vm: &Vm) -> Result<ssh::Conn> {
     ))
 }
 
-/// Power on an existing VM (its network is brought back first if it has a NIC).
+/// Power on an existing VM (its network is brought back first if it has a NIC, and the VM
+/// registered again if the network went down without it).
 pub(crate) async fn start(dirs: &Dirs, vm: &Vm, opts: &StartOptions) -> Result<()> {
-    if vm.spec()?.nic.is_some() {
-        Network::up(dirs, &Network::saved_config(dirs)).await?;
+    let spec = vm.spec()?;
+    if let Some(nic) = &spec.nic {
+        let access = NetAccess::recorded(dirs, nic.netd.as_deref());
+        let cfg = access.up_again(&nic.bridge).await?;
+        if access.vm(&vm.name)?.is_none() {
+            access.register(&cfg, &vm.name, Vec::new(), true).await?;
+        }
     }
     vm.start(opts).await
 }
@@ -547,8 +565,12 @@ pub(crate) async fn start_restoring(
     opts: &StartOptions,
     state: &std::path::Path,
 ) -> Result<()> {
-    if vm.spec()?.nic.is_some() {
-        Network::up(dirs, &Network::saved_config(dirs)).await?;
+    if let Some(nic) = &vm.spec()?.nic {
+        let access = NetAccess::recorded(dirs, nic.netd.as_deref());
+        let cfg = access.up_again(&nic.bridge).await?;
+        if access.vm(&vm.name)?.is_none() {
+            access.register(&cfg, &vm.name, Vec::new(), true).await?;
+        }
     }
     vm.start_restoring(opts, state).await
 }
@@ -558,13 +580,20 @@ pub(crate) async fn teardown(vm: Vm) -> Result<()> {
     let dirs = vm.dirs.clone();
     let name = vm.name.clone();
     // Without a readable spec, whether it had a NIC is unknown: its network registration says.
-    let nic = vm.spec().map(|s| s.nic.is_some()).ok();
+    let spec = vm.spec().ok();
+    let nic = spec.as_ref().map(|s| s.nic.clone());
     vm.destroy().await?;
-    if nic != Some(false) {
-        let network = Network::saved(&dirs);
-        let registered = network.unregister_vm(&name)?;
-        if (nic == Some(true) || registered) && network.vms()?.is_empty() {
-            network.down().await?;
+    match nic {
+        Some(None) => {}
+        Some(Some(n)) => {
+            NetAccess::recorded(&dirs, n.netd.as_deref())
+                .release(&name, true)
+                .await?;
+        }
+        None => {
+            NetAccess::recorded(&dirs, None)
+                .release(&name, false)
+                .await?;
         }
     }
     Ok(())

@@ -25,14 +25,16 @@ pub async fn prune(dirs: &Dirs) -> Result<PruneReport> {
         std::fs::remove_dir_all(&vm.run.dir).ok();
         report.vms.push(name);
     }
-    // Processes whose pid files were lost: anything whose argv points into our VM directory.
+    // Processes whose pid files were lost: supervisors whose argv points into our VM directory,
+    // QEMUs running in it (QEMU's cwd is its run directory).
     let vms_dir = dirs.vms();
+    let canonical = std::fs::canonicalize(&vms_dir).unwrap_or_else(|_| vms_dir.clone());
     let ours = |argv: &[String]| {
-        let is_qemu = argv.first().is_some_and(|a| a.contains("qemu-system"));
-        let is_supervisor = argv.iter().any(|a| a == "__supervise");
-        (is_qemu || is_supervisor) && procs::mentions(argv, &vms_dir)
+        argv.iter().any(|a| a == "__supervise") && procs::mentions(argv, &vms_dir)
     };
-    for pid in procs::find(ours) {
+    let mut stray = procs::find(ours);
+    stray.extend(qemus_in(&canonical));
+    for pid in stray {
         procs::terminate(pid, Duration::from_secs(5)).await;
         report.processes.push(pid);
     }
@@ -42,4 +44,12 @@ pub async fn prune(dirs: &Dirs) -> Result<PruneReport> {
         }
     }
     Ok(report)
+}
+
+/// QEMU processes whose working directory is under `dir` (QEMU runs in its run directory).
+pub fn qemus_in(dir: &std::path::Path) -> Vec<i32> {
+    procs::find(|argv| argv.first().is_some_and(|a| a.contains("qemu-system")))
+        .into_iter()
+        .filter(|pid| procs::cwd(*pid).is_some_and(|d| d.starts_with(dir)))
+        .collect()
 }

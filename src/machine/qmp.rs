@@ -178,8 +178,3 @@ impl Qmp {
         &self.service
     }
 }
-
-/// A shell-quoted path for QEMU's `exec:` migration URIs (run by `/bin/sh -c`).
-pub fn sh_quote(path: &Path) -> String {
-    format!("'{}'", path.display().to_string().replace('\'', r"'\''"))
-}

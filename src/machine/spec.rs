@@ -71,6 +71,10 @@ pub struct NicSpec {
     pub mac: String,
     pub tap: String,
     pub bridge: String,
+    /// netd's socket when netd runs this VM's network (its tap, lease, egress); `None`: the
+    /// network of this state, run directly (root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netd: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,6 +221,7 @@ mod tests {
             mac: "52:54:00:00:00:01".into(),
             tap: "bq-1".into(),
             bridge: "boma-qvm0".into(),
+            netd: None,
         });
         let j = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<VmSpec>(&j).unwrap(), s);

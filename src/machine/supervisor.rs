@@ -7,7 +7,7 @@
 
 use crate::error::IoContext;
 use crate::machine::events::{self, Record, Source, names};
-use crate::machine::qemu::argv;
+use crate::machine::qemu::{account, argv};
 use crate::machine::rundir::RunDir;
 use crate::{Error, Result, machine::console, machine::procs, machine::qga, machine::qmp};
 use futures::StreamExt;
@@ -110,10 +110,47 @@ pub async fn run(run: RunDir, tap: Option<OwnedFd>) -> Result<()> {
         .ok()
         .map(|p| std::path::PathBuf::from(p.trim()));
     let _ = std::fs::remove_file(run.restore_request());
-    let mut args = argv::build(&spec, &run, tap_fd);
-    if restore.is_some() {
+    let acct = account::for_this_process()?;
+    // Files outside the run directory are opened here and handed over as fds: the account QEMU
+    // runs as needs no way to them (root's cache is under /root).
+    let outside = OutsideFiles::open(&spec)?;
+    let handed = outside.handed();
+    let mut args = argv::for_run_dir(&spec, &run, tap_fd, &handed);
+    // The saved state reaches QEMU through a socket pair: its end is inherited, this end is fed
+    // from the file once QEMU waits for it. QEMU's sandbox (spawn=deny) forbids `exec:` URIs,
+    // its account may not read the cache, and `fd:` on a plain file is deprecated in newer QEMU.
+    let incoming = match &restore {
+        Some(state) => Some(Incoming::open(state)?),
+        None => None,
+    };
+    if incoming.is_some() {
         args.extend(argv::incoming());
     }
+    let mut inherited = handed.fds();
+    inherited.extend(incoming.as_ref().map(Incoming::qemu_fd));
+    if let Some(a) = &acct {
+        account::check_readable(a, &outside.reopened)?;
+        account::prepare_run_dir(
+            &run,
+            a,
+            &[
+                (run.overlay(), true),
+                (run.seed(), false),
+                (run.console_log(), true),
+            ],
+        )?;
+    }
+    let runs_as = match &acct {
+        Some(a) => a.name.clone(),
+        None => crate::net::dnsmasq::current_user(),
+    };
+    let drop_to = acct.as_ref().map(|a| {
+        (
+            a.uid.as_raw(),
+            a.gid.as_raw(),
+            a.groups.iter().map(|g| g.as_raw()).collect::<Vec<_>>(),
+        )
+    });
     let qemu_log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -121,15 +158,33 @@ pub async fn run(run: RunDir, tap: Option<OwnedFd>) -> Result<()> {
         .ctx(|| "opening qemu.log".into())?;
     let mut cmd = tokio::process::Command::new(spec.qemu_binary());
     cmd.args(&args)
+        .current_dir(&run.dir)
         .stdin(Stdio::null())
         .stdout(qemu_log.try_clone().ctx(|| "dup qemu.log".into())?)
         .stderr(qemu_log);
-    // SAFETY: only async-signal-safe calls between fork and exec.
+    let supervisor = std::process::id() as i32;
+    // SAFETY: only async-signal-safe calls (setgroups, setresgid, setresuid, umask, prctl,
+    // getppid, fcntl) between fork and exec; `drop_to` was built before the fork.
     unsafe {
         cmd.pre_exec(move || {
-            // QEMU dies with its supervisor instead of running on unrecorded.
+            if let Some((uid, gid, groups)) = &drop_to {
+                // Root never runs QEMU: groups first, then the group, then the user.
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setresgid(*gid, *gid, *gid) != 0
+                    || libc::setresuid(*uid, *uid, *uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            // What QEMU creates (its sockets, the console log) is private to it (and root).
+            libc::umask(0o077);
+            // QEMU dies with its supervisor instead of running on unrecorded. Set after the
+            // credential change, which clears it.
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-            if let Some(fd) = tap_fd {
+            if libc::getppid() != supervisor {
+                return Err(std::io::Error::other("the supervisor is gone"));
+            }
+            for &fd in tap_fd.iter().chain(inherited.iter()) {
                 let flags = libc::fcntl(fd, libc::F_GETFD);
                 libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
             }
@@ -144,10 +199,13 @@ pub async fn run(run: RunDir, tap: Option<OwnedFd>) -> Result<()> {
     })?;
     // The tap now lives in QEMU; our copy goes so the tap vanishes when QEMU exits.
     drop(tap);
+    drop(outside);
+    let incoming = incoming.map(Incoming::started);
     let pid = child.id().unwrap_or(0) as i32;
     std::fs::write(run.qemu_pid(), pid.to_string()).ctx(|| "writing qemu.pid".into())?;
     tracing::info!(
-        "QEMU started, pid {pid}: {} {}",
+        "QEMU started as {runs_as}, pid {pid}, in {}: {} {}",
+        run.dir.display(),
         spec.qemu_binary().display(),
         args.join(" ")
     );
@@ -199,12 +257,12 @@ pub async fn run(run: RunDir, tap: Option<OwnedFd>) -> Result<()> {
         }
         Err(e) => tracing::warn!("query-chardev failed: {e}"),
     }
-    if let Some(state) = &restore {
+    if let (Some(state), Some((file, ours, qemu_fd))) = (&restore, incoming) {
         let t = std::time::Instant::now();
         let restored = async {
             service
                 .execute(qapi::qmp::migrate_incoming {
-                    uri: Some(format!("exec:cat {}", qmp::sh_quote(state))),
+                    uri: Some(format!("fd:{qemu_fd}")),
                     channels: None,
                     exit_on_error: None,
                 })
@@ -215,12 +273,26 @@ pub async fn run(run: RunDir, tap: Option<OwnedFd>) -> Result<()> {
                         "see qemu.log in the run directory",
                     )
                 })?;
-            qmp::wait_migration(
+            // Fed in a thread; its end closes when the file is through (EOF for QEMU). A copy
+            // cut short (QEMU gave up) shows as the migration's own failure below.
+            let feeder = tokio::task::spawn_blocking(move || {
+                let (mut file, mut ours) = (file, ours);
+                let r = std::io::copy(&mut file, &mut ours);
+                let _ = ours.shutdown(std::net::Shutdown::Write);
+                r
+            });
+            let info = qmp::wait_migration(
                 &service,
                 &format!("restoring the saved state {}", state.display()),
                 RESTORE_TIMEOUT,
             )
-            .await
+            .await?;
+            match feeder.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!("feeding {} to QEMU: {e}", state.display()),
+                Err(e) => tracing::warn!("feeding {} to QEMU: {e}", state.display()),
+            }
+            Ok(info)
         }
         .await;
         match restored {
@@ -248,7 +320,7 @@ pub async fn run(run: RunDir, tap: Option<OwnedFd>) -> Result<()> {
         Record::new(
             Source::Boma,
             names::QEMU_STARTED,
-            json!({"pid": pid, "accel": spec.accel.as_str(), "argv": args}),
+            json!({"pid": pid, "accel": spec.accel.as_str(), "argv": args, "user": runs_as}),
         ),
     );
     // From here on the agent's channel has a host end for the VM's whole life.
@@ -320,7 +392,7 @@ pub async fn main(run: RunDir) -> Result<()> {
     let r = async {
         let spec = run.read_spec()?;
         let tap = match &spec.nic {
-            Some(nic) => Some(crate::net::open_tap(&nic.tap, &nic.bridge).await?),
+            Some(nic) => Some(open_tap(&run, &spec.name, nic).await?),
             None => None,
         };
         self::run(run.clone(), tap).await
@@ -339,4 +411,130 @@ pub async fn main(run: RunDir) -> Result<()> {
         remove_runtime_files(&run);
     }
     r
+}
+
+/// The files QEMU needs from outside its run directory, opened by the supervisor: a kernel and
+/// initrd (QEMU reopens them through /proc/self/fd, so only their own mode counts) and the
+/// overlay's golden image (read-only, in an fdset: QEMU opens nothing).
+struct OutsideFiles {
+    kernel: Option<std::fs::File>,
+    initrd: Option<std::fs::File>,
+    /// The overlay's backing chain, top down.
+    backing: Vec<std::fs::File>,
+    /// The files QEMU reopens by path, for the account's permission check.
+    reopened: Vec<std::path::PathBuf>,
+}
+
+impl OutsideFiles {
+    fn open(spec: &crate::machine::spec::VmSpec) -> Result<OutsideFiles> {
+        let open = |p: &Path| std::fs::File::open(p).ctx(|| format!("opening {}", p.display()));
+        let mut f = OutsideFiles {
+            kernel: None,
+            initrd: None,
+            backing: Vec::new(),
+            reopened: Vec::new(),
+        };
+        if let crate::machine::spec::Boot::Kernel { kernel, initrd, .. } = &spec.boot {
+            f.kernel = Some(open(kernel)?);
+            f.reopened.push(kernel.clone());
+            if let Some(i) = initrd {
+                f.initrd = Some(open(i)?);
+                f.reopened.push(i.clone());
+            }
+        }
+        // The whole chain: a warm VM's overlay is backed by its template's disk, itself backed
+        // by the golden image.
+        let mut below = spec.disk.clone();
+        while let Some(disk) = below {
+            below = crate::guest::image::overlay::info(&disk)?.backing;
+            if let Some(b) = &below {
+                if f.backing.len() >= MAX_CHAIN {
+                    return Err(Error::input(
+                        format!(
+                            "{}'s backing chain is deeper than {MAX_CHAIN}",
+                            show(&spec.disk)
+                        ),
+                        "rebuild the VM's overlay (`boma-qvm down`, then `up` again)",
+                    ));
+                }
+                f.backing.push(open(b)?);
+            }
+        }
+        Ok(f)
+    }
+
+    fn handed(&self) -> argv::Handed {
+        let fd = |f: &Option<std::fs::File>| f.as_ref().map(|f| f.as_raw_fd());
+        argv::Handed {
+            kernel: fd(&self.kernel),
+            initrd: fd(&self.initrd),
+            backing: self.backing.iter().map(|f| f.as_raw_fd()).collect(),
+        }
+    }
+}
+
+/// The deepest backing chain handed over: overlay -> warm template's disk -> golden image is 2.
+const MAX_CHAIN: usize = 4;
+
+fn show(p: &Option<std::path::PathBuf>) -> String {
+    p.as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+/// A saved state on its way into QEMU (a warm start): the file, opened here as the user who
+/// started the VM, and a socket pair whose one end QEMU inherits (`migrate-incoming fd:N`).
+struct Incoming {
+    file: std::fs::File,
+    ours: std::os::unix::net::UnixStream,
+    theirs: std::os::unix::net::UnixStream,
+}
+
+impl Incoming {
+    fn open(state: &Path) -> Result<Incoming> {
+        let file = std::fs::File::open(state)
+            .ctx(|| format!("opening the saved state {}", state.display()))?;
+        let (ours, theirs) =
+            std::os::unix::net::UnixStream::pair().ctx(|| "a socket pair for the state".into())?;
+        Ok(Incoming { file, ours, theirs })
+    }
+
+    fn qemu_fd(&self) -> i32 {
+        self.theirs.as_raw_fd()
+    }
+
+    /// QEMU runs and holds its end: our copy of it goes (QEMU then sees EOF when we close ours).
+    /// Returns the file, our end and the fd number QEMU knows its end by.
+    fn started(self) -> (std::fs::File, std::os::unix::net::UnixStream, i32) {
+        let n = self.theirs.as_raw_fd();
+        drop(self.theirs);
+        (self.file, self.ours, n)
+    }
+}
+
+/// The VM's tap on its network's bridge: from netd when netd runs its network, else made here
+/// (root) and recorded in the network's state (the state directory that holds the run
+/// directory: `<state>/vms/<name>`).
+async fn open_tap(
+    run: &RunDir,
+    name: &str,
+    nic: &crate::machine::spec::NicSpec,
+) -> Result<OwnedFd> {
+    let state = run.dir.parent().and_then(Path::parent).ok_or_else(|| {
+        Error::input(
+            format!(
+                "run directory {} has no state directory above it",
+                run.dir.display()
+            ),
+            "run VMs from a boma-qvm state directory",
+        )
+    })?;
+    let dirs = crate::paths::Dirs {
+        state: state.to_path_buf(),
+        ..crate::paths::Dirs::under(state)
+    };
+    let access = crate::net::access::NetAccess::recorded(&dirs, nic.netd.as_deref());
+    let mut cfg = crate::net::Network::saved_config(&dirs);
+    cfg.bridge = nic.bridge.clone();
+    access.tap(&cfg, name).await
 }

@@ -358,8 +358,8 @@ impl Vm {
         {
             procs::terminate(pid, Duration::from_secs(20)).await;
         }
-        if let Some(pid) = RunDir::read_pid(&self.run.qemu_pid())
-            .filter(|p| is_qemu_of(&procs::cmdline(*p), &self.run))
+        if let Some(pid) =
+            RunDir::read_pid(&self.run.qemu_pid()).filter(|p| is_qemu_of(*p, &self.run))
         {
             procs::terminate(pid, Duration::from_secs(10)).await;
         }
@@ -379,21 +379,22 @@ pub fn supervised_by_us(pid: i32, run: &RunDir) -> bool {
     argv.iter().any(|a| a == "__supervise") && procs::mentions(&argv, &run.dir)
 }
 
-/// True when `argv` is a QEMU started for `run`: `-name NAME,...` (see `qemu::argv::base`) and
-/// paths into the run directory. A `tail -f` of its console log is neither.
-pub fn is_qemu_of(argv: &[String], run: &RunDir) -> bool {
+/// True when `pid` is a QEMU started for `run`: `-name NAME,...` (see `qemu::argv::base`) in
+/// its argv, running in the run directory (QEMU's cwd: its files are named relative to it). A
+/// `tail -f` of its console log is neither.
+pub fn is_qemu_of(pid: i32, run: &RunDir) -> bool {
     let name = format!("{},", run.name());
-    argv.windows(2)
+    procs::cmdline(pid)
+        .windows(2)
         .any(|w| w[0] == "-name" && w[1].starts_with(&name))
-        && procs::mentions(argv, &run.dir)
+        && procs::cwd(pid)
+            .is_some_and(|d| d == run.dir || std::fs::canonicalize(&run.dir).is_ok_and(|c| c == d))
 }
 
 /// True when `pid` is the QEMU of `run`: alive, a child of its supervisor, and its argv is
 /// QEMU's for this VM.
 pub fn qemu_of_us(pid: i32, supervisor: i32, run: &RunDir) -> bool {
-    procs::alive(pid)
-        && procs::ppid(pid) == Some(supervisor)
-        && is_qemu_of(&procs::cmdline(pid), run)
+    procs::alive(pid) && procs::ppid(pid) == Some(supervisor) && is_qemu_of(pid, run)
 }
 
 /// Names of all VMs with a run directory.

@@ -113,8 +113,17 @@ impl Want {
             mac: "52:54:00:00:00:00".into(),
             tap: "tap".into(),
             bridge: "bridge".into(),
+            netd: None,
         });
-        let argv = argv::build(&spec, &RunDir::new("/warm"), Some(3));
+        // With `-sandbox` (main's seccomp policy) in it: a QEMU that may not do what the
+        // template's did is another machine. Not the account QEMU runs as: the saved state
+        // holds nothing of it, and the template's files are opened by boma-qvm and handed over.
+        let argv = argv::build(
+            &spec,
+            &RunDir::new("/warm"),
+            Some(3),
+            &argv::Handed::default(),
+        );
         let machine = argv
             .windows(2)
             .find(|w| w[0] == "-machine")
@@ -446,7 +455,6 @@ async fn build(dirs: &Dirs, req: &UpRequest, img: &Image, want: &Want) -> Result
         name: name.clone(),
         host: TEMPLATE_HOST.into(),
         backing: Some(img.disk.clone()),
-        overlay: Some(staging.path().join(DISK)),
         seed: SeedPlan::Warm {
             instance_id: instance_id.clone(),
         },
@@ -471,6 +479,13 @@ async fn build(dirs: &Dirs, req: &UpRequest, img: &Image, want: &Want) -> Result
         .as_ref()
         .map(|v| v.mac.to_string())
         .unwrap_or_default();
+    // The overlay as it was at the save becomes the template's disk. It was made in the run
+    // directory (the only place QEMU's account may write) and is that account's: moved while
+    // QEMU is paused after the migration (its block layer inactive: it writes nothing more),
+    // then this user's, so the cache's trust rule holds.
+    if let Err(e) = take_disk(&made.vm.run.overlay(), &staging.path().join(DISK)) {
+        return Err(give_up(dirs, &name, e).await);
+    }
     provision::teardown(made.vm).await?;
 
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -529,6 +544,20 @@ async fn build(dirs: &Dirs, req: &UpRequest, img: &Image, want: &Want) -> Result
         show(&t.dir)
     );
     Ok(t)
+}
+
+/// Move the template VM's overlay `from` (its run directory) to `to` (the staging directory),
+/// copying when they are on different filesystems, and make it this user's.
+fn take_disk(from: &Path, to: &Path) -> Result<()> {
+    if std::fs::rename(from, to).is_err() {
+        std::fs::copy(from, to).ctx(|| format!("copying {} to {}", show(from), show(to)))?;
+        let _ = std::fs::remove_file(from);
+    }
+    let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
+    nix::unistd::chown(to, Some(uid), Some(gid)).map_err(|e| Error::Io {
+        context: format!("chown {}", show(to)),
+        source: e.into(),
+    })
 }
 
 /// The template VM failed: keep its console beside the state dir's panics, remove it, and say
@@ -625,7 +654,6 @@ pub(crate) async fn restore(
         name,
         host: req.host.clone(),
         backing: Some(template.disk()),
-        overlay: None,
         seed: SeedPlan::Warm {
             instance_id: template.manifest.instance_id.clone(),
         },

@@ -1,5 +1,6 @@
 //! The VM bridge: created, addressed and brought up idempotently; refused when its subnet would
-//! overlap a route already on the host or when a bridge of that name has another address.
+//! overlap a route already on the host, and whenever a link of that name exists that this state
+//! did not create (never adopted, never changed, never deleted).
 
 use std::net::Ipv4Addr;
 
@@ -7,8 +8,9 @@ use rtnetlink::packet_route::link::InfoKind;
 use rtnetlink::packet_route::route::RouteType;
 use sha2::{Digest, Sha256};
 
-use super::config::NetConfig;
-use super::rtnl::{Route, Rtnl};
+use super::config::{DEFAULT_BRIDGE, NetConfig};
+use super::owned::{LinkRecord, marker_state};
+use super::rtnl::{Link, Route, Rtnl};
 use super::subnet::Subnet;
 use crate::{Error, Result};
 
@@ -18,53 +20,106 @@ pub fn bridge_mac(name: &str) -> [u8; 6] {
     [0x02, d[0], d[1], d[2], d[3], d[4]]
 }
 
-/// Make sure the bridge exists with the gateway address and is up; returns its ifindex.
-/// Returns whether it was created (for the log) as the second value.
-pub async fn ensure(rtnl: &Rtnl, cfg: &NetConfig) -> Result<(u32, bool)> {
+/// Is `link` the bridge `rec` recorded (same name, same ifindex, still a bridge)?
+pub fn is_recorded(link: &Link, rec: Option<&LinkRecord>) -> bool {
+    rec.is_some_and(|r| r.name == link.name && r.ifindex == link.index)
+        && link.kind == Some(InfoKind::Bridge)
+}
+
+/// Before anything is made: the bridge `cfg` names is either absent, or this state's own (as
+/// `owned` recorded it) with the gateway address. Any other link of that name is refused, with
+/// whose it is when the alias says another boma-qvm state made it. Changes nothing.
+/// Returns the existing own bridge.
+pub async fn check(
+    rtnl: &Rtnl,
+    cfg: &NetConfig,
+    owned: Option<&LinkRecord>,
+) -> Result<Option<Link>> {
+    let Some(link) = rtnl.link(&cfg.bridge).await? else {
+        refuse_overlapping_routes(rtnl, cfg, None).await?;
+        return Ok(None);
+    };
+    if !is_recorded(&link, owned) {
+        return Err(foreign(&link));
+    }
     let gw = cfg.gateway();
     let prefix = cfg.subnet.prefix();
-    let (index, created) = match rtnl.link(&cfg.bridge).await? {
+    let addrs = rtnl.ipv4_addrs(link.index).await?;
+    let wrong: Vec<String> = addrs
+        .iter()
+        .filter(|a| **a != (gw, prefix))
+        .map(|(ip, p)| format!("{ip}/{p}"))
+        .collect();
+    if !wrong.is_empty() {
+        return Err(Error::network(
+            format!(
+                "this state's bridge {} has address {}, not {gw}/{prefix} (its network was made with another subnet)",
+                cfg.bridge,
+                wrong.join(", ")
+            ),
+            "take it down first (`boma-qvm net down`, or `boma-qvm prune`), then bring it up with the new subnet",
+        ));
+    }
+    if addrs.is_empty() {
+        refuse_overlapping_routes(rtnl, cfg, Some(link.index)).await?;
+    }
+    Ok(Some(link))
+}
+
+/// The refusal for a link of our bridge's name that this state did not make.
+pub fn foreign(link: &Link) -> Error {
+    let name = &link.name;
+    if let Some(state) = link.alias.as_deref().and_then(marker_state) {
+        return Error::network(
+            format!(
+                "bridge {name} is the network of another boma-qvm state ({state}), not of this one"
+            ),
+            format!(
+                "two state directories cannot run a network in one network namespace: use that                  state (BOMA_QVM_STATE_DIR={}), or boma-qvm netd (one network shared safely by                  every user), or another network namespace",
+                state.strip_suffix("/net").unwrap_or(state)
+            ),
+        );
+    }
+    if link.kind != Some(InfoKind::Bridge) {
+        return Error::network(
+            format!(
+                "interface {name} exists and is not a bridge (kind {})",
+                link.kind
+                    .as_ref()
+                    .map(|k| format!("{k:?}").to_lowercase())
+                    .unwrap_or_else(|| "unknown".into())
+            ),
+            format!(
+                "choose another --bridge name (the default {DEFAULT_BRIDGE} is boma-qvm's own);                  boma-qvm never touches an interface it did not create"
+            ),
+        );
+    }
+    Error::network(
+        format!("bridge {name} exists and boma-qvm did not create it"),
+        format!(
+            "boma-qvm never adopts, changes or deletes a bridge it did not make: choose another              --bridge name (the default {DEFAULT_BRIDGE} is boma-qvm's own); if {name} is a              leftover of an older boma-qvm, delete it yourself (`ip link del {name}`)"
+        ),
+    )
+}
+
+/// Make sure our bridge exists with the gateway address and is up (after `check` passed).
+/// Returns its ifindex, and its record when it was created just now (the caller saves it).
+pub async fn ensure(
+    rtnl: &Rtnl,
+    cfg: &NetConfig,
+    existing: Option<Link>,
+    marker: &str,
+) -> Result<(u32, Option<LinkRecord>)> {
+    let gw = cfg.gateway();
+    let prefix = cfg.subnet.prefix();
+    let (index, created) = match existing {
         Some(link) => {
-            if link.kind != Some(InfoKind::Bridge) {
-                return Err(Error::network(
-                    format!(
-                        "interface {} exists but is not a bridge (kind {:?})",
-                        cfg.bridge, link.kind
-                    ),
-                    format!(
-                        "choose another bridge name, or remove it if it is a leftover (`ip link del {}`)",
-                        cfg.bridge
-                    ),
-                ));
-            }
-            let addrs = rtnl.ipv4_addrs(link.index).await?;
-            let wrong: Vec<String> = addrs
-                .iter()
-                .filter(|a| **a != (gw, prefix))
-                .map(|(ip, p)| format!("{ip}/{p}"))
-                .collect();
-            if !wrong.is_empty() {
-                return Err(Error::network(
-                    format!(
-                        "bridge {} already exists with address {}, not {gw}/{prefix}",
-                        cfg.bridge,
-                        wrong.join(", ")
-                    ),
-                    format!(
-                        "if it is boma-qvm's own from a run with another subnet, run `boma-qvm prune`; \
-                         otherwise choose another bridge name than {}",
-                        cfg.bridge
-                    ),
-                ));
-            }
-            if addrs.is_empty() {
-                refuse_overlapping_routes(rtnl, cfg, Some(link.index)).await?;
+            if rtnl.ipv4_addrs(link.index).await?.is_empty() {
                 rtnl.add_ipv4(link.index, gw, prefix).await?;
             }
-            (link.index, false)
+            (link.index, None)
         }
         None => {
-            refuse_overlapping_routes(rtnl, cfg, None).await?;
             rtnl.add_bridge(&cfg.bridge, bridge_mac(&cfg.bridge))
                 .await?;
             let link = rtnl.link(&cfg.bridge).await?.ok_or_else(|| {
@@ -73,9 +128,15 @@ pub async fn ensure(rtnl: &Rtnl, cfg: &NetConfig) -> Result<(u32, bool)> {
                     "retry `boma-qvm net up`",
                 )
             })?;
+            let rec = LinkRecord {
+                name: link.name.clone(),
+                ifindex: link.index,
+                owner: None,
+            };
+            rtnl.set_alias(link.index, marker).await?;
             super::sysctl::disable_ipv6(&cfg.bridge);
             rtnl.add_ipv4(link.index, gw, prefix).await?;
-            (link.index, true)
+            (link.index, Some(rec))
         }
     };
     rtnl.set_up(index).await?;
@@ -137,10 +198,12 @@ pub fn free_subnet(taken: &[Subnet]) -> Option<Subnet> {
     })
 }
 
-/// Delete the bridge if it exists (only a bridge; anything else of that name is left alone).
-pub async fn delete(rtnl: &Rtnl, name: &str) -> Result<bool> {
-    match rtnl.link(name).await? {
-        Some(l) if l.kind == Some(InfoKind::Bridge) => {
+/// Delete the recorded bridge if it still exists as recorded (same name, same ifindex, a
+/// bridge). A link of that name that is not the recorded one is left alone. Returns whether
+/// it was deleted.
+pub async fn delete(rtnl: &Rtnl, rec: &LinkRecord) -> Result<bool> {
+    match rtnl.link(&rec.name).await? {
+        Some(l) if is_recorded(&l, Some(rec)) => {
             rtnl.delete(l.index).await?;
             Ok(true)
         }

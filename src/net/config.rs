@@ -19,8 +19,11 @@ pub const RESERVED: &[(&str, &str)] = &[
 ];
 /// The private ranges a subnet must lie in (RFC 1918).
 const PRIVATE: &[&str] = &["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"];
-/// First host offset handed to VMs in subnets of 64+ addresses; .1 is the bridge, .2-.9 stay free.
+/// First host offset handed to VMs in subnets of 64+ addresses; .1 is the bridge, .2-.9 are for
+/// confined control-node processes.
 const FIRST_VM_OFFSET: u32 = 10;
+/// Confinement addresses at the top of a tiny subnet.
+const TINY_CONFINE: u32 = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetConfig {
@@ -49,13 +52,31 @@ impl NetConfig {
         self.subnet.host(1).expect("validated subnet has a .1")
     }
 
-    /// Addresses VMs get (inclusive): from `.10` (or `.2` in tiny subnets) to broadcast - 1.
+    /// Addresses VMs get (inclusive): from `.10` to broadcast - 1; in tiny subnets (under 64
+    /// addresses) from `.2` up to the confinement range at the top.
     pub fn vm_range(&self) -> (Ipv4Addr, Ipv4Addr) {
-        let last = self.subnet.size() as u32 - 2;
-        let first = if self.subnet.size() >= 64 {
-            FIRST_VM_OFFSET
+        let size = self.subnet.size() as u32;
+        let (first, last) = if size >= 64 {
+            (FIRST_VM_OFFSET, size - 2)
         } else {
-            2
+            (2, size - 2 - TINY_CONFINE)
+        };
+        (
+            self.subnet.host(first).unwrap(),
+            self.subnet.host(last).unwrap(),
+        )
+    }
+
+    /// Addresses for confined control-node processes (`boma-qvm __confined`, one per running
+    /// playbook), inclusive: `.2`-`.9`, which VMs never get and DHCP never hands out (it serves
+    /// static leases only); in tiny subnets the top four host addresses. Our nft table lets them
+    /// reach the VM subnet and nothing else, not even the host.
+    pub fn confine_range(&self) -> (Ipv4Addr, Ipv4Addr) {
+        let size = self.subnet.size() as u32;
+        let (first, last) = if size >= 64 {
+            (2, FIRST_VM_OFFSET - 1)
+        } else {
+            (size - 1 - TINY_CONFINE, size - 2)
         };
         (
             self.subnet.host(first).unwrap(),
@@ -171,8 +192,24 @@ mod tests {
             tiny.vm_range(),
             (
                 Ipv4Addr::new(192, 168, 231, 18),
+                Ipv4Addr::new(192, 168, 231, 26)
+            )
+        );
+        assert_eq!(
+            tiny.confine_range(),
+            (
+                Ipv4Addr::new(192, 168, 231, 27),
                 Ipv4Addr::new(192, 168, 231, 30)
             )
+        );
+        let c = NetConfig::default();
+        assert_eq!(
+            c.confine_range(),
+            (
+                Ipv4Addr::new(192, 168, 231, 2),
+                Ipv4Addr::new(192, 168, 231, 9)
+            ),
+            "below the VMs' .10 and above the bridge's .1"
         );
     }
 

@@ -15,11 +15,12 @@ use crate::{Error, Result, error::show};
 
 const TEMPLATE: &str = include_str!("../../net/dnsmasq.conf.tmpl");
 
-/// The dnsmasq config for `cfg`, running as `user`.
-pub fn render(cfg: &NetConfig, files: &NetFiles, user: &str) -> String {
+/// The dnsmasq config for `cfg`, dropping to `user` and `group` once it has its sockets.
+pub fn render(cfg: &NetConfig, files: &NetFiles, user: &str, group: &str) -> String {
     let p = |p: std::path::PathBuf| p.to_string_lossy().into_owned();
     TEMPLATE
         .replace("@USER@", user)
+        .replace("@GROUP@", group)
         .replace("@BRIDGE@", &cfg.bridge)
         .replace("@NETWORK@", &cfg.subnet.network().to_string())
         .replace("@NETMASK@", &cfg.subnet.netmask().to_string())
@@ -32,7 +33,38 @@ pub fn render(cfg: &NetConfig, files: &NetFiles, user: &str) -> String {
         .replace("@LOG_FILE@", &p(files.log()))
 }
 
-/// Name of the effective user, for dnsmasq's `user=`.
+/// Who dnsmasq drops to after binding its sockets: `nobody`/`nogroup` when this process is
+/// root and dnsmasq can still read its files as nobody afterwards (it re-reads the static
+/// leases, names and upstream servers on SIGHUP: every directory down to the network's must be
+/// enterable by others; netd's state is), else the invoking user (root, with a private state
+/// dir such as /root/...; or a user, who cannot switch anyway).
+pub fn run_as(files: &NetFiles) -> (String, String) {
+    let me = current_user();
+    if !nix::unistd::Uid::effective().is_root() || !enterable_by_others(&files.dir) {
+        let group = nix::unistd::Group::from_gid(nix::unistd::getegid())
+            .ok()
+            .flatten()
+            .map(|g| g.name)
+            .unwrap_or_else(|| me.clone());
+        return (me, group);
+    }
+    let group = nix::unistd::User::from_name("nobody")
+        .ok()
+        .flatten()
+        .and_then(|u| nix::unistd::Group::from_gid(u.gid).ok().flatten())
+        .map(|g| g.name)
+        .unwrap_or_else(|| "nogroup".into());
+    ("nobody".into(), group)
+}
+
+/// Every directory from / down to `dir` has the execute bit for others.
+pub fn enterable_by_others(dir: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    dir.ancestors()
+        .all(|d| std::fs::metadata(d).is_ok_and(|m| m.mode() & 0o001 != 0))
+}
+
+/// Name of the effective user.
 pub fn current_user() -> String {
     nix::unistd::User::from_uid(nix::unistd::geteuid())
         .ok()
@@ -192,7 +224,7 @@ mod tests {
         let files = NetFiles {
             dir: "/s/net".into(),
         };
-        let text = render(&NetConfig::default(), &files, "root");
+        let text = render(&NetConfig::default(), &files, "nobody", "nogroup");
         assert!(!text.contains('@'), "unfilled placeholder:\n{text}");
         let body: String = text
             .lines()
@@ -211,7 +243,8 @@ mod tests {
             "pid-file=/s/net/dnsmasq.pid",
             "servers-file=/s/net/servers.conf",
             "no-resolv",
-            "user=root",
+            "user=nobody",
+            "group=nogroup",
         ] {
             assert!(
                 body.lines().any(|l| l == line),

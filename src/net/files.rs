@@ -53,6 +53,14 @@ impl NetFiles {
     pub fn servers(&self) -> PathBuf {
         self.dir.join("servers.conf")
     }
+    /// What this state created (bridge, table, taps, veths): see `owned`.
+    pub fn owned(&self) -> PathBuf {
+        self.dir.join("owned.json")
+    }
+    /// Serialises changes to `owned.json` between processes.
+    pub fn lock(&self) -> PathBuf {
+        self.dir.join("lock")
+    }
     /// One JSON file per registered VM: the source of truth the files above are rendered from.
     pub fn vms(&self) -> PathBuf {
         self.dir.join("vms")

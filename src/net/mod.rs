@@ -6,15 +6,19 @@
 //! (links), `nft` (firewall), `dnsmasq`+`registry`+`files` (DHCP/DNS), `lease` (finding the
 //! VM), `network` (up/down/register), `status`, `doctor`, `prune`.
 
+pub mod access;
 pub mod bridge;
 pub mod config;
+pub mod confine;
 pub mod dnsmasq;
 pub mod doctor;
 pub mod files;
 pub mod ident;
 pub mod lease;
+pub mod netd;
 pub mod network;
 pub mod nft;
+pub mod owned;
 pub mod prune;
 pub mod registry;
 pub mod rtnl;

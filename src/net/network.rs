@@ -1,16 +1,18 @@
 //! `Network`: bring the isolated VM network up and down, register VMs on it, switch egress.
 
 use std::net::Ipv4Addr;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use super::config::NetConfig;
 use super::files::NetFiles;
 use super::ident::{Mac, ip_for, mac_for};
+use super::owned::{self, LinkRecord, Owned};
 use super::registry::{self, VmNet};
 use super::rtnl::Rtnl;
 use super::status::{DnsmasqState, NetStatus};
-use super::{bridge, dnsmasq, lease, nft, sysctl};
+use super::{bridge, dnsmasq, lease, nft, sysctl, tap};
 use crate::paths::Dirs;
 use crate::paths::write_atomic;
 use crate::tools;
@@ -48,20 +50,52 @@ impl Network {
 
     /// Build the network, or repair/reuse what exists (idempotent): bridge with the gateway
     /// address, IPv4 forwarding, our nft table, our dnsmasq (restarted if it died).
+    ///
+    /// Everything that can refuse is checked before anything is made or saved: the config, the
+    /// tools, one network per state, and ownership (a bridge or nft table this state did not
+    /// make is never adopted). A refused `up` leaves no trace, not even its config.
     pub async fn up(dirs: &Dirs, cfg: &NetConfig) -> Result<Network> {
         let start = Instant::now();
         cfg.validate()?;
         tools::require_all(&["nft", "dnsmasq"])?;
         let net = Network::attach(dirs, cfg);
         let files = &net.files;
+        let owned = Owned::load(files)?;
+        let marker = owned::marker(files);
+        let rtnl = Rtnl::connect()?;
+        if let Some(rec) = owned.bridge.as_ref().filter(|r| r.name != cfg.bridge)
+            && rtnl
+                .link(&rec.name)
+                .await?
+                .is_some_and(|l| bridge::is_recorded(&l, Some(rec)))
+        {
+            return Err(Error::network(
+                format!(
+                    "this state's network already runs on bridge {}, not {}",
+                    rec.name, cfg.bridge
+                ),
+                format!(
+                    "one network per state directory: take it down first (`boma-qvm net down`),                      or keep --bridge {}",
+                    rec.name
+                ),
+            ));
+        }
+        let existing = bridge::check(&rtnl, cfg, owned.bridge.as_ref()).await?;
+        match nft::table_owner()? {
+            Some(c) if c != marker => return Err(foreign_table(&c)),
+            _ => {}
+        }
+
         files.create_dirs()?;
         write_atomic(
             &files.config(),
             serde_json::to_string_pretty(cfg).expect("config serializes"),
         )?;
-
-        let rtnl = Rtnl::connect()?;
-        let (index, created) = bridge::ensure(&rtnl, cfg).await?;
+        let (index, made) = bridge::ensure(&rtnl, cfg, existing, &marker).await?;
+        let created = made.is_some();
+        if let Some(rec) = made {
+            Owned::update(files, |o| o.bridge = Some(rec))?;
+        }
         let verb = if created { "created" } else { "reusing" };
         tracing::info!(
             "{verb} bridge {} (ifindex {index}) with {}/{}",
@@ -73,7 +107,8 @@ impl Network {
 
         let vms = registry::load_all(files)?;
         let no_egress: Vec<Ipv4Addr> = vms.iter().filter(|v| !v.egress).map(|v| v.ip).collect();
-        nft::load(cfg, &no_egress, &files.ruleset())?;
+        Owned::update(files, |o| o.table = true)?;
+        nft::load(cfg, &no_egress, &marker, &files.ruleset())?;
         tracing::info!(
             "loaded nft table inet {} from {}",
             nft::TABLE,
@@ -82,7 +117,8 @@ impl Network {
 
         registry::write_dnsmasq_files(files, &vms)?;
         dnsmasq::write_servers(files, &net.upstream_for(&vms))?;
-        let conf = dnsmasq::render(cfg, files, &dnsmasq::current_user());
+        let (user, group) = dnsmasq::run_as(files);
+        let conf = dnsmasq::render(cfg, files, &user, &group);
         let old = std::fs::read_to_string(files.dnsmasq_conf()).ok();
         let had_pid_file = files.pid().exists();
         write_atomic(&files.dnsmasq_conf(), &conf)?;
@@ -113,21 +149,68 @@ impl Network {
         Ok(net)
     }
 
-    /// Tear the network down: dnsmasq, our nft table, the bridge. VM records stay (a later `up`
-    /// restores their leases and egress); `prune` clears everything.
-    pub async fn down(self) -> Result<()> {
+    /// Tear the network down: dnsmasq, and what this state recorded as its own (the nft table,
+    /// the bridge, taps and veths still there). VM records stay (a later `up` restores their
+    /// leases and egress); `prune` clears everything. Returns what was removed.
+    pub async fn down(self) -> Result<Vec<String>> {
         let start = Instant::now();
-        if dnsmasq::stop(&self.files)? {
+        let mut removed = Vec::new();
+        if let Some(pid) = dnsmasq::running_pid(&self.files) {
+            dnsmasq::stop(&self.files)?;
             tracing::info!("stopped dnsmasq");
+            removed.push(format!("dnsmasq (pid {pid})"));
         }
-        nft::delete_table()?;
-        let rtnl = Rtnl::connect()?;
-        if bridge::delete(&rtnl, &self.cfg.bridge).await? {
-            tracing::info!("deleted bridge {}", self.cfg.bridge);
+        removed.extend(remove_recorded(&self.files).await?);
+        for r in &removed[..] {
+            if r.starts_with("bridge ") {
+                tracing::info!("deleted {r}");
+            }
         }
-        sysctl::restore_ip_forward(&self.files.ip_forward_marker())?;
+        if self.files.ip_forward_marker().exists() {
+            sysctl::restore_ip_forward(&self.files.ip_forward_marker())?;
+            removed.push("IPv4 forwarding (was off before)".to_string());
+        }
         tracing::info!("network down in {:.2}s", start.elapsed().as_secs_f64());
-        Ok(())
+        Ok(removed)
+    }
+
+    /// The marker this state's bridge alias and nft table comment carry.
+    pub fn marker(&self) -> String {
+        owned::marker(&self.files)
+    }
+
+    /// Is the live nft table this state's own?
+    fn table_is_ours(&self) -> Result<bool> {
+        nft::table_is(&self.marker())
+    }
+
+    /// A tap for VM `name` on this state's bridge (which must be up and ours), recorded as ours
+    /// until it is gone. See `tap::open_tap` for how the fd is meant to be used.
+    pub async fn open_tap(&self, name: &str) -> Result<OwnedFd> {
+        let owned = Owned::load(&self.files)?;
+        let rtnl = Rtnl::connect()?;
+        let ours = match rtnl.link(&self.cfg.bridge).await? {
+            Some(l) if bridge::is_recorded(&l, owned.bridge.as_ref()) => true,
+            Some(l) => return Err(bridge::foreign(&l)),
+            None => false,
+        };
+        if !ours {
+            return Err(Error::network(
+                format!("bridge {} does not exist", self.cfg.bridge),
+                "bring the network up first (`boma-qvm net up`, or `boma-qvm start VM`)",
+            ));
+        }
+        let tap_name = super::ident::tap_name_for(name);
+        let (fd, ifindex) = tap::open_tap(&tap_name, &self.cfg.bridge).await?;
+        Owned::update(&self.files, |o| {
+            o.taps.retain(|t| t.name != tap_name);
+            o.taps.push(LinkRecord {
+                name: tap_name.clone(),
+                ifindex,
+                owner: Some(name.to_string()),
+            });
+        })?;
+        Ok(fd)
     }
 
     pub fn config(&self) -> &NetConfig {
@@ -166,6 +249,8 @@ impl Network {
             ip,
             dns_names,
             egress,
+            owner: None,
+            state: None,
         })
     }
 
@@ -203,7 +288,7 @@ impl Network {
         registry::save(&self.files, vm)?;
         vms.retain(|o| o.name != vm.name);
         vms.push(vm.clone());
-        if nft::table_exists()? {
+        if self.table_is_ours()? {
             if let Some(o) = old.filter(|o| o.ip != vm.ip) {
                 nft::set_egress(o.ip, true)?;
             }
@@ -227,9 +312,11 @@ impl Network {
         let Some(vm) = registry::remove(&self.files, name)? else {
             return Ok(false);
         };
-        if nft::table_exists()? {
+        if self.table_is_ours()? {
             nft::set_egress(vm.ip, true)?;
         }
+        let tap = super::ident::tap_name_for(name);
+        Owned::update(&self.files, |o| o.taps.retain(|t| t.name != tap))?;
         let vms = self.vms()?;
         let was_running = dnsmasq::stop(&self.files)?;
         forget_lease(&self.files, &vm.mac)?;
@@ -254,6 +341,14 @@ impl Network {
         vm.egress = on;
         registry::save(&self.files, vm)?;
         let name = vm.name.clone();
+        if !self.table_is_ours()? {
+            return Err(Error::network(
+                format!(
+                    "the network of this state is not up (no nft table of its own) to switch egress for {name}"
+                ),
+                "bring it up first (`boma-qvm net up`, or `boma-qvm start VM`)",
+            ));
+        }
         nft::set_egress(ip, on)?;
         self.refresh_dnsmasq(&vms)?;
         tracing::info!("egress {} for VM {name} ({ip})", on_off(on));
@@ -276,10 +371,11 @@ impl Network {
         Ok(NetStatus {
             bridge_name: self.cfg.bridge.clone(),
             bridge,
-            table_loaded: nft::table_exists()?,
+            table_loaded: self.table_is_ours()?,
             dnsmasq,
             ip_forward: forward,
             vms: self.vms()?,
+            via: None,
         })
     }
 
@@ -317,4 +413,65 @@ fn forget_lease(files: &NetFiles, mac: &Mac) -> Result<()> {
             source: e,
         }),
     }
+}
+
+/// The refusal for a table `inet boma_qvm` this state did not load.
+fn foreign_table(comment: &str) -> Error {
+    match owned::marker_state(comment) {
+        Some(state) => Error::network(
+            format!(
+                "nft table inet {} is loaded by another boma-qvm network (state {state}) in this network namespace",
+                nft::TABLE
+            ),
+            format!(
+                "two state directories cannot run a network in one network namespace: use that \
+                 state (BOMA_QVM_STATE_DIR={}), or boma-qvm netd (one network shared safely by \
+                 every user), or another network namespace",
+                state.strip_suffix("/net").unwrap_or(state)
+            ),
+        ),
+        None => Error::network(
+            format!(
+                "an nft table inet {} exists that this boma-qvm state did not load",
+                nft::TABLE
+            ),
+            format!(
+                "look at it (`nft list table inet {0}`); if it is a leftover of an older \
+                 boma-qvm, delete it yourself (`nft delete table inet {0}`)",
+                nft::TABLE
+            ),
+        ),
+    }
+}
+
+/// Remove what `files` recorded as this state's own and is still there as recorded: the nft
+/// table (only if its comment is ours), taps and veths (same name and ifindex), the bridge.
+/// The record is cleared. Returns what was removed, one item each.
+pub(crate) async fn remove_recorded(files: &NetFiles) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    let owned = Owned::load(files)?;
+    if owned.table && nft::delete_table(&owned::marker(files))? {
+        removed.push(format!("nft table inet {}", nft::TABLE));
+    }
+    let rtnl = Rtnl::connect()?;
+    for (kind, rec) in owned
+        .taps
+        .iter()
+        .map(|t| ("tap", t))
+        .chain(owned.veths.iter().map(|v| ("veth", v)))
+    {
+        if let Some(l) = rtnl.link(&rec.name).await?
+            && l.index == rec.ifindex
+        {
+            rtnl.delete(l.index).await?;
+            removed.push(format!("{kind} {}", rec.name));
+        }
+    }
+    if let Some(rec) = &owned.bridge
+        && bridge::delete(&rtnl, rec).await?
+    {
+        removed.push(format!("bridge {}", rec.name));
+    }
+    Owned::update(files, |o| *o = Owned::default())?;
+    Ok(removed)
 }

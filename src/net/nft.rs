@@ -15,8 +15,9 @@ const FAMILY: &str = "inet";
 const SET_NO_EGRESS: &str = "no_egress";
 const TEMPLATE: &str = include_str!("../../net/boma_qvm.nft.tmpl");
 
-/// The ruleset text for `cfg`, with `no_egress` VM addresses in the egress-off set.
-pub fn render(cfg: &NetConfig, no_egress: &[Ipv4Addr]) -> String {
+/// The ruleset text for `cfg`, with `no_egress` VM addresses in the egress-off set, marked as
+/// loaded by the state `owner` (see `owned::marker`).
+pub fn render(cfg: &NetConfig, no_egress: &[Ipv4Addr], owner: &str) -> String {
     let elements = if no_egress.is_empty() {
         String::new()
     } else {
@@ -24,16 +25,22 @@ pub fn render(cfg: &NetConfig, no_egress: &[Ipv4Addr]) -> String {
         format!("elements = {{ {} }}", list.join(", "))
     };
     TEMPLATE
+        .replace("@OWNER@", &owner.replace('"', "'"))
         .replace("@BRIDGE@", &cfg.bridge)
         .replace("@SUBNET@", &cfg.subnet.to_string())
         .replace("@GATEWAY@", &cfg.gateway().to_string())
         .replace("@BROADCAST@", &cfg.subnet.broadcast().to_string())
+        .replace("@CONFINED@", &{
+            let (a, b) = cfg.confine_range();
+            format!("{a}-{b}")
+        })
         .replace("@NO_EGRESS@", &elements)
 }
 
 /// Write the rendered ruleset to `file` (kept for diagnostics) and load it in one transaction.
-pub fn load(cfg: &NetConfig, no_egress: &[Ipv4Addr], file: &Path) -> Result<()> {
-    std::fs::write(file, render(cfg, no_egress)).ctx(|| format!("writing {}", show(file)))?;
+pub fn load(cfg: &NetConfig, no_egress: &[Ipv4Addr], owner: &str, file: &Path) -> Result<()> {
+    std::fs::write(file, render(cfg, no_egress, owner))
+        .ctx(|| format!("writing {}", show(file)))?;
     tools::stdout("nft", &["-f", &file.to_string_lossy()], None).map_err(|e| match e {
         Error::Command { stderr, .. } => Error::network(
             format!("nft refused boma-qvm's table (from {}): {stderr}", show(file)),
@@ -44,18 +51,46 @@ pub fn load(cfg: &NetConfig, no_egress: &[Ipv4Addr], file: &Path) -> Result<()> 
     Ok(())
 }
 
-/// Is our table loaded?
+/// Is a table `inet boma_qvm` loaded (whoever loaded it)?
 pub fn table_exists() -> Result<bool> {
-    let out = tools::output("nft", &["list", "table", FAMILY, TABLE], None)?;
-    Ok(out.status.success())
+    Ok(table_owner()?.is_some())
 }
 
-/// Remove our table if it exists (create-then-delete in one transaction: idempotent, and works
-/// on nft 1.0.6, which has no `destroy`).
-pub fn delete_table() -> Result<()> {
+/// Who loaded the table `inet boma_qvm` in this network namespace: `None` when there is none,
+/// `Some(comment)` when there is one (an empty comment: not a boma-qvm that marks its table).
+pub fn table_owner() -> Result<Option<String>> {
+    let out = tools::output("nft", &["list", "table", FAMILY, TABLE], None)?;
+    if !out.status.success() {
+        return Ok(None);
+    }
+    Ok(Some(comment_of(&String::from_utf8_lossy(&out.stdout))))
+}
+
+/// The table's `comment "..."` in `nft list table` output (nft 1.0.6's JSON leaves it out).
+pub fn comment_of(listing: &str) -> String {
+    listing
+        .lines()
+        .map(str::trim)
+        .find_map(|l| l.strip_prefix("comment \"")?.strip_suffix('"'))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Is the live table the one `owner` loaded?
+pub fn table_is(owner: &str) -> Result<bool> {
+    Ok(table_owner()?.is_some_and(|c| c == owner.replace('"', "'")))
+}
+
+/// Remove our table if it exists and `owner` loaded it (create-then-delete in one transaction:
+/// idempotent, and works on nft 1.0.6, which has no `destroy`). Returns whether it was removed;
+/// a table another state loaded is left alone.
+pub fn delete_table(owner: &str) -> Result<bool> {
+    if !table_is(owner)? {
+        return Ok(false);
+    }
     let script = format!("table {FAMILY} {TABLE} {{}}\ndelete table {FAMILY} {TABLE}\n");
     tools::stdout("nft", &["-f", "-"], Some(&script))?;
-    Ok(())
+    Ok(true)
 }
 
 /// Switch egress for one VM address on a live table: `on` removes it from the no-egress set,
@@ -108,7 +143,7 @@ mod tests {
     #[test]
     fn render_fills_every_placeholder() {
         let cfg = NetConfig::default();
-        let text = render(&cfg, &[]);
+        let text = render(&cfg, &[], "boma-qvm /s/net");
         let unfilled = text
             .split('@')
             .skip(1)
@@ -126,7 +161,18 @@ mod tests {
             )
         );
         assert!(text.contains("masquerade"));
+        assert_eq!(
+            text.matches("iifname \"boma-qvm0\" ip saddr 192.168.231.2-192.168.231.9 drop")
+                .count(),
+            2,
+            "confined processes reach neither the host (input) nor beyond the subnet (forward)"
+        );
         assert!(!text.contains("elements"));
+        assert_eq!(
+            comment_of(&text),
+            "boma-qvm /s/net",
+            "the table names its state"
+        );
         assert!(
             !text
                 .lines()
@@ -139,13 +185,14 @@ mod tests {
                 "192.168.231.20".parse().unwrap(),
                 "192.168.231.21".parse().unwrap(),
             ],
+            "x",
         );
         assert!(with.contains("elements = { 192.168.231.20, 192.168.231.21 }"));
     }
 
     #[test]
     fn render_replaces_only_our_table() {
-        let text = render(&NetConfig::default(), &[]);
+        let text = render(&NetConfig::default(), &[], "x");
         let tables: Vec<&str> = text
             .lines()
             .map(str::trim)

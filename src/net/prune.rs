@@ -1,71 +1,76 @@
-//! `prune`: remove every network object of boma-qvm after a crash: our dnsmasq (by its pid file,
-//! checked against /proc), our nft table, our taps (`bq-*`) and bridge, and the runtime files.
+//! `prune`: remove this state's network objects after a crash: our dnsmasq (by its pid file,
+//! checked against /proc), and what `owned.json` recorded as ours and is still there as
+//! recorded (the nft table, taps, veths, the bridge), and the runtime files. Nothing is found
+//! by name: another state's network, or a bridge boma-qvm never made, is never touched.
 
 use std::fmt;
 
 use rtnetlink::packet_route::link::InfoKind;
 
-use super::config::{DEFAULT_BRIDGE, NetConfig};
+use super::config::NetConfig;
 use super::files::NetFiles;
-use super::ident::TAP_PREFIX;
+use super::owned::{self, Owned};
 use super::rtnl::Rtnl;
-use super::{dnsmasq, nft};
+use super::{bridge, dnsmasq};
 use crate::Result;
 use crate::paths::Dirs;
-
-/// Bridges whose name starts with this are ours (besides the one named in the saved config).
-pub const BRIDGE_PREFIX: &str = "boma-qvm";
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PruneReport {
     /// What was removed, one human-readable item each.
     pub removed: Vec<String>,
+    /// What looked like boma-qvm's but was left alone, and why.
+    pub left: Vec<String>,
 }
 
 impl fmt::Display for PruneReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.removed.is_empty() {
-            return writeln!(f, "nothing of the boma-qvm network was left");
+            writeln!(f, "nothing of this state's network was left")?;
         }
         for r in &self.removed {
             writeln!(f, "removed {r}")?;
+        }
+        for l in &self.left {
+            writeln!(f, "left alone: {l}")?;
         }
         Ok(())
     }
 }
 
-/// Remove all our network objects. Taps of still-running VMs are removed too: stop the VMs first.
-/// The dnsmasq log is kept for post-mortems.
+/// Remove this state's network objects. Taps of still-running VMs of this state are removed
+/// too: stop the VMs first. The dnsmasq log is kept for post-mortems.
 pub async fn prune(dirs: &Dirs) -> Result<PruneReport> {
     let files = NetFiles::new(dirs);
     let mut report = PruneReport::default();
     let saved: Option<NetConfig> = std::fs::read_to_string(files.config())
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok());
-    let our_bridge = saved
-        .map(|c| c.bridge)
-        .unwrap_or_else(|| DEFAULT_BRIDGE.to_string());
 
     if let Some(pid) = dnsmasq::running_pid(&files) {
         dnsmasq::stop(&files)?;
         report.removed.push(format!("dnsmasq (pid {pid})"));
     }
-    if nft::table_exists()? {
-        nft::delete_table()?;
-        report
-            .removed
-            .push(format!("nft table inet {}", nft::TABLE));
-    }
-    let rtnl = Rtnl::connect()?;
-    for l in rtnl.links().await? {
-        let tap = l.kind == Some(InfoKind::Tun) && l.name.starts_with(TAP_PREFIX);
-        let bridge = l.kind == Some(InfoKind::Bridge)
-            && (l.name == our_bridge || l.name.starts_with(BRIDGE_PREFIX));
-        if tap || bridge {
-            rtnl.delete(l.index).await?;
-            report
-                .removed
-                .push(format!("{} {}", if tap { "tap" } else { "bridge" }, l.name));
+    let owned = Owned::load(&files)?;
+    report
+        .removed
+        .extend(super::network::remove_recorded(&files).await?);
+    // The saved config's bridge, if it is there and this state has no record of making it (an
+    // older boma-qvm, or someone else's): say so, never delete it.
+    if let Some(cfg) = &saved {
+        let rtnl = Rtnl::connect()?;
+        if let Some(l) = rtnl.link(&cfg.bridge).await?
+            && !bridge::is_recorded(&l, owned.bridge.as_ref())
+            && l.kind == Some(InfoKind::Bridge)
+        {
+            let whose = match l.alias.as_deref().and_then(owned::marker_state) {
+                Some(state) => format!("the network of another boma-qvm state ({state})"),
+                None => format!(
+                    "this state did not create it; if it is a leftover of an older boma-qvm, `ip link del {}`",
+                    l.name
+                ),
+            };
+            report.left.push(format!("bridge {}: {whose}", l.name));
         }
     }
     if files.ip_forward_marker().exists() {

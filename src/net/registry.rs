@@ -23,6 +23,12 @@ pub struct VmNet {
     pub dns_names: Vec<String>,
     /// Outbound traffic beyond the subnet (masquerade) allowed.
     pub egress: bool,
+    /// The uid that registered it through netd (only it, and root, may act on it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<u32>,
+    /// The state directory of the VM behind it (for netd's per-state prune).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<std::path::PathBuf>,
 }
 
 fn is_dns_name(s: &str) -> bool {
@@ -156,6 +162,8 @@ mod tests {
             ip: "192.168.231.23".parse().unwrap(),
             dns_names: vec!["askari.wingu.me".into(), "coord.wingu.me".into()],
             egress: true,
+            owner: None,
+            state: None,
         }
     }
 

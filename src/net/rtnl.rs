@@ -32,6 +32,8 @@ pub struct Link {
     pub kind: Option<InfoKind>,
     pub controller: Option<u32>,
     pub up: bool,
+    /// `ip link set NAME alias ...`: our bridge carries the marker of the state that made it.
+    pub alias: Option<String>,
 }
 
 /// An IPv4 route from any routing table.
@@ -60,11 +62,13 @@ fn link_from(msg: LinkMessage) -> Link {
         kind: None,
         controller: None,
         up: msg.header.flags.contains(LinkFlags::Up),
+        alias: None,
     };
     for a in msg.attributes {
         match a {
             LinkAttribute::IfName(n) => l.name = n,
             LinkAttribute::Controller(c) => l.controller = Some(c),
+            LinkAttribute::IfAlias(a) => l.alias = Some(a),
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
                     if let LinkInfo::Kind(k) = i {
@@ -217,6 +221,17 @@ impl Rtnl {
                 e,
             )
         })
+    }
+
+    /// Set link `index`'s alias (shown by `ip link`).
+    pub async fn set_alias(&self, index: u32, alias: &str) -> Result<()> {
+        let msg = LinkUnspec::new_with_index(index).alias(alias).build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(|e| nl_err(format!("setting the alias of ifindex {index}"), e))
     }
 
     pub async fn delete(&self, index: u32) -> Result<()> {

@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 
 use super::registry::VmNet;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DnsmasqState {
     Running(u32),
     /// Its pid file is there but the process is gone (or is not our dnsmasq): `up` restarts it.
@@ -13,7 +13,7 @@ pub enum DnsmasqState {
     Stopped,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetStatus {
     pub bridge_name: String,
     /// `Some((is_up, IPv4 addresses))` when the bridge exists.
@@ -22,6 +22,9 @@ pub struct NetStatus {
     pub dnsmasq: DnsmasqState,
     pub ip_forward: bool,
     pub vms: Vec<VmNet>,
+    /// Who runs the network: `None` for this process (root, directly), else the netd socket.
+    #[serde(default)]
+    pub via: Option<String>,
 }
 
 impl NetStatus {
@@ -78,6 +81,9 @@ impl fmt::Display for NetStatus {
             "forward  net.ipv4.ip_forward={}",
             u8::from(self.ip_forward)
         )?;
+        if let Some(via) = &self.via {
+            writeln!(f, "netd     {via}")?;
+        }
         for v in &self.vms {
             let names = if v.dns_names.is_empty() {
                 String::new()
@@ -85,9 +91,13 @@ impl fmt::Display for NetStatus {
                 format!(" dns {}", v.dns_names.join(","))
             };
             let egress = if v.egress { "on" } else { "OFF" };
+            let owner = match v.owner {
+                Some(uid) => format!(" owner uid {uid}"),
+                None => String::new(),
+            };
             writeln!(
                 f,
-                "vm       {} {} {} egress {egress}{names}",
+                "vm       {} {} {} egress {egress}{names}{owner}",
                 v.name, v.mac, v.ip
             )?;
         }

@@ -15,12 +15,13 @@ use crate::{Error, Result};
 nix::ioctl_write_ptr_bad!(tun_set_iff, libc::TUNSETIFF, libc::ifreq);
 
 /// Create tap `tap_name` (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR), make it a port of `bridge` and
-/// bring it up. Returns the tap's fd.
+/// bring it up. Returns the tap's fd and ifindex. `Network::open_tap` is the way in for callers:
+/// it checks the bridge is its own and records the tap.
 ///
 /// The fd is close-on-exec: the caller passes it to QEMU explicitly (clear `FD_CLOEXEC` or
 /// `dup2` it in the child), gives QEMU `-netdev tap,fd=N` (QEMU detects the vnet header itself)
 /// and then closes its own copy, so the tap disappears when QEMU exits.
-pub async fn open_tap(tap_name: &str, bridge: &str) -> Result<OwnedFd> {
+pub async fn open_tap(tap_name: &str, bridge: &str) -> Result<(OwnedFd, u32)> {
     validate_ifname(tap_name, "tap")?;
     let rtnl = Rtnl::connect()?;
     let br = rtnl
@@ -45,7 +46,7 @@ pub async fn open_tap(tap_name: &str, bridge: &str) -> Result<OwnedFd> {
         "tap {tap_name} (ifindex {}) attached to {bridge}",
         tap.index
     );
-    Ok(fd)
+    Ok((fd, tap.index))
 }
 
 fn create(tap_name: &str) -> Result<OwnedFd> {

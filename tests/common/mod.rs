@@ -7,6 +7,7 @@ pub mod faults;
 pub mod http;
 pub mod lite;
 pub mod netns;
+pub mod users;
 pub mod world;
 
 use boma_qvm::machine::accel::Accel;
@@ -25,9 +26,41 @@ pub const BOOT: &str = "BOMA-TESTGUEST-BOOT";
 /// over each other. The same builder `doctor --boot-test` uses (the sources embedded in the
 /// library, see `boma_qvm::guest::testguest`).
 pub fn test_guest() -> (PathBuf, PathBuf) {
+    qemu_account();
     let g = boma_qvm::guest::testguest::ensure(&Dirs::from_env().cache)
         .unwrap_or_else(|e| panic!("building the test guest failed: {e}"));
     (g.kernel, g.initrd)
+}
+
+/// The account QEMU is dropped to when root starts a VM (tests run as root). The
+/// integration_test role creates it (`make setup`); a machine set up before it existed gets it
+/// here, made exactly as the role makes it. It is a machine-wide prerequisite like QEMU itself,
+/// so it is left in place.
+pub fn qemu_account() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Tests build their networks in namespaces they made: never through a netd the machine
+        // runs (the role's boma-qvm-netd.service works in the host's namespace). Tests that
+        // want a netd start their own and name its socket.
+        // SAFETY: called before the test starts any thread of its own that reads the
+        // environment (the first Env or test guest of the test).
+        unsafe { std::env::set_var(boma_qvm::net::netd::SOCKET_VAR, "none") };
+        let name = boma_qvm::machine::qemu::account::DEFAULT_ACCOUNT;
+        if nix::unistd::User::from_name(name).ok().flatten().is_some() {
+            return;
+        }
+        // Another test binary may be creating it right now: useradd's own lock serialises, and
+        // "already exists" (exit 9) is fine.
+        let st = Command::new("useradd")
+            .args(["--system", "--no-create-home", "--home-dir", "/nonexistent"])
+            .args(["--shell", "/usr/sbin/nologin", "--groups", "kvm", name])
+            .status()
+            .expect("useradd runs");
+        assert!(
+            st.success() || st.code() == Some(9),
+            "useradd {name} failed ({st}); run `make setup` (the role creates it)"
+        );
+    });
 }
 
 /// Running the CLI: `env.cli().run(&["status"])`, or `.ok(..)` when it must succeed.
@@ -97,6 +130,7 @@ pub struct Env {
 
 impl Env {
     pub fn new() -> Env {
+        qemu_account();
         let tmp = tempfile::Builder::new()
             .prefix("bq")
             .tempdir_in("/tmp")
@@ -124,7 +158,8 @@ impl Env {
     fn point(&self, c: &mut Command) {
         c.env("BOMA_QVM_STATE_DIR", &self.dirs.state)
             .env("BOMA_QVM_CACHE_DIR", &self.dirs.cache)
-            .env("BOMA_QVM_RUNS_DIR", self.tmp.path().join("runs"));
+            .env("BOMA_QVM_RUNS_DIR", self.tmp.path().join("runs"))
+            .env(boma_qvm::net::netd::SOCKET_VAR, "none");
     }
 
     /// A test-guest VM spec: 1 vCPU is plenty for busybox and leaves the other core to the host.
@@ -186,12 +221,10 @@ pub fn start_options() -> StartOptions {
     }
 }
 
-/// QEMU processes whose argv mentions `dir`.
+/// QEMU processes running under `dir` (QEMU's cwd is its run directory).
 pub fn qemus_under(dir: &Path) -> Vec<i32> {
-    boma_qvm::machine::procs::find(|argv| {
-        argv.first().is_some_and(|a| a.contains("qemu-system"))
-            && boma_qvm::machine::procs::mentions(argv, dir)
-    })
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    boma_qvm::machine::prune::qemus_in(&dir)
 }
 
 pub fn event_names(vm: &Machine) -> Vec<String> {

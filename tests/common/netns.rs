@@ -161,7 +161,8 @@ impl Netns {
         );
         for pid in self.pids() {
             let argv = boma_qvm::machine::procs::cmdline(pid);
-            if boma_qvm::machine::procs::mentions(&argv, state) {
+            let in_state = boma_qvm::machine::procs::cwd(pid).is_some_and(|d| d.starts_with(state));
+            if boma_qvm::machine::procs::mentions(&argv, state) || in_state {
                 left.push(format!("pid {pid}: {}", argv.join(" ")));
             }
         }

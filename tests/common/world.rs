@@ -66,6 +66,7 @@ fn write_exec(path: &std::path::Path, text: &str) {
 
 impl World {
     pub fn new() -> World {
+        super::qemu_account();
         let _ = tracing_subscriber::fmt()
             .with_test_writer()
             .with_env_filter("boma_qvm=debug")

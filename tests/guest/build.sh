@@ -28,7 +28,12 @@ kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {
 (cd "$work" && apt-get download -q "$kpkg" >/dev/null 2>&1) || { echo "build.sh: apt-get download $kpkg failed" >&2; exit 3; }
 dpkg -x "$work"/"$kpkg"_*.deb "$work/k"
 kver=${kpkg#linux-image-}
-moddir="$work/k/lib/modules/$kver"
+# Debian 12's kernel packages ship /lib/modules; Debian 13's (merged /usr) ship /usr/lib/modules.
+moddir=
+for d in "$work/k/usr/lib/modules/$kver" "$work/k/lib/modules/$kver"; do
+  [ -d "$d" ] && { moddir=$d; break; }
+done
+[ -n "$moddir" ] || { echo "build.sh: $kpkg has no modules in /usr/lib/modules/$kver or /lib/modules/$kver" >&2; exit 3; }
 
 # Modules and their dependencies, in load order.
 declare -A seen=()
@@ -39,7 +44,11 @@ add_mod() {
   seen[$name]=1
   path=$(find "$moddir" -name "$name.ko" -o -name "$name.ko.xz" | head -1)
   [ -n "$path" ] || return 0   # built in
-  deps=$("$bb" strings "$path" | sed -n "s/^depends=//p" | head -1 | tr "," " ")
+  # The modinfo depends= line, read from the module itself (decompressed: Debian 13's are .ko.xz).
+  case "$path" in
+    *.xz) deps=$("$bb" xzcat "$path" | "$bb" strings | sed -n "s/^depends=//p" | head -1 | tr "," " ") ;;
+    *) deps=$("$bb" strings "$path" | sed -n "s/^depends=//p" | head -1 | tr "," " ") ;;
+  esac
   for d in $deps; do add_mod "$d"; done
   order+=("$path")
 }
@@ -54,7 +63,8 @@ for a in init poweroff reboot halt; do ln -sf ../bin/busybox "$root/sbin/$a"; do
 : > "$root/lib/modules/load-order"
 for p in "${order[@]}"; do
   f=$(basename "$p"); f=${f%.xz}
-  case "$p" in *.xz) xz -dc "$p" > "$root/lib/modules/$f" ;; *) cp "$p" "$root/lib/modules/$f" ;; esac
+  # busybox's xzcat, not xz: xz-utils is not on a minimal Debian 13 (whose modules are .ko.xz).
+  case "$p" in *.xz) "$bb" xzcat "$p" > "$root/lib/modules/$f" ;; *) cp "$p" "$root/lib/modules/$f" ;; esac
   echo "$f" >> "$root/lib/modules/load-order"
 done
 cp "$here"/rootfs/inittab "$root/etc/inittab"

@@ -33,6 +33,16 @@ pub fn base(name: &str) -> Vec<String> {
     ]
 }
 
+/// QEMU's seccomp sandbox: no obsolete syscalls, no setuid/setgid/capability changes, no
+/// fork/exec of helpers, no scheduler/affinity changes. QEMU needs none of them here (taps come
+/// as fds, no helper scripts), so a guest that escapes into QEMU gets a small kernel surface.
+pub fn sandbox() -> Vec<String> {
+    s(&[
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+    ])
+}
+
 pub fn machine(accel: Accel, tb_size_mib: Option<u32>) -> Vec<String> {
     let accel_arg = match (accel, tb_size_mib) {
         (Accel::Kvm, _) => "kvm".to_string(),
@@ -100,20 +110,83 @@ pub fn boot(boot: &Boot) -> Vec<String> {
     }
 }
 
+/// The node of the image right under the overlay (the golden image, or a warm template's disk),
+/// when the supervisor hands it over as an fd.
+pub const BACKING_NODE: &str = "disk0-backing";
+pub const BACKING_FILE_NODE: &str = "disk0-backing-file";
+/// The fdset the first backing file's fd is added to; the one below it (a warm VM's golden
+/// image, under the template's disk) goes to the next fdset, and so on down the chain.
+pub const BACKING_FDSET: u32 = 1;
+
+/// The qcow2 node of the backing file at `depth` (0: right under the overlay) and its file node.
+pub fn backing_nodes(depth: usize) -> (String, String) {
+    let node = match depth {
+        0 => BACKING_NODE.to_string(),
+        n => format!("{BACKING_NODE}{n}"),
+    };
+    let file = format!("{node}-file");
+    (node, file)
+}
+
+/// A file the supervisor opened and left open across exec: QEMU reopens it by this path, which
+/// needs no way through the directories above it (only the file's own mode counts).
+pub fn fd_path(fd: i32) -> String {
+    format!("/proc/self/fd/{fd}")
+}
+
+/// An inherited, already open fd in QEMU's fdset `set` (`/dev/fdset/SET` then names it: QEMU
+/// duplicates the fd and opens nothing, so no path or file permission is checked at all).
+pub fn add_fd(fd: i32, set: u32) -> Vec<String> {
+    vec!["-add-fd".into(), format!("fd={fd},set={set}")]
+}
+
 /// The VM's qcow2 overlay as the first virtio disk, with named nodes so QMP can reach them.
-/// Errors are reported to the guest (EIO) rather than pausing the VM.
-pub fn disk(overlay: &Path) -> Vec<String> {
-    vec![
+/// Errors are reported to the guest (EIO) rather than pausing the VM. `backing`: the whole
+/// backing chain under the overlay, top down (the golden image; for a warm VM the template's
+/// disk, then the golden image), each a named read-only node (`/dev/fdset/N`) whose `backing`
+/// is the next, instead of the paths in the qcow2 headers, which the account QEMU runs as may
+/// not be able to reach.
+pub fn disk(overlay: &Path, backing: &[&str]) -> Vec<String> {
+    let mut a = Vec::new();
+    // Bottom up: a node's backing must exist before it.
+    for (depth, b) in backing.iter().enumerate().rev() {
+        let (node, file) = backing_nodes(depth);
+        let below = if depth + 1 < backing.len() {
+            format!(r#","backing":"{}""#, backing_nodes(depth + 1).0)
+        } else {
+            String::new()
+        };
+        a.extend([
+            "-blockdev".into(),
+            format!(
+                r#"{{"driver":"file","filename":{},"node-name":"{file}","read-only":true}}"#,
+                serde_json::Value::String(b.to_string())
+            ),
+            "-blockdev".into(),
+            format!(
+                r#"{{"driver":"qcow2","file":"{file}","node-name":"{node}","read-only":true{below}}}"#
+            ),
+        ]);
+    }
+    let backing_ref = if backing.is_empty() {
+        String::new()
+    } else {
+        format!(r#","backing":"{BACKING_NODE}""#)
+    };
+    a.extend(vec![
         "-blockdev".into(),
         format!(
             r#"{{"driver":"file","filename":{},"node-name":"{DISK_FILE_NODE}","discard":"unmap"}}"#,
             serde_json::Value::String(p(overlay))
         ),
         "-blockdev".into(),
-        format!(r#"{{"driver":"qcow2","file":"{DISK_FILE_NODE}","node-name":"{DISK_NODE}"}}"#),
+        format!(
+            r#"{{"driver":"qcow2","file":"{DISK_FILE_NODE}","node-name":"{DISK_NODE}"{backing_ref}}}"#
+        ),
         "-device".into(),
         format!("virtio-blk-pci,drive={DISK_NODE},id=vda,bootindex=1,werror=report,rerror=report"),
-    ]
+    ]);
+    a
 }
 
 /// The cloud-init seed as a read-only second virtio disk.
@@ -186,18 +259,59 @@ pub fn incoming() -> Vec<String> {
     s(&["-incoming", "defer"])
 }
 
-/// The whole argv (without the binary) for `spec` in `run`, with the tap fd if there is a NIC.
-pub fn build(spec: &VmSpec, run: &RunDir, tap_fd: Option<i32>) -> Vec<String> {
+/// Files the supervisor opened (as the user that started the VM) and hands to QEMU as fds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Handed {
+    pub kernel: Option<i32>,
+    pub initrd: Option<i32>,
+    /// The overlay's backing chain, top down, read-only: the golden image; for a warm VM the
+    /// template's disk, then the golden image.
+    pub backing: Vec<i32>,
+}
+
+impl Handed {
+    /// Every fd QEMU must inherit.
+    pub fn fds(&self) -> Vec<i32> {
+        self.kernel
+            .into_iter()
+            .chain(self.initrd)
+            .chain(self.backing.iter().copied())
+            .collect()
+    }
+}
+
+/// The whole argv (without the binary) for `spec` in `run`, with the tap fd if there is a NIC
+/// and the files the supervisor `handed` over.
+pub fn build(spec: &VmSpec, run: &RunDir, tap_fd: Option<i32>, handed: &Handed) -> Vec<String> {
     let mut a = base(&spec.name);
+    a.extend(sandbox());
     a.extend(machine(spec.accel, spec.tcg_tb_size_mib));
     a.extend(cpu_mem(spec.cpus, spec.memory_mib));
     a.extend(qmp("mon0", &run.qmp_sock()));
     a.extend(qmp("mon1", &run.ctl_sock()));
     a.extend(serial(&run.console_log()));
     a.extend(guest_agent(&run.qga_qemu_sock()));
-    a.extend(boot(&spec.boot));
+    let boot_spec = match (&spec.boot, handed.kernel) {
+        (Boot::Kernel { initrd, append, .. }, Some(k)) => Boot::Kernel {
+            kernel: fd_path(k).into(),
+            initrd: match handed.initrd {
+                Some(i) => Some(fd_path(i).into()),
+                None => initrd.clone(),
+            },
+            append: append.clone(),
+        },
+        (b, _) => b.clone(),
+    };
+    a.extend(boot(&boot_spec));
     if let Some(d) = &spec.disk {
-        a.extend(disk(d));
+        let mut chain = Vec::new();
+        for (depth, fd) in handed.backing.iter().enumerate() {
+            let set = BACKING_FDSET + depth as u32;
+            a.extend(add_fd(*fd, set));
+            chain.push(format!("/dev/fdset/{set}"));
+        }
+        let chain: Vec<&str> = chain.iter().map(String::as_str).collect();
+        a.extend(disk(d, &chain));
     }
     if let Some(iso) = &spec.seed {
         a.extend(seed(iso));
@@ -209,6 +323,26 @@ pub fn build(spec: &VmSpec, run: &RunDir, tap_fd: Option<i32>) -> Vec<String> {
     a.extend(vmgenid());
     a.extend(pvpanic());
     a
+}
+
+/// The argv QEMU really gets: QEMU runs inside its run directory (its cwd), so every file in
+/// it is named relative to it and the account QEMU runs as needs no way through the
+/// directories above (root's state dir is under /root). Files elsewhere keep their paths.
+pub fn for_run_dir(
+    spec: &VmSpec,
+    run: &RunDir,
+    tap_fd: Option<i32>,
+    handed: &Handed,
+) -> Vec<String> {
+    let mut spec = spec.clone();
+    let rel = |p: &mut Option<std::path::PathBuf>| {
+        if let Some(inside) = p.as_ref().and_then(|p| p.strip_prefix(&run.dir).ok()) {
+            *p = Some(inside.to_path_buf());
+        }
+    };
+    rel(&mut spec.disk);
+    rel(&mut spec.seed);
+    build(&spec, &RunDir::new(""), tap_fd, handed)
 }
 
 #[cfg(test)]
@@ -261,7 +395,7 @@ mod tests {
 
     #[test]
     fn disk_json_escapes_the_path() {
-        let a = disk(Path::new("/r/a \"b\".qcow2"));
+        let a = disk(Path::new("/r/a \"b\".qcow2"), &[]);
         assert!(
             a[1].contains(r#""filename":"/r/a \"b\".qcow2""#),
             "{}",
@@ -273,11 +407,87 @@ mod tests {
     }
 
     #[test]
+    fn handed_over_files_are_fds_not_paths() {
+        let spec = VmSpec::new(
+            "boma-it-k",
+            Accel::Tcg,
+            Boot::Kernel {
+                kernel: "/root/.cache/k".into(),
+                initrd: Some("/root/.cache/i".into()),
+                append: "console=ttyS0".into(),
+            },
+        );
+        let handed = Handed {
+            kernel: Some(7),
+            initrd: Some(8),
+            backing: Vec::new(),
+        };
+        let j = joined(build(&spec, &RunDir::new("/r"), None, &handed));
+        assert!(
+            j.contains("-kernel /proc/self/fd/7 -initrd /proc/self/fd/8 -append console=ttyS0"),
+            "{j}"
+        );
+        assert!(!j.contains("/root/.cache"), "{j}");
+        let a = disk(Path::new("disk.qcow2"), &["/dev/fdset/1"]);
+        let top: serde_json::Value = serde_json::from_str(&a[7]).unwrap();
+        assert_eq!(
+            top["backing"], BACKING_NODE,
+            "the overlay's backing is the handed node"
+        );
+        let base: serde_json::Value = serde_json::from_str(&a[1]).unwrap();
+        assert_eq!(base["read-only"], true);
+    }
+
+    /// A warm VM's chain: overlay -> template disk (fdset 1) -> golden image (fdset 2), every
+    /// layer a handed, read-only node, so QEMU opens no path from a qcow2 header.
+    #[test]
+    fn a_warm_chain_is_handed_layer_by_layer() {
+        let spec = VmSpec {
+            disk: Some("/r/disk.qcow2".into()),
+            ..VmSpec::new("boma-it-w", Accel::Tcg, Boot::Disk)
+        };
+        let handed = Handed {
+            backing: vec![5, 6],
+            ..Handed::default()
+        };
+        assert_eq!(handed.fds(), vec![5, 6]);
+        let a = build(&spec, &RunDir::new("/r"), None, &handed);
+        let j = joined(a.clone());
+        assert!(j.contains("-add-fd fd=5,set=1 -add-fd fd=6,set=2"), "{j}");
+        let nodes: Vec<serde_json::Value> = a
+            .windows(2)
+            .filter(|w| w[0] == "-blockdev")
+            .map(|w| serde_json::from_str(&w[1]).unwrap())
+            .collect();
+        let by_name = |n: &str| {
+            nodes
+                .iter()
+                .find(|v| v["node-name"] == n)
+                .unwrap_or_else(|| panic!("no node {n} in {j}"))
+                .clone()
+        };
+        assert_eq!(by_name("disk0")["backing"], "disk0-backing");
+        let template = by_name("disk0-backing");
+        assert_eq!(template["backing"], "disk0-backing1", "{j}");
+        assert_eq!(template["read-only"], true);
+        let golden = by_name("disk0-backing1");
+        assert_eq!(golden["read-only"], true);
+        assert!(golden.get("backing").is_none(), "{j}");
+        assert_eq!(by_name("disk0-backing1-file")["filename"], "/dev/fdset/2");
+        assert_eq!(by_name("disk0-backing-file")["filename"], "/dev/fdset/1");
+        // Defined bottom up: the golden image's node comes before the template's.
+        let pos = |n: &str| nodes.iter().position(|v| v["node-name"] == n).unwrap();
+        assert!(pos("disk0-backing1") < pos("disk0-backing"));
+        assert!(pos("disk0-backing") < pos("disk0"));
+    }
+
+    #[test]
     fn nic_uses_the_handed_over_fd() {
         let n = NicSpec {
             mac: "52:54:00:aa:bb:cc".into(),
             tap: "bq-x".into(),
             bridge: "b".into(),
+            netd: None,
         };
         assert_eq!(
             joined(nic(&n, 3)),
@@ -289,14 +499,14 @@ mod tests {
     fn a_guest_panic_is_reported_and_pauses_the_vm() {
         assert_eq!(joined(pvpanic()), "-device pvpanic -action panic=pause");
         let spec = VmSpec::new("boma-it-t", Accel::Tcg, Boot::Disk);
-        let j = joined(build(&spec, &RunDir::new("/r"), None));
+        let j = joined(build(&spec, &RunDir::new("/r"), None, &Handed::default()));
         assert!(j.contains("-device pvpanic -action panic=pause"), "{j}");
     }
 
     #[test]
     fn build_has_two_monitors_and_starts_paused() {
         let spec = VmSpec::new("boma-it-t", Accel::Tcg, Boot::Disk);
-        let a = build(&spec, &RunDir::new("/r"), None);
+        let a = build(&spec, &RunDir::new("/r"), None, &Handed::default());
         let j = joined(a.clone());
         assert!(j.contains("path=/r/qmp.sock,server=on,wait=off"));
         assert!(j.contains("path=/r/ctl.sock,server=on,wait=off"));
@@ -320,16 +530,37 @@ mod tests {
             mac: "52:54:00:12:34:56".into(),
             tap: "bq-askari".into(),
             bridge: "boma-qvm0".into(),
+            netd: None,
         });
         spec
     }
 
-    /// The whole KVM argv, written out by hand, not rebuilt from the helpers: KVM cannot run on
-    /// the CI machines (nested PVM), so this pin is what keeps the KVM path reviewed. A device
-    /// added to `build` must be added here on purpose.
+    #[test]
+    fn the_sandbox_denies_everything_qemu_does_not_need() {
+        assert_eq!(
+            joined(sandbox()),
+            "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+        );
+        let spec = VmSpec::new("boma-it-t", Accel::Tcg, Boot::Disk);
+        let a = build(&spec, &RunDir::new("/r"), None, &Handed::default());
+        let at = a
+            .iter()
+            .position(|x| x == "-sandbox")
+            .expect("-sandbox in every argv");
+        assert!(a[at + 1].starts_with("on,"), "{}", a[at + 1]);
+    }
+
+    /// The whole KVM argv QEMU gets, written out by hand, not rebuilt from the helpers: KVM
+    /// cannot run on the CI machines (nested PVM), so this pin is what keeps the KVM path
+    /// reviewed. A device added to `build` must be added here on purpose. The run directory's
+    /// files are relative: QEMU runs in it.
     #[test]
     fn kvm_argv_for_a_full_vm_is_pinned() {
-        let a = build(&full_kvm_spec(), &RunDir::new("/r"), Some(3));
+        let handed = Handed {
+            backing: vec![5],
+            ..Handed::default()
+        };
+        let a = for_run_dir(&full_kvm_spec(), &RunDir::new("/r"), Some(3), &handed);
         let want: Vec<&str> = vec![
             "-name",
             "boma-it-askari,process=boma-it-askari",
@@ -338,6 +569,8 @@ mod tests {
             "-display",
             "none",
             "-S",
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-machine",
             "q35",
             "-accel",
@@ -349,31 +582,37 @@ mod tests {
             "-m",
             "3072",
             "-chardev",
-            "socket,id=mon0,path=/r/qmp.sock,server=on,wait=off",
+            "socket,id=mon0,path=qmp.sock,server=on,wait=off",
             "-mon",
             "chardev=mon0,mode=control",
             "-chardev",
-            "socket,id=mon1,path=/r/ctl.sock,server=on,wait=off",
+            "socket,id=mon1,path=ctl.sock,server=on,wait=off",
             "-mon",
             "chardev=mon1,mode=control",
             "-chardev",
-            "pty,id=ser0,logfile=/r/console.log,logappend=on",
+            "pty,id=ser0,logfile=console.log,logappend=on",
             "-serial",
             "chardev:ser0",
             "-chardev",
-            "socket,id=qga0,path=/r/qga-qemu.sock,server=on,wait=off",
+            "socket,id=qga0,path=qga-qemu.sock,server=on,wait=off",
             "-device",
             "virtio-serial-pci,id=vser0",
             "-device",
             "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+            "-add-fd",
+            "fd=5,set=1",
             "-blockdev",
-            r#"{"driver":"file","filename":"/r/disk.qcow2","node-name":"disk0-file","discard":"unmap"}"#,
+            r#"{"driver":"file","filename":"/dev/fdset/1","node-name":"disk0-backing-file","read-only":true}"#,
             "-blockdev",
-            r#"{"driver":"qcow2","file":"disk0-file","node-name":"disk0"}"#,
+            r#"{"driver":"qcow2","file":"disk0-backing-file","node-name":"disk0-backing","read-only":true}"#,
+            "-blockdev",
+            r#"{"driver":"file","filename":"disk.qcow2","node-name":"disk0-file","discard":"unmap"}"#,
+            "-blockdev",
+            r#"{"driver":"qcow2","file":"disk0-file","node-name":"disk0","backing":"disk0-backing"}"#,
             "-device",
             "virtio-blk-pci,drive=disk0,id=vda,bootindex=1,werror=report,rerror=report",
             "-drive",
-            "if=none,id=seed,file=/r/seed.iso,format=raw,readonly=on",
+            "if=none,id=seed,file=seed.iso,format=raw,readonly=on",
             "-device",
             "virtio-blk-pci,drive=seed,id=vdb",
             "-netdev",
@@ -399,7 +638,12 @@ mod tests {
     fn kvm_argv_has_no_tcg_options() {
         let mut spec = full_kvm_spec();
         spec.tcg_tb_size_mib = Some(256);
-        let j = joined(build(&spec, &RunDir::new("/r"), Some(3)));
+        let j = joined(build(
+            &spec,
+            &RunDir::new("/r"),
+            Some(3),
+            &Handed::default(),
+        ));
         assert!(j.contains("-accel kvm -cpu host"), "{j}");
         assert!(
             !j.contains("tcg") && !j.contains("tb-size") && !j.contains("-cpu max"),

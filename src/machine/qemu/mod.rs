@@ -1,5 +1,6 @@
 //! The QEMU process: its argv (`argv`, pure) and launching it (`process`).
 
+pub mod account;
 pub mod argv;
 
 use crate::Result;
