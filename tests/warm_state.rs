@@ -6,6 +6,7 @@ mod common;
 use boma_qvm::machine::events::names;
 use boma_qvm::machine::{Machine, State};
 use common::*;
+use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(120);
@@ -88,4 +89,74 @@ async fn a_state_restores_only_into_the_same_machine_and_a_refusal_leaves_nothin
         .unwrap_err();
     assert_eq!(e.exit_code(), 4, "{e}");
     d.down().await.unwrap();
+}
+
+/// A warm VM's disk is a chain: its overlay on the template's disk on the golden image. QEMU
+/// runs as another account (root starts it as boma-qvm-qemu) that can reach neither image here
+/// (they are in a 0700 directory of root's), so it starts only if every layer is handed over.
+/// Seen failing with only the first layer handed (QEMU then opens the golden image by the
+/// path in the template's header: permission denied).
+#[tokio::test]
+async fn every_layer_of_a_two_deep_backing_chain_is_handed_to_qemu() {
+    let env = Env::new();
+    // Private to root (0700), apart from the state dir (whose run dirs QEMU's account enters).
+    let images = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(images.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (golden, template) = (
+        images.path().join("golden.qcow2"),
+        images.path().join("template.qcow2"),
+    );
+    let qemu_img = |args: &[&str]| {
+        let out = std::process::Command::new("qemu-img")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "qemu-img {args:?}: {out:?}");
+    };
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        golden.to_str().unwrap(),
+        "64M",
+    ]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        "-b",
+        golden.to_str().unwrap(),
+        template.to_str().unwrap(),
+    ]);
+    let name = "boma-it-chain";
+    let overlay = env.dirs.vm(name).join("disk.qcow2");
+    let mut spec = env.guest_spec("chain", "");
+    spec.disk = Some(overlay.clone());
+    let m = Machine::create(&env.dirs, &spec)
+        .unwrap()
+        .with_start_options(start_options());
+    boma_qvm::guest::image::overlay::create(&template, &overlay, None).unwrap();
+    m.start().await.unwrap();
+    m.expect_console(READY, T).await.unwrap();
+    let started = m
+        .events()
+        .unwrap()
+        .into_iter()
+        .find(|r| r.event == names::QEMU_STARTED)
+        .expect("QEMU_STARTED");
+    let argv: Vec<String> = serde_json::from_value(started.data["argv"].clone()).unwrap();
+    let argv = argv.join(" ");
+    assert!(
+        argv.contains(",set=1 ") && argv.contains(",set=2 "),
+        "both backing files are handed: {argv}"
+    );
+    assert!(!argv.contains(images.path().to_str().unwrap()), "{argv}");
+    if nix::unistd::Uid::effective().is_root() {
+        assert_ne!(started.data["user"], "root", "QEMU never runs as root");
+    }
+    m.down().await.unwrap();
 }
