@@ -49,8 +49,10 @@ pub fn qemu_account() {
         if nix::unistd::User::from_name(name).ok().flatten().is_some() {
             return;
         }
-        // Another test binary may be creating it right now: useradd's own lock serialises, and
-        // "already exists" (exit 9) is fine.
+        // As the role does: the kvm group first (a machine without QEMU's udev rules lacks it;
+        // "already exists", exit 9, is fine). Another test binary may be creating the account
+        // right now: useradd's own lock serialises, and "already exists" (exit 9) is fine.
+        let _ = Command::new("groupadd").args(["--system", "kvm"]).status();
         let st = Command::new("useradd")
             .args(["--system", "--no-create-home", "--home-dir", "/nonexistent"])
             .args(["--shell", "/usr/sbin/nologin", "--groups", "kvm", name])
