@@ -6,6 +6,7 @@
 #                                   [SECRET_VARS='name ...']
 #                                   the main job: boma-qvm cycle on the bundled example repo
 #   make test-integration-clean     reap every boma-it-* leftover (boma-qvm prune)
+#   make bench                      the figures of docs/benchmarks.md (boots Debian VMs for tens of minutes, as root)
 #   make test-host-debian13 [HOSTTEST_BIN=path]
 #                                   .ci/setup, doctor --boot-test and the test guest on boma-qvm's
 #                                   network, on a fresh Debian 13 root filesystem in namespaces
@@ -46,7 +47,7 @@ CYCLE_ARGS = --repo $(REPO) --certs $(CERTS) $(if $(KEEP),--keep) $(if $(SNAPSHO
 # built, else the debug build.
 HOSTTEST_BIN ?= $(if $(wildcard $(BIN)),$(BIN),target/debug/boma-qvm)
 
-.PHONY: setup setup-check test test-integration test-integration-clean test-host-debian13
+.PHONY: setup setup-check test test-integration test-integration-clean test-host-debian13 bench
 
 setup:
 	$(CARGO_BUILD)
@@ -71,6 +72,13 @@ test-integration:
 
 test-integration-clean:
 	$(BOMA_QVM) prune
+
+# Boots Debian VMs one at a time (tens of minutes under TCG) and rewrites docs/benchmarks.md.
+# Built first, then run under BENCH_LOCK so it never shares the CPU with another Debian VM run.
+BENCH_LOCK ?= /var/lock/boma-debian-vm.lock
+bench:
+	cargo bench --bench boma --no-run
+	flock $(BENCH_LOCK) cargo bench --bench boma
 
 test-host-debian13:
 	nice -n 10 tests/host/debian13.sh $(HOSTTEST_BIN)

@@ -9,6 +9,10 @@
 //!    this passed, the harness would not be faithful.
 //! 2. fix on (`FIX=1`): the same cycle passes across the reboot and leaves nothing behind.
 //!
+//! Both cycles start warm (the default): restored from the golden image's template, which the
+//! first Debian test to need it builds with a cold boot. So the verdicts here are the warm
+//! path's; the reboot in between is a real cold one.
+//!
 //! Both say what the reboot changed: the red diff names Docker's DNAT back under `inet filter`'s
 //! forward `policy drop`; the green one shows the fix's forward accept instead. A third test (one
 //! more Debian cycle) locks SSH out at boot and gets the lockout called fast, with the state
@@ -212,6 +216,11 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
     );
     assert_eq!(report.image.name, "debian-13-built");
     assert!(report.image.reason.contains("default"), "{report:#?}");
+    assert!(
+        report.image.start.starts_with("warm: restored from "),
+        "the cycle started warm: {report:#?}"
+    );
+    assert!(stage(&report, "re-identify").ok);
     let kvm = boma_qvm::machine::accel::KvmProbe::read().usable();
     assert_eq!(report.accel, if kvm { "kvm" } else { "tcg" });
     assert!(
@@ -387,6 +396,13 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
         "reset re-runs reboot + verify, still red:\n{text}"
     );
     assert!(text.contains("published port"), "{text}");
+    // Back to the post-apply state from the memory snapshot: no apply runs again, no boot
+    // before the reboot under test.
+    assert!(
+        text.contains(&format!("<== {}: ok", boma_qvm::cycle::kept::RESET_STAGE))
+            && !text.contains("==> apply"),
+        "{text}"
+    );
     assert!(
         text.contains("what changed from before reboot to after reboot")
             && text.contains("!! DNAT of tcp/8080"),
@@ -423,6 +439,7 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
     );
     let report = read_report(&only_run_dir(&green_runs));
     assert_eq!(report.verdict, Verdict::Pass);
+    assert!(report.image.start.starts_with("warm"), "{report:#?}");
     assert_eq!((report.class, report.exit_code), (None, 0));
     assert!(stage(&report, "verify after reboot").ok);
     let diff = report

@@ -1,18 +1,21 @@
 //! End to end on a real Debian 13 guest, one guest for every assertion (TCG boots are minutes):
-//! the offline-built golden image (built once into the XDG cache, reused after), a cloud-init
-//! seed with a per-run key, the isolated network inside a namespace this test creates, SSH with
-//! the generated key, the guest agent; then where a real OS is the point for faults: SSH across
-//! link loss, a power cut in the middle of fsynced writes to its ext4 root (journal recovery at
-//! the next boot, the root read-write again), and disk errors that also reach data still in the
-//! golden image behind the overlay — and the golden image byte-for-byte unchanged afterwards.
+//! the offline-built golden image (built once into the XDG cache, reused after), started warm
+//! from its template (built by the first Debian test that needs it: a cold boot to cloud-init
+//! done) and proven a distinct instance (this run's key, host name, MAC, address, clock, RNG;
+//! the template's key refused; seen failing when re-identification appended this run's key
+//! instead of replacing the template's), a cloud-init seed with a per-run key, the isolated
+//! network inside a namespace this test creates, SSH with the generated key, the guest agent;
+//! then where a real OS is the point for faults: SSH across link loss, a power cut in the middle
+//! of fsynced writes to its ext4 root (journal recovery at the next boot, the root read-write
+//! again), and disk errors that also reach data still in the golden image behind the overlay — and the golden image byte-for-byte unchanged afterwards.
 //! A guest agent reply nobody reads does not hold up the next clean reboot.
 //! The real reboot of a Debian guest after an apply is the acceptance test's.
 
 mod common;
 
 use boma_qvm::guest::image::{self, ImageChoice};
-use boma_qvm::machine::Machine;
 use boma_qvm::machine::events::names;
+use boma_qvm::machine::{Machine, warm};
 use common::faults::*;
 use common::netns::Netns;
 use common::{Env, Run, start_options};
@@ -47,6 +50,90 @@ fn sha256(path: &std::path::Path) -> String {
     boma_qvm::guest::image::tool::sha256_file(path).unwrap()
 }
 
+const HOST_KEYS: &str = "cat /etc/ssh/ssh_host_*_key.pub | sort";
+
+/// The VM was restored from the warm template, and re-identified as an instance of its own: the
+/// template's key opens nothing, this run's does; its own host name, MAC and address; its clock
+/// within 2 s of the host's; its kernel RNG reseeded on the new VM generation ID. Returns its
+/// SSH host keys (to compare after its next boot).
+fn distinct_warm_instance(env: &Env, ns: &Netns, vm: &Machine) -> String {
+    let restored = vm
+        .events()
+        .unwrap()
+        .into_iter()
+        .find(|r| r.is(names::RESTORED))
+        .expect("a warm start: the VM was restored from the template");
+    let state = std::path::PathBuf::from(restored.data["from"].as_str().unwrap());
+    let template = warm::Template::load(state.parent().unwrap()).unwrap();
+    let ip = vm.ip().unwrap();
+    let ssh = |key: &std::path::Path, user: &str, cmd: &str| {
+        let mut c = boma_qvm::guest::ssh::Conn::new(ip.to_string(), key);
+        c.user = user.into();
+        ns.block_on(|| async { boma_qvm::guest::ssh::run(&c, cmd, S).await.unwrap() })
+    };
+    let run_key = vm.run_dir().join("id_ed25519");
+    assert!(ssh(&run_key, "ansible", "true").status.success());
+    for user in ["ansible", "root"] {
+        let out = ssh(&template.key(), user, "true");
+        assert_eq!(
+            out.status.code(),
+            Some(255),
+            "the template's key must open nothing ({user}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"));
+    }
+    let sh = |cmd: &str| env.cli_in(ns).ok(&["ssh", "e2e", "--", cmd]);
+    assert_eq!(sh("hostname").trim(), "e2e");
+    assert!(sh("cat /etc/hosts").contains("127.0.1.1 e2e"));
+    let mac = vm.spec().unwrap().nic.unwrap().mac;
+    assert_ne!(mac, template.manifest.mac);
+    // (Its permanent address and `enx` altname, read at the template's boot, stay the
+    // template's until the next boot.)
+    let link = sh("ip -o link show | grep -i ' link/ether '");
+    assert!(
+        link.contains(&format!("link/ether {mac} ")),
+        "the NIC has this VM's MAC {mac}: {link}"
+    );
+    assert!(
+        !link.contains(&format!("link/ether {} ", template.manifest.mac)),
+        "{link}"
+    );
+    let addrs = sh("ip -o -4 addr show scope global | grep -v docker");
+    assert_eq!(
+        addrs.lines().count(),
+        1,
+        "one address, the template's is gone: {addrs}"
+    );
+    assert!(addrs.contains(&format!("inet {ip}/")), "{addrs}");
+    assert!(
+        sh("sudo dmesg").contains("crng reseeded due to virtual machine fork"),
+        "the kernel RNG was reseeded on the new VM generation ID"
+    );
+    let instance = sh("cat /var/lib/cloud/data/instance-id");
+    assert_eq!(instance.trim(), template.manifest.instance_id);
+    // The clock, read through the agent (no SSH latency) between two host readings.
+    let (before, guest, after) = ns.block_on(|| async {
+        let now = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs_f64()
+        };
+        let before = now();
+        let out = vm
+            .agent_exec(&["/bin/date", "+%s.%N"], Duration::from_secs(60))
+            .await
+            .unwrap();
+        (before, out.stdout.trim().parse::<f64>().unwrap(), now())
+    });
+    assert!(
+        guest > before - 2.0 && guest < after + 2.0,
+        "the guest's clock {guest} is within 2 s of the host's ({before}..{after})"
+    );
+    sh(HOST_KEYS)
+}
+
 #[tokio::test]
 async fn debian_guest_boots_to_ssh_survives_faults_and_leaves_the_golden_image_untouched() {
     let _one = one_vm_at_a_time();
@@ -57,14 +144,19 @@ async fn debian_guest_boots_to_ssh_survives_faults_and_leaves_the_golden_image_u
     let before = sha256(&golden.disk);
     let ns = Netns::new("deb");
 
-    let up = env.cli_in(&ns).ok(&[
-        "up",
-        "e2e",
-        "--memory",
-        "2048",
-        "--dns-name",
-        "askari.wingu.me",
-    ]);
+    // The default shape, so this VM and the acceptance test's restore the same warm template
+    // (whichever runs first builds it: a cold boot to cloud-init done, then the save).
+    let out = env
+        .cli_in(&ns)
+        .run(&["up", "e2e", "--dns-name", "askari.wingu.me"]);
+    assert!(out.status.success(), "{}", common::text(&out));
+    let up = String::from_utf8_lossy(&out.stdout).into_owned();
+    // The stages' times (and, when this run built the template, its cold boot's), for the log.
+    for l in String::from_utf8_lossy(&out.stderr).lines() {
+        if l.contains("<== ") || l.contains("warm template") || l.contains("cold boot") {
+            eprintln!("up: {l}");
+        }
+    }
     assert!(up.contains("boma-it-e2e is up at 192.168.231."), "{up}");
 
     let status = env
@@ -108,6 +200,7 @@ async fn debian_guest_boots_to_ssh_survives_faults_and_leaves_the_golden_image_u
     let vm = Machine::attach(&env.dirs, "e2e")
         .unwrap()
         .with_start_options(start_options());
+    let host_keys = distinct_warm_instance(&env, &ns, &vm);
 
     // The break-glass way in: the guest agent, no network or SSH involved.
     let agent = ns
@@ -197,6 +290,14 @@ async fn debian_guest_boots_to_ssh_survives_faults_and_leaves_the_golden_image_u
         assert_ne!(vm.succeed_within(boot_id, S).await.unwrap(), boot1, "a new boot");
         let opts = vm.succeed_within("findmnt -no OPTIONS /", S).await.unwrap();
         assert!(opts.starts_with("rw"), "root mounted {opts}");
+        // The boot after a warm start is not a cloud-init first boot (the template's instance),
+        // and it keeps this run's identity: cloud-init read this VM's seed again.
+        assert_eq!(vm.succeed_within("hostname", S).await.unwrap().trim(), "e2e");
+        assert_eq!(
+            vm.succeed_within(HOST_KEYS, S).await.unwrap(),
+            host_keys,
+            "the SSH host keys were not regenerated: no first boot"
+        );
         vm.succeed_within("echo after > /var/tmp/after && sync && cat /var/tmp/after", S).await.unwrap();
         let tl = timeline(&vm);
         let cut = tl.iter().position(|e| e == "FAULT:power-cut").unwrap();

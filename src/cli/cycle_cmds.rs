@@ -25,7 +25,8 @@ pub struct CycleArgs {
     /// Keep the VM even when the cycle passes.
     #[arg(long)]
     pub keep: bool,
-    /// Take a snapshot after the apply, so `boma-qvm reset` can re-run reboot + assert.
+    /// Take a memory snapshot after the apply, so `boma-qvm reset` can go back to the
+    /// post-apply state in seconds and re-run reboot + verify.
     #[arg(long)]
     pub snapshot: bool,
     /// Do not run verify before the reboot (only the reboot is under test; saves a verify).
@@ -139,15 +140,20 @@ pub async fn diff(dirs: &Dirs, a: KeptVmArgs) -> Result<()> {
     Ok(())
 }
 
-/// Back to the post-apply snapshot, then reboot + verify again without re-applying; what the
-/// reboot changed is shown whatever the verdict.
+/// Back to the post-apply state from its memory snapshot (no re-apply, no boot), then the real
+/// reboot + verify again; what the reboot changed is shown whatever the verdict.
 pub async fn reset(dirs: &Dirs, a: KeptVmArgs) -> Result<()> {
-    on_kept(dirs, a, "reset (reboot + verify)", async |k| {
-        let r = k.reset().await;
-        if let Some(d) = &k.reboot_diff {
-            eprintln!("\n{}", d.render(12));
-        }
-        r
-    })
+    on_kept(
+        dirs,
+        a,
+        "reset (restore post-apply state, reboot, verify)",
+        async |k| {
+            let r = k.reset().await;
+            if let Some(d) = &k.reboot_diff {
+                eprintln!("\n{}", d.render(12));
+            }
+            r
+        },
+    )
     .await
 }

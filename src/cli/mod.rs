@@ -41,7 +41,8 @@ enum Cmd {
     /// Re-run the verify playbook on a VM kept by `cycle` (`assert` is an alias).
     #[command(alias = "assert")]
     Verify(cycle_cmds::KeptVmArgs),
-    /// Restore the post-apply snapshot (`cycle --snapshot`), then reboot + verify again.
+    /// Back to the post-apply state from its memory snapshot (`cycle --snapshot`): no re-apply,
+    /// no boot; then the real reboot + verify again.
     Reset(cycle_cmds::KeptVmArgs),
     /// What changed on a VM kept by `cycle` since its apply: its state now (nft ruleset,
     /// listeners, units, containers, routes, sysctls, mounts) against the post-apply state.

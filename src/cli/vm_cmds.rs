@@ -79,6 +79,10 @@ pub struct MachineArgs {
     /// Cap TCG's translation cache (MiB); about halves QEMU's memory under TCG.
     #[arg(long)]
     pub tb_size: Option<u32>,
+    /// Boot from scratch. By default a VM from a golden image is restored from that image's
+    /// warm template (booted once to ready and saved; built on first use) and re-identified.
+    #[arg(long)]
+    pub cold: bool,
 }
 
 /// The isolated network.
@@ -140,6 +144,7 @@ pub fn request(host: &str, os: OsSource, m: &MachineArgs, n: &NetArgs) -> Result
     req.disk_gib = m.disk_gib;
     req.console_patterns = m.console_patterns.clone();
     req.tcg_tb_size_mib = m.tb_size;
+    req.cold = m.cold;
     req.start = start_options(m.min_free_mib, m.max_vms);
     req.net = n.config()?;
     req.egress = !n.no_egress;

@@ -188,12 +188,16 @@ pub fn versions(vm: Option<&Machine>) -> super::report::Versions {
     }
 }
 
-/// `debian-13-built (created 2026-..., sha256 0257c02d...)` for the image backing `vm`'s overlay.
+/// `debian-13-built (created 2026-..., sha256 0257c02d...)` for the golden image under `vm`'s
+/// overlay (directly, or under the warm template the overlay is backed by).
 fn golden_of(vm: &Machine) -> Option<String> {
-    let overlay = vm.spec().ok()?.disk?;
-    let backing = crate::guest::image::overlay::info(&overlay).ok()?.backing?;
-    let dir = backing.parent()?.to_path_buf();
-    let m = crate::guest::image::Manifest::read(&dir).ok()?;
+    let mut disk = vm.spec().ok()?.disk?;
+    let m = (0..4).find_map(|_| {
+        let backing = crate::guest::image::overlay::info(&disk).ok()?.backing?;
+        let found = crate::guest::image::Manifest::read(backing.parent()?).ok();
+        disk = backing;
+        found
+    })?;
     Some(format!(
         "{} (created {}, sha256 {})",
         m.name,

@@ -19,6 +19,8 @@ use std::path::{Path, PathBuf};
 
 /// The name of the post-apply snapshot inside the VM's overlay.
 pub const SNAPSHOT: &str = "post-apply";
+/// The stage of `reset` that restores the post-apply state (what a re-apply would redo).
+pub const RESET_STAGE: &str = "reset: restore post-apply state";
 
 /// The guest-state snapshots of a cycle, by the slug of their files in the run directory
 /// (`state-before-reboot.json`, ...).
@@ -269,12 +271,26 @@ impl Kept {
         r.map_err(|e| scrubber.error(e))
     }
 
-    /// Back to the post-apply snapshot, then reboot and verify again, without re-applying;
-    /// what the reboot changed is diffed against the cycle's post-apply state.
+    /// `reset`: back to the post-apply state from the snapshot (RAM, devices and disk as they
+    /// were right after the apply; the guest's clock stepped to the host's through the agent),
+    /// with no re-apply and no boot: the stage `reset` is what replaces a re-apply. Then the
+    /// cycle's real reboot, what it changed diffed against the cycle's post-apply state, and
+    /// the verify after it, as in the cycle.
     pub async fn reset(&mut self) -> Result<()> {
         let m = &self.machine;
         self.stages
-            .run("restore snapshot", m.snapshot_load(SNAPSHOT))
+            .run(RESET_STAGE, async {
+                m.snapshot_load(SNAPSHOT).await?;
+                // Without an agent (an image without one) the clock stays behind until the
+                // reboot, which reads the RTC (it follows the host's clock).
+                if let Err(e) = m.sync_clock().await {
+                    tracing::warn!(
+                        "{}: the clock was not stepped after the restore: {e}",
+                        m.name()
+                    );
+                }
+                Ok(())
+            })
             .await?;
         self.state_before = drift::read_snapshot(&self.run_dir, STATE_BEFORE).ok();
         self.reboot_and_diff().await?;

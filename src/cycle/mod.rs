@@ -143,6 +143,7 @@ async fn finish(
             .await;
     }
     let versions = config::versions(m.as_ref());
+    let m_events = m.as_ref().and_then(|m| m.events().ok());
     let inspect = keep.then(|| diagnostics::inspect_text(&cfg.host, run_dir));
     if let Some(text) = &inspect {
         scrubber.write(&run_dir.join("INSPECT.txt"), text).ok();
@@ -182,6 +183,7 @@ async fn finish(
                 OsSource::Kernel { .. } => String::new(),
             },
             reason: req.image_reason.clone(),
+            start: start_of(m_events.as_deref()),
         },
         accepted_risk: cfg.cert_plan().ok().and_then(|p| p.accepted_risk),
         vm_kept: keep,
@@ -202,6 +204,29 @@ async fn finish(
     }
 }
 
+/// `warm: restored from DIR` when the VM's first start restored a saved state, else `cold`
+/// (or empty when no VM was made).
+fn start_of(events: Option<&[crate::machine::events::Record]>) -> String {
+    use crate::machine::events::names;
+    let Some(events) = events else {
+        return String::new();
+    };
+    let first = events
+        .iter()
+        .find(|r| r.is(names::RESTORED) || r.is(names::QEMU_STARTED));
+    match first {
+        Some(r) if r.is(names::RESTORED) => {
+            let from = std::path::Path::new(r.data["from"].as_str().unwrap_or(""));
+            format!(
+                "warm: restored from {}",
+                from.parent().unwrap_or(from).display()
+            )
+        }
+        Some(_) => "cold".into(),
+        None => String::new(),
+    }
+}
+
 fn print_summary(r: &Report, run_dir: &Path) {
     let verdict = match (r.verdict, r.class) {
         (Verdict::Pass, _) => "PASS".to_string(),
@@ -212,6 +237,9 @@ fn print_summary(r: &Report, run_dir: &Path) {
         "\n== boma-qvm cycle {}: {verdict} in {:.0}s",
         r.host, r.total_seconds
     );
+    if !r.image.start.is_empty() {
+        eprintln!("   first boot: {}", r.image.start);
+    }
     for s in &r.stages {
         eprintln!(
             "   {:<26} {:>7.1}s  {}",

@@ -61,6 +61,9 @@ pub struct Report {
 pub struct ImageReport {
     pub name: String,
     pub reason: String,
+    /// How the VM's first boot happened: `warm: restored from <template dir>`, or `cold`.
+    #[serde(default)]
+    pub start: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

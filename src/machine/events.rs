@@ -49,6 +49,10 @@ pub mod names {
     pub const LOCKOUT: &str = "LOCKOUT";
     pub const FAULT: &str = "FAULT";
     pub const FAULT_FAILED: &str = "FAULT_FAILED";
+    /// The supervisor restored a saved state instead of booting (a warm start).
+    pub const RESTORED: &str = "RESTORED";
+    /// The VM's memory and device state was saved to a file (`Machine::save_state`).
+    pub const STATE_SAVED: &str = "STATE_SAVED";
     /// `qemu-img check` of the overlay before a power-on.
     pub const DISK_CHECK: &str = "DISK_CHECK";
 }

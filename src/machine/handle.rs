@@ -23,6 +23,7 @@ use super::events::{self, Record, Source, Tail, names};
 use super::power::{self, RebootMode, ShutdownOutcome};
 use super::provision::{self, UpRequest};
 use super::spec::VmSpec;
+use super::state::SavedState;
 use super::vm::{StartOptions, Vm};
 use super::{State, qmp::Qmp};
 use crate::guest::ssh;
@@ -203,6 +204,27 @@ impl Machine {
         Ok(())
     }
 
+    /// Power the VM on from a saved state (`save_state`) instead of booting it: the guest runs
+    /// on from the instant it was saved (its network first, if it has a NIC). The VM's spec must
+    /// give the same machine the state was saved from (sizes, devices); QEMU refuses anything
+    /// else and the error says why. The event cursor moves to this start.
+    pub async fn start_restoring(&self, state: &Path) -> Result<()> {
+        let fresh = self.vm.tail();
+        provision::start_restoring(&self.dirs, &self.vm, &self.start, state).await?;
+        *self.events.lock().await = fresh;
+        Ok(())
+    }
+
+    /// Save the running VM's memory and device state to `file` (QMP `migrate` over a unix
+    /// socket that this process copies to the file: QEMU 7.2 has no `file:` migration, and
+    /// QEMU's sandbox forbids `exec:`). The guest is paused first, so the state is one
+    /// consistent instant and the disk is flushed with it; it stays paused afterwards (QEMU's
+    /// `postmigrate`): destroy the VM, or `cont` it over QMP to go on. The disk is not in the
+    /// file: restore it with the overlay as it was at this instant.
+    pub async fn save_state(&self, file: &Path) -> Result<SavedState> {
+        super::state::save(&self.vm, file).await
+    }
+
     /// The VM's address on the isolated network.
     pub fn ip(&self) -> Result<Ipv4Addr> {
         provision::vm_ip(&self.dirs, &self.vm)
@@ -282,6 +304,16 @@ impl Machine {
         timeout: Duration,
     ) -> Result<super::qga::ExecOutput> {
         super::qga::exec(&self.vm.run.qga_sock(), argv, timeout).await
+    }
+
+    /// Step the guest's clock to the host's through the guest agent (after a restore, the
+    /// guest's clock stopped at the instant of the save).
+    pub async fn sync_clock(&self) -> Result<()> {
+        super::qga::step_clock(
+            &self.vm.run.qga_sock(),
+            self.scaled(Duration::from_secs(30)),
+        )
+        .await
     }
 
     /// A clean reboot, proven rather than assumed: QEMU pauses instead of exiting on the guest's

@@ -19,12 +19,15 @@ pub mod qga;
 pub mod qmp;
 pub mod rundir;
 pub mod spec;
+pub mod state;
 pub mod supervisor;
 pub(crate) mod vm;
+pub mod warm;
 mod watch;
 
 pub use access::{BootDone, LOCKOUT_GRACE, SshState};
 pub use handle::{Machine, Rebooted};
 pub use power::ShutdownOutcome;
 pub use provision::{OsSource, UpRequest};
+pub use state::SavedState;
 pub use vm::{StartOptions, State, supervisor_exe};

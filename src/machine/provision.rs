@@ -7,6 +7,7 @@ use crate::machine::accel::Accel;
 use crate::machine::events;
 use crate::machine::spec::{self, Boot, NicSpec, VmSpec};
 use crate::machine::vm::{StartOptions, Vm};
+use crate::machine::warm;
 use crate::net::access::NetAccess;
 use crate::net::{self, NetConfig};
 use crate::paths::Dirs;
@@ -52,6 +53,8 @@ pub struct UpRequest {
     pub accel_warning: Option<String>,
     /// Wait for SSH login with the run's key (images only).
     pub wait_ssh: bool,
+    /// Boot from scratch even when a warm template could be restored (`--cold`).
+    pub cold: bool,
     pub start: StartOptions,
 }
 
@@ -74,6 +77,7 @@ impl UpRequest {
             image_reason: String::new(),
             accel_warning: None,
             wait_ssh,
+            cold: false,
             start: StartOptions::default(),
         }
     }
@@ -143,6 +147,31 @@ pub(crate) async fn watched<T>(vm: &Vm, fut: impl Future<Output = Result<T>>) ->
 }
 
 /// Create and boot a VM, returning once it has its lease (and SSH and cloud-init, when asked).
+/// A VM from a golden image starts warm when it can (`warm`): restored from the template of its
+/// image and shape, which is built first when there is none.
+///
+/// An infrastructure failure of a cold first boot is retried once with a fresh VM (`cold`).
+pub(crate) async fn up(dirs: &Dirs, req: &UpRequest, stages: &mut Stages) -> Result<Vm> {
+    req.check(dirs)?;
+    if let Some(w) = &req.accel_warning {
+        eprintln!("{w}");
+    }
+    refuse_existing(dirs, &spec::vm_name(&req.host)?, &req.host)?;
+    match warm::plan(dirs, req, stages).await? {
+        warm::Start::Warm(img, t) => warm::restore(dirs, req, &img, &t, stages).await,
+        warm::Start::Cold(image) => {
+            let plan = Plan {
+                name: spec::vm_name(&req.host)?,
+                host: req.host.clone(),
+                backing: image.as_ref().map(|i| i.disk.clone()),
+                seed: SeedPlan::Fresh,
+            };
+            Ok(cold(dirs, req, image.as_ref(), &plan, stages).await?.vm)
+        }
+    }
+}
+
+/// A cold boot of the VM `plan` describes, to ready (lease; SSH and cloud-init when asked).
 ///
 /// An infrastructure failure of the first boot is retried once with a fresh VM, saying so and
 /// recording the retry in `stages`: under TCG a guest kernel panic (measured: 1 in 8 two-vCPU
@@ -151,20 +180,22 @@ pub(crate) async fn watched<T>(vm: &Vm, fut: impl Future<Output = Result<T>>) ->
 /// that never finished, or QEMU dying during the boot. A retry costs a boot (minutes under
 /// TCG), so only these are retried: a failure before the boot (image, network, input) would
 /// fail again. The failed attempt's console is kept under `<state>/retries/`.
-pub(crate) async fn up(dirs: &Dirs, req: &UpRequest, stages: &mut Stages) -> Result<Vm> {
-    req.check(dirs)?;
-    if let Some(w) = &req.accel_warning {
-        eprintln!("{w}");
-    }
-    let e = match up_once(dirs, req, stages).await {
-        Ok(vm) => return Ok(vm),
+pub(crate) async fn cold(
+    dirs: &Dirs,
+    req: &UpRequest,
+    image: Option<&image::Image>,
+    plan: &Plan,
+    stages: &mut Stages,
+) -> Result<Made> {
+    let e = match cold_once(dirs, req, image, plan, stages).await {
+        Ok(made) => return Ok(made),
         Err(e) => e,
     };
-    let name = spec::vm_name(&req.host)?;
-    let Some(why) = retryable(&e, req.accel, dirs.vm(&name).exists()) else {
+    let name = &plan.name;
+    let Some(why) = retryable(&e, req.accel, dirs.vm(name).exists()) else {
         return Err(e);
     };
-    let vm = Vm::open(dirs, &name)?;
+    let vm = Vm::open(dirs, name)?;
     let kept = dirs
         .state
         .join("retries")
@@ -183,7 +214,7 @@ pub(crate) async fn up(dirs: &Dirs, req: &UpRequest, stages: &mut Stages) -> Res
     );
     stages.retrying(&format!("{why}: {first}"), kept);
     teardown(vm).await?;
-    up_once(dirs, req, stages).await
+    cold_once(dirs, req, image, plan, stages).await
 }
 
 /// Why a first boot's failure `e` is worth one retry, or `None`. `booted`: the VM was made and
@@ -208,28 +239,99 @@ fn retryable(e: &Error, accel: Accel, booted: bool) -> Option<&'static str> {
     }
 }
 
-async fn up_once(dirs: &Dirs, req: &UpRequest, stages: &mut Stages) -> Result<Vm> {
-    let name = spec::vm_name(&req.host)?;
-    if dirs.vm(&name).exists() {
+async fn cold_once(
+    dirs: &Dirs,
+    req: &UpRequest,
+    image: Option<&image::Image>,
+    plan: &Plan,
+    stages: &mut Stages,
+) -> Result<Made> {
+    refuse_existing(dirs, &plan.name, &plan.host)?;
+    let made = make(dirs, req, image, plan, stages).await?;
+    if let Err(e) = stages.run("boot", made.vm.start(&req.start)).await {
+        let _ = teardown(made.vm).await;
+        return Err(e);
+    }
+    wait_ready(req, &made, true, stages).await?;
+    Ok(made)
+}
+
+/// Refuse a VM name that is taken.
+pub(crate) fn refuse_existing(dirs: &Dirs, name: &str, host: &str) -> Result<()> {
+    if dirs.vm(name).exists() {
         return Err(Error::AlreadyExists {
             what: format!("VM {name}"),
-            fix: format!(
-                "remove it with `boma-qvm down {}` (or keep using it)",
-                req.host
-            ),
+            fix: format!("remove it with `boma-qvm down {host}` (or keep using it)"),
         });
     }
-    let image = match &req.os {
-        OsSource::Image(choice) => {
-            let img = stages
-                .run("golden image", image::ensure(dirs, choice))
-                .await?;
-            img.check_disk_size(req.disk_gib)?;
-            tracing::info!("golden image: {} ({})", img.name, req.image_reason);
-            Some(img)
-        }
-        OsSource::Kernel { .. } => None,
-    };
+    Ok(())
+}
+
+/// The golden image `choice` names (pulled or built on first use), checked against the disk size.
+pub(crate) async fn golden(
+    dirs: &Dirs,
+    req: &UpRequest,
+    choice: &ImageChoice,
+    stages: &mut Stages,
+) -> Result<image::Image> {
+    let img = stages
+        .run("golden image", image::ensure(dirs, choice))
+        .await?;
+    img.check_disk_size(req.disk_gib)?;
+    tracing::info!("golden image: {} ({})", img.name, req.image_reason);
+    Ok(img)
+}
+
+/// How a VM's disk and seed are made.
+pub(crate) struct Plan {
+    pub name: String,
+    /// The inventory host (the seed's hostname).
+    pub host: String,
+    /// The qcow2 the overlay is backed by (the golden image, or a warm template's disk); `None`
+    /// for a kernel boot without a disk.
+    pub backing: Option<PathBuf>,
+    pub seed: SeedPlan,
+}
+
+/// What the cloud-init seed says about the instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SeedPlan {
+    /// A cold boot: a new instance-id (cloud-init's first boot), the NIC matched by its MAC.
+    Fresh,
+    /// A warm template's contract: its instance-id (the restored guest is that instance, so
+    /// its next boot is not a first boot), the NIC matched by name (the restored guest takes
+    /// this VM's MAC when it is re-identified).
+    Warm { instance_id: String },
+}
+
+/// A VM made (run directory, spec, overlay, seed, network registration), not yet started.
+pub(crate) struct Made {
+    pub vm: Vm,
+    /// How this process reaches the network, and the config it runs with.
+    pub network: Option<(NetAccess, NetConfig)>,
+    pub vm_net: Option<net::VmNet>,
+}
+
+/// The VM's spec for `req` (its NIC, disk and seed are added by `make`).
+pub(crate) fn base_spec(req: &UpRequest, name: &str, boot: Boot) -> VmSpec {
+    let mut spec = VmSpec::new(name, req.accel, boot);
+    spec.host = Some(req.host.clone());
+    spec.cpus = req.cpus;
+    spec.memory_mib = req.memory_mib;
+    spec.console_patterns = req.console_patterns.clone();
+    spec.tcg_tb_size_mib = req.tcg_tb_size_mib;
+    spec
+}
+
+/// Make the VM `plan` describes: network, run directory and spec, overlay, seed, registration.
+/// On failure nothing is left (the VM never ran).
+pub(crate) async fn make(
+    dirs: &Dirs,
+    req: &UpRequest,
+    image: Option<&image::Image>,
+    plan: &Plan,
+    stages: &mut Stages,
+) -> Result<Made> {
     // How this process reaches the network (netd, or directly as root): decided, and refused
     // with the fix, before anything is made.
     let network = match &req.net {
@@ -240,7 +342,7 @@ async fn up_once(dirs: &Dirs, req: &UpRequest, stages: &mut Stages) -> Result<Vm
         }
         None => None,
     };
-    let boot = match (&image, &req.os) {
+    let boot = match (image, &req.os) {
         (Some(img), _) => img.boot.clone(),
         (
             None,
@@ -256,17 +358,13 @@ async fn up_once(dirs: &Dirs, req: &UpRequest, stages: &mut Stages) -> Result<Vm
         },
         (None, OsSource::Image(_)) => unreachable!("an image source always resolves an image"),
     };
-    let mut spec = VmSpec::new(&name, req.accel, boot);
-    spec.host = Some(req.host.clone());
-    spec.cpus = req.cpus;
-    spec.memory_mib = req.memory_mib;
-    spec.console_patterns = req.console_patterns.clone();
-    spec.tcg_tb_size_mib = req.tcg_tb_size_mib;
-    let mac = net::mac_for(&name);
+    let name = &plan.name;
+    let mut spec = base_spec(req, name, boot);
+    let mac = net::mac_for(name);
     if let Some((access, cfg)) = &network {
         spec.nic = Some(NicSpec {
             mac: mac.to_string(),
-            tap: net::tap_name_for(&name),
+            tap: net::tap_name_for(name),
             bridge: cfg.bridge.clone(),
             netd: access.socket().map(Path::to_path_buf),
         });
@@ -276,21 +374,22 @@ async fn up_once(dirs: &Dirs, req: &UpRequest, stages: &mut Stages) -> Result<Vm
         let vm_net = match &network {
             Some((access, cfg)) => Some(
                 access
-                    .register(cfg, &name, req.dns_names.clone(), req.egress)
+                    .register(cfg, name, req.dns_names.clone(), req.egress)
                     .await?,
             ),
             None => None,
         };
-        if let Some(img) = &image {
+        if let Some(backing) = &plan.backing {
+            // In the run directory: the only place the account QEMU runs as may write.
             let overlay = vm.run.overlay();
             stages
                 .run("overlay", async {
-                    image::overlay::create(&img.disk, &overlay, Some(req.disk_gib * (1 << 30)))
+                    image::overlay::create(backing, &overlay, Some(req.disk_gib * (1 << 30)))
                 })
                 .await?;
             let seed_iso = stages
                 .run("cloud-init seed", async {
-                    write_seed(&vm, &req.host, vm_net.as_ref())
+                    write_seed(&vm, &plan.host, vm_net.as_ref(), &plan.seed)
                 })
                 .await?;
             spec.disk = Some(overlay);
@@ -307,20 +406,31 @@ async fn up_once(dirs: &Dirs, req: &UpRequest, stages: &mut Stages) -> Result<Vm
             return Err(e);
         }
     };
-    if let Err(e) = stages.run("boot", vm.start(&req.start)).await {
-        let _ = teardown(vm).await;
-        return Err(e);
-    }
-    // From here on the VM is kept on failure: its console and events explain what went wrong.
-    let kept = |e: Error| keep_note(&vm, e);
-    let ip = match (&network, &vm_net) {
+    Ok(Made {
+        vm,
+        network,
+        vm_net,
+    })
+}
+
+/// After the VM started: its lease, then (when asked) SSH with the run's key, then (when
+/// `cloud_init`) cloud-init done. The VM is kept on failure: its console explains it.
+pub(crate) async fn wait_ready(
+    req: &UpRequest,
+    made: &Made,
+    cloud_init: bool,
+    stages: &mut Stages,
+) -> Result<()> {
+    let vm = &made.vm;
+    let kept = |e: Error| keep_note(vm, e);
+    let ip = match (&made.network, &made.vm_net) {
         (Some((access, _)), Some(v)) => {
             let t = req.accel.scale(Duration::from_secs(60));
             Some(
                 stages
                     .run(
                         "dhcp lease",
-                        watched(&vm, access.wait_lease(&name, &v.mac, t)),
+                        watched(vm, access.wait_lease(&vm.name, &v.mac, t)),
                     )
                     .await
                     .map_err(kept)?,
@@ -334,7 +444,7 @@ async fn up_once(dirs: &Dirs, req: &UpRequest, stages: &mut Stages) -> Result<Vm
         stages
             .run(
                 "ssh",
-                watched(&vm, async {
+                watched(vm, async {
                     net::wait_for_ssh(ip, t).await?;
                     ssh::wait_for_login(&conn, t).await
                 }),
@@ -343,12 +453,14 @@ async fn up_once(dirs: &Dirs, req: &UpRequest, stages: &mut Stages) -> Result<Vm
             .map_err(kept)?;
         // cloud-init restarts sshd (new host keys) and writes users late in the first boot:
         // the VM is ready when it is done, not when sshd first answers.
-        stages
-            .run("cloud-init", watched(&vm, cloud_init_done(&conn, t)))
-            .await
-            .map_err(kept)?;
+        if cloud_init {
+            stages
+                .run("cloud-init", watched(vm, cloud_init_done(&conn, t)))
+                .await
+                .map_err(kept)?;
+        }
     }
-    Ok(vm)
+    Ok(())
 }
 
 /// Wait for `cloud-init status --wait`: exit 0 is done, 2 is done with recoverable errors
@@ -370,7 +482,7 @@ pub(crate) async fn cloud_init_done(conn: &ssh::Conn, timeout: Duration) -> Resu
     }
 }
 
-fn keep_note(vm: &Vm, e: Error) -> Error {
+pub(crate) fn keep_note(vm: &Vm, e: Error) -> Error {
     tracing::warn!(
         "{} is kept for inspection: `boma-qvm console {0} --log`, `boma-qvm status {0}`; remove it with `boma-qvm down {0}`",
         vm.name
@@ -378,11 +490,22 @@ fn keep_note(vm: &Vm, e: Error) -> Error {
     e
 }
 
-fn write_seed(vm: &Vm, host: &str, vm_net: Option<&net::VmNet>) -> Result<PathBuf> {
+fn write_seed(
+    vm: &Vm,
+    host: &str,
+    vm_net: Option<&net::VmNet>,
+    plan: &SeedPlan,
+) -> Result<PathBuf> {
     let key = ssh::keygen(&vm.run.dir)?;
-    let instance = format!("{}-{}", vm.name, events::now() as u64);
-    let mut s = seed::SeedSpec::new(&instance, host, &key.public_key);
-    s.mac = vm_net.map(|v| v.mac.to_string());
+    let s = match plan {
+        SeedPlan::Fresh => {
+            let instance = format!("{}-{}", vm.name, events::now() as u64);
+            let mut s = seed::SeedSpec::new(&instance, host, &key.public_key);
+            s.mac = vm_net.map(|v| v.mac.to_string());
+            s
+        }
+        SeedPlan::Warm { instance_id } => seed::SeedSpec::new(instance_id, host, &key.public_key),
+    };
     seed::write(&vm.run.dir, &s)
 }
 
@@ -432,6 +555,24 @@ pub(crate) async fn start(dirs: &Dirs, vm: &Vm, opts: &StartOptions) -> Result<(
         }
     }
     vm.start(opts).await
+}
+
+/// Power on an existing VM from a saved state (its network is brought back first if it has a
+/// NIC).
+pub(crate) async fn start_restoring(
+    dirs: &Dirs,
+    vm: &Vm,
+    opts: &StartOptions,
+    state: &std::path::Path,
+) -> Result<()> {
+    if let Some(nic) = &vm.spec()?.nic {
+        let access = NetAccess::recorded(dirs, nic.netd.as_deref());
+        let cfg = access.up_again(&nic.bridge).await?;
+        if access.vm(&vm.name)?.is_none() {
+            access.register(&cfg, &vm.name, Vec::new(), true).await?;
+        }
+    }
+    vm.start_restoring(opts, state).await
 }
 
 /// Destroy the VM and its network registration; take the network down when it was the last VM.

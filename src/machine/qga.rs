@@ -64,6 +64,55 @@ async fn connect(sock: &Path) -> Result<(QapiService<Writer>, tokio::task::JoinH
 
 /// Run `argv` in the guest as the agent's user (root), waiting up to `timeout`.
 pub async fn exec(sock: &Path, argv: &[&str], timeout: Duration) -> Result<ExecOutput> {
+    exec_with_input(sock, argv, None, timeout).await
+}
+
+/// Step the guest's system clock to the host's, now (`date -u -s @SECONDS.NANOS` through the
+/// agent: guest-set-time also wants hwclock, which Debian 13's base system lacks; QEMU's RTC
+/// follows the host's clock anyway). For a guest that ran on from a saved state: its clock
+/// stopped at the instant of the save.
+pub async fn step_clock(sock: &Path, timeout: Duration) -> Result<()> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let at = format!("@{}.{:09}", now.as_secs(), now.subsec_nanos());
+    let out = exec(sock, &["/bin/date", "-u", "-s", &at], timeout).await?;
+    if out.code != Some(0) {
+        return Err(Error::command(
+            format!("date -u -s {at} (through the guest agent)"),
+            format!("exit {:?}", out.code),
+            format!("{}{}", out.stdout, out.stderr),
+        ));
+    }
+    Ok(())
+}
+
+/// Set the guest's clock to `unix_nanos` (`guest-set-time`: the system clock, then the RTC
+/// from it), now.
+pub async fn set_time(sock: &Path, unix_nanos: i64) -> Result<()> {
+    let (service, driver) = connect(sock).await?;
+    let r = tokio::time::timeout(
+        Duration::from_secs(30),
+        service.execute(qapi::qga::guest_set_time {
+            time: Some(unix_nanos),
+        }),
+    )
+    .await;
+    driver.abort();
+    match r {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(Error::qmp(format!("guest-set-time: {e}"), NO_AGENT_FIX)),
+        Err(_) => Err(Error::timeout("guest-set-time", 30, "")),
+    }
+}
+
+/// `exec`, with `input` as the command's standard input.
+pub async fn exec_with_input(
+    sock: &Path,
+    argv: &[&str],
+    input: Option<Vec<u8>>,
+    timeout: Duration,
+) -> Result<ExecOutput> {
     let (service, driver) = connect(sock).await?;
     let run = async {
         let started = service
@@ -72,7 +121,7 @@ pub async fn exec(sock: &Path, argv: &[&str], timeout: Duration) -> Result<ExecO
                 arg: Some(argv[1..].iter().map(|a| a.to_string()).collect()),
                 capture_output: Some(GuestExecCaptureOutput::flag(true)),
                 env: None,
-                input_data: None,
+                input_data: input,
             })
             .await
             .map_err(|e| Error::qmp(format!("guest-exec {argv:?}: {e}"), NO_AGENT_FIX))?;
@@ -99,7 +148,7 @@ pub async fn exec(sock: &Path, argv: &[&str], timeout: Duration) -> Result<ExecO
                     "",
                 ));
             }
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
     let r = run.await;

@@ -112,3 +112,69 @@ impl Drop for Qmp {
         self.driver.abort();
     }
 }
+
+/// `query-migrate`, answered as raw JSON: the `qapi` crate's typed answer follows a newer QEMU's
+/// schema, and a field this QEMU does not send would fail the whole answer.
+#[derive(Debug, serde::Serialize)]
+pub struct QueryMigrate {}
+
+impl qapi::Command for QueryMigrate {
+    type Ok = serde_json::Value;
+    const NAME: &'static str = "query-migrate";
+    const ALLOW_OOB: bool = false;
+}
+impl qapi::qmp::QmpCommand for QueryMigrate {}
+
+/// Poll `query-migrate` every 50 ms until the migration is `completed` (its answer) or has
+/// failed (`Error::Qemu` with QEMU's own reason), for at most `timeout`. `what` names it in
+/// errors ("saving the VM's state to ...").
+pub async fn wait_migration(
+    service: &QapiService<Writer>,
+    what: &str,
+    timeout: Duration,
+) -> Result<serde_json::Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let info = tokio::time::timeout(COMMAND_TIMEOUT, service.execute(QueryMigrate {}))
+            .await
+            .map_err(|_| {
+                Error::qmp(
+                    format!("query-migrate got no answer while {what}"),
+                    "QEMU may be hung; `boma-qvm down` the VM",
+                )
+            })?
+            .map_err(|e| {
+                Error::qmp(
+                    format!("query-migrate while {what}: {e}"),
+                    "see the VM's qemu.log",
+                )
+            })?;
+        match info["status"].as_str().unwrap_or("") {
+            "completed" => return Ok(info),
+            "failed" | "cancelled" => {
+                return Err(Error::qemu(
+                    format!(
+                        "{what} failed: {}",
+                        info["error-desc"].as_str().unwrap_or("QEMU gave no reason")
+                    ),
+                    "see the VM's qemu.log; a saved state only restores into the same QEMU with the same devices and sizes",
+                ));
+            }
+            _ if Instant::now() >= deadline => {
+                return Err(Error::timeout(
+                    what.to_string(),
+                    timeout.as_secs(),
+                    format!(" (query-migrate: {info})"),
+                ));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+impl Qmp {
+    /// The raw service, for callers that poll (`wait_migration`).
+    pub fn service(&self) -> &QapiService<Writer> {
+        &self.service
+    }
+}

@@ -73,6 +73,15 @@ impl RunDir {
     pub fn ssh_key(&self) -> PathBuf {
         self.file("id_ed25519")
     }
+    /// Where QEMU sends its state when it is saved (`state::save`): boma-qvm listens on it.
+    pub fn migrate_sock(&self) -> PathBuf {
+        self.file(crate::machine::state::MIGRATE_SOCK)
+    }
+    /// One-shot: the saved state the next start restores instead of booting (a warm start). The
+    /// supervisor reads and removes it, so a later start boots as usual.
+    pub fn restore_request(&self) -> PathBuf {
+        self.file("restore-from")
+    }
 
     /// The VM's name: its run directory's name.
     pub fn name(&self) -> String {

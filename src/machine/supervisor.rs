@@ -20,6 +20,8 @@ use std::time::Duration;
 
 /// Grace period for QEMU to quit after a `quit`/SIGTERM before SIGKILL.
 const QUIT_GRACE: Duration = Duration::from_secs(10);
+/// How long a saved state may take to load (a few GiB from the page cache or disk).
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Start the supervisor for `run`, detached (new session, double fork: it is nobody's child, so
 /// it outlives this process and never becomes a zombie of a long-lived caller). `keep_fds` are
@@ -102,12 +104,30 @@ pub async fn run(run: RunDir, tap: Option<OwnedFd>) -> Result<()> {
         let _ = std::fs::remove_file(p);
     }
     let tap_fd = tap.as_ref().map(|fd| fd.as_raw_fd());
+    // A warm start: restore this saved state instead of booting. One-shot, so the request goes
+    // now, whatever happens: a later start of the same VM boots.
+    let restore = std::fs::read_to_string(run.restore_request())
+        .ok()
+        .map(|p| std::path::PathBuf::from(p.trim()));
+    let _ = std::fs::remove_file(run.restore_request());
     let acct = account::for_this_process()?;
     // Files outside the run directory are opened here and handed over as fds: the account QEMU
     // runs as needs no way to them (root's cache is under /root).
     let outside = OutsideFiles::open(&spec)?;
     let handed = outside.handed();
-    let args = argv::for_run_dir(&spec, &run, tap_fd, &handed);
+    let mut args = argv::for_run_dir(&spec, &run, tap_fd, &handed);
+    // The saved state reaches QEMU through a socket pair: its end is inherited, this end is fed
+    // from the file once QEMU waits for it. QEMU's sandbox (spawn=deny) forbids `exec:` URIs,
+    // its account may not read the cache, and `fd:` on a plain file is deprecated in newer QEMU.
+    let incoming = match &restore {
+        Some(state) => Some(Incoming::open(state)?),
+        None => None,
+    };
+    if incoming.is_some() {
+        args.extend(argv::incoming());
+    }
+    let mut inherited = handed.fds();
+    inherited.extend(incoming.as_ref().map(Incoming::qemu_fd));
     if let Some(a) = &acct {
         account::check_readable(a, &outside.reopened)?;
         account::prepare_run_dir(
@@ -164,12 +184,7 @@ pub async fn run(run: RunDir, tap: Option<OwnedFd>) -> Result<()> {
             if libc::getppid() != supervisor {
                 return Err(std::io::Error::other("the supervisor is gone"));
             }
-            for fd in tap_fd
-                .into_iter()
-                .chain(handed.kernel)
-                .chain(handed.initrd)
-                .chain(handed.backing)
-            {
+            for &fd in tap_fd.iter().chain(inherited.iter()) {
                 let flags = libc::fcntl(fd, libc::F_GETFD);
                 libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
             }
@@ -185,6 +200,7 @@ pub async fn run(run: RunDir, tap: Option<OwnedFd>) -> Result<()> {
     // The tap now lives in QEMU; our copy goes so the tap vanishes when QEMU exits.
     drop(tap);
     drop(outside);
+    let incoming = incoming.map(Incoming::started);
     let pid = child.id().unwrap_or(0) as i32;
     std::fs::write(run.qemu_pid(), pid.to_string()).ctx(|| "writing qemu.pid".into())?;
     tracing::info!(
@@ -240,6 +256,64 @@ pub async fn run(run: RunDir, tap: Option<OwnedFd>) -> Result<()> {
             }
         }
         Err(e) => tracing::warn!("query-chardev failed: {e}"),
+    }
+    if let (Some(state), Some((file, ours, qemu_fd))) = (&restore, incoming) {
+        let t = std::time::Instant::now();
+        let restored = async {
+            service
+                .execute(qapi::qmp::migrate_incoming {
+                    uri: Some(format!("fd:{qemu_fd}")),
+                    channels: None,
+                    exit_on_error: None,
+                })
+                .await
+                .map_err(|e| {
+                    Error::qemu(
+                        format!("migrate-incoming from {}: {e}", state.display()),
+                        "see qemu.log in the run directory",
+                    )
+                })?;
+            // Fed in a thread; its end closes when the file is through (EOF for QEMU). A copy
+            // cut short (QEMU gave up) shows as the migration's own failure below.
+            let feeder = tokio::task::spawn_blocking(move || {
+                let (mut file, mut ours) = (file, ours);
+                let r = std::io::copy(&mut file, &mut ours);
+                let _ = ours.shutdown(std::net::Shutdown::Write);
+                r
+            });
+            let info = qmp::wait_migration(
+                &service,
+                &format!("restoring the saved state {}", state.display()),
+                RESTORE_TIMEOUT,
+            )
+            .await?;
+            match feeder.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!("feeding {} to QEMU: {e}", state.display()),
+                Err(e) => tracing::warn!("feeding {} to QEMU: {e}", state.display()),
+            }
+            Ok(info)
+        }
+        .await;
+        match restored {
+            Ok(info) => record(
+                &run,
+                Record::new(
+                    Source::Boma,
+                    names::RESTORED,
+                    json!({
+                        "from": state,
+                        "secs": t.elapsed().as_secs_f64(),
+                        "bytes": info["ram"]["transferred"],
+                    }),
+                ),
+            ),
+            Err(e) => {
+                procs::terminate(pid, QUIT_GRACE).await;
+                let _ = child.wait().await;
+                return Err(e);
+            }
+        }
     }
     record(
         &run,
@@ -345,7 +419,8 @@ pub async fn main(run: RunDir) -> Result<()> {
 struct OutsideFiles {
     kernel: Option<std::fs::File>,
     initrd: Option<std::fs::File>,
-    backing: Option<std::fs::File>,
+    /// The overlay's backing chain, top down.
+    backing: Vec<std::fs::File>,
     /// The files QEMU reopens by path, for the account's permission check.
     reopened: Vec<std::path::PathBuf>,
 }
@@ -356,7 +431,7 @@ impl OutsideFiles {
         let mut f = OutsideFiles {
             kernel: None,
             initrd: None,
-            backing: None,
+            backing: Vec::new(),
             reopened: Vec::new(),
         };
         if let crate::machine::spec::Boot::Kernel { kernel, initrd, .. } = &spec.boot {
@@ -367,10 +442,23 @@ impl OutsideFiles {
                 f.reopened.push(i.clone());
             }
         }
-        if let Some(disk) = &spec.disk
-            && let Some(backing) = crate::guest::image::overlay::info(disk)?.backing
-        {
-            f.backing = Some(open(&backing)?);
+        // The whole chain: a warm VM's overlay is backed by its template's disk, itself backed
+        // by the golden image.
+        let mut below = spec.disk.clone();
+        while let Some(disk) = below {
+            below = crate::guest::image::overlay::info(&disk)?.backing;
+            if let Some(b) = &below {
+                if f.backing.len() >= MAX_CHAIN {
+                    return Err(Error::input(
+                        format!(
+                            "{}'s backing chain is deeper than {MAX_CHAIN}",
+                            show(&spec.disk)
+                        ),
+                        "rebuild the VM's overlay (`boma-qvm down`, then `up` again)",
+                    ));
+                }
+                f.backing.push(open(b)?);
+            }
         }
         Ok(f)
     }
@@ -380,8 +468,47 @@ impl OutsideFiles {
         argv::Handed {
             kernel: fd(&self.kernel),
             initrd: fd(&self.initrd),
-            backing: fd(&self.backing),
+            backing: self.backing.iter().map(|f| f.as_raw_fd()).collect(),
         }
+    }
+}
+
+/// The deepest backing chain handed over: overlay -> warm template's disk -> golden image is 2.
+const MAX_CHAIN: usize = 4;
+
+fn show(p: &Option<std::path::PathBuf>) -> String {
+    p.as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+/// A saved state on its way into QEMU (a warm start): the file, opened here as the user who
+/// started the VM, and a socket pair whose one end QEMU inherits (`migrate-incoming fd:N`).
+struct Incoming {
+    file: std::fs::File,
+    ours: std::os::unix::net::UnixStream,
+    theirs: std::os::unix::net::UnixStream,
+}
+
+impl Incoming {
+    fn open(state: &Path) -> Result<Incoming> {
+        let file = std::fs::File::open(state)
+            .ctx(|| format!("opening the saved state {}", state.display()))?;
+        let (ours, theirs) =
+            std::os::unix::net::UnixStream::pair().ctx(|| "a socket pair for the state".into())?;
+        Ok(Incoming { file, ours, theirs })
+    }
+
+    fn qemu_fd(&self) -> i32 {
+        self.theirs.as_raw_fd()
+    }
+
+    /// QEMU runs and holds its end: our copy of it goes (QEMU then sees EOF when we close ours).
+    /// Returns the file, our end and the fd number QEMU knows its end by.
+    fn started(self) -> (std::fs::File, std::os::unix::net::UnixStream, i32) {
+        let n = self.theirs.as_raw_fd();
+        drop(self.theirs);
+        (self.file, self.ours, n)
     }
 }
 

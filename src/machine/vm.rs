@@ -164,6 +164,32 @@ impl Vm {
 
     /// Power on: resource guard, slot, detached supervisor; returns once QEMU runs.
     pub async fn start(&self, opts: &StartOptions) -> Result<()> {
+        self.start_inner(opts, None).await
+    }
+
+    /// Power on from a saved state (`Machine::save_state`) instead of booting: QEMU starts
+    /// waiting for it (`-incoming defer`), the supervisor loads it and lets the guest run on from
+    /// where it was saved. The VM's spec must give the same machine (sizes, devices) the state
+    /// was saved from. Returns once the guest runs (`RESTORED`, then `QEMU_STARTED`).
+    pub async fn start_restoring(
+        &self,
+        opts: &StartOptions,
+        state: &std::path::Path,
+    ) -> Result<()> {
+        let state = std::fs::canonicalize(state).map_err(|e| {
+            Error::not_found(
+                format!("saved state {} ({e})", state.display()),
+                "save one first (`Machine::save_state`)",
+            )
+        })?;
+        self.start_inner(opts, Some(&state)).await
+    }
+
+    async fn start_inner(
+        &self,
+        opts: &StartOptions,
+        restore: Option<&std::path::Path>,
+    ) -> Result<()> {
         if self.is_running() {
             return Err(Error::AlreadyExists {
                 what: format!("a running VM {}", self.name),
@@ -194,10 +220,22 @@ impl Vm {
         let slot = guard::acquire_slot(&self.dirs, opts.max_vms, &self.name)?;
         let mut tail = self.tail();
         let _ = std::fs::remove_file(self.run.supervisor_pid());
+        let mut wait = opts.timeout;
+        match restore {
+            Some(state) => {
+                std::fs::write(self.run.restore_request(), state.display().to_string())
+                    .ctx(|| format!("writing {}", self.run.restore_request().display()))?;
+                // Loading the state comes before QEMU_STARTED.
+                wait += Duration::from_secs(300);
+            }
+            None => {
+                let _ = std::fs::remove_file(self.run.restore_request());
+            }
+        }
         supervisor::spawn_detached(&opts.exe, &self.run, &[slot.lock.as_raw_fd()])?;
         drop(slot);
         let started = tokio::select! {
-            r = tail.wait_for("QEMU to start", opts.timeout, |r| {
+            r = tail.wait_for("QEMU to start", wait, |r| {
                 r.is(names::QEMU_STARTED) || r.is(names::QEMU_EXITED)
             }) => r,
             e = self.supervisor_gone() => Err(e),

@@ -88,12 +88,25 @@ pub async fn wait_for_lease(lease_file: &Path, mac: &Mac, timeout: Duration) -> 
                 "",
             ));
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(PROBE_INTERVAL).await;
     }
 }
 
+/// How often a wait looks again: a new connection attempt, a new read of the lease file. What
+/// it bounds is how late boma-qvm notices that a service is up (`make bench` measures it).
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(50);
+/// At most this many connection attempts in flight (each is bounded by its own timeouts).
+const MAX_IN_FLIGHT: usize = 64;
+
 /// Connect to `ip:port` until the service greets with a line starting with `prefix`
-/// (e.g. `SSH-`); returns that line. Each attempt is bounded; the whole wait by `timeout`.
+/// (e.g. `SSH-`); returns that line. A new connection attempt starts every `PROBE_INTERVAL`
+/// without waiting for the previous one (a connect to an address nobody answers ARP for hangs
+/// for seconds; a refused one returns at once), so a service is noticed within about one
+/// interval of it listening. Only one connection at a time reaches the service: the first that
+/// connects is read for the banner while the other attempts are dropped, because every
+/// connection that does not authenticate costs sshd a process and the prober's address a
+/// penalty (OpenSSH's PerSourcePenalties, MaxStartups). Each attempt is bounded; the whole wait
+/// by `timeout`.
 pub async fn wait_for_tcp_banner(
     ip: Ipv4Addr,
     port: u16,
@@ -101,28 +114,49 @@ pub async fn wait_for_tcp_banner(
     timeout: Duration,
 ) -> Result<String> {
     let start = Instant::now();
+    let deadline = tokio::time::Instant::now() + timeout;
     let addr = SocketAddr::from((ip, port));
-    let mut last: String;
+    let mut last = String::from("no attempt finished");
+    let mut tries = tokio::task::JoinSet::new();
+    let mut tick = tokio::time::interval(PROBE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let timed_out = |last: &str| {
+        Error::timeout(
+            format!("a `{prefix}` banner on {addr}"),
+            timeout.as_secs(),
+            format!(" (last attempt: {last})"),
+        )
+    };
     loop {
-        match try_banner(addr).await {
-            Ok(line) if line.starts_with(prefix) => {
-                tracing::info!(
-                    "{addr} answered `{line}` after {:.1}s",
-                    start.elapsed().as_secs_f64()
-                );
-                return Ok(line);
+        tokio::select! {
+            _ = tick.tick(), if tries.len() < MAX_IN_FLIGHT => {
+                tries.spawn(connect(addr));
             }
-            Ok(line) => last = format!("greeted with `{line}`"),
-            Err(e) => last = e,
+            Some(done) = tries.join_next() => match done {
+                Ok(Ok(stream)) => {
+                    tries.abort_all();
+                    let read = tokio::time::timeout_at(deadline, read_banner(stream));
+                    match read.await {
+                        Ok(Ok(line)) if line.starts_with(prefix) => {
+                            tracing::info!(
+                                "{addr} answered `{line}` after {:.1}s",
+                                start.elapsed().as_secs_f64()
+                            );
+                            return Ok(line);
+                        }
+                        Ok(Ok(line)) => last = format!("greeted with `{line}`"),
+                        Ok(Err(e)) => last = e,
+                        Err(_) => return Err(timed_out(&last)),
+                    }
+                }
+                Ok(Err(e)) => last = e,
+                Err(_) => {}
+            },
+            _ = tokio::time::sleep_until(deadline) => {
+                tries.abort_all();
+                return Err(timed_out(&last));
+            }
         }
-        if start.elapsed() >= timeout {
-            return Err(Error::timeout(
-                format!("a `{prefix}` banner on {addr}"),
-                timeout.as_secs(),
-                format!(" (last attempt: {last})"),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -131,13 +165,14 @@ pub async fn wait_for_ssh(ip: Ipv4Addr, timeout: Duration) -> Result<String> {
     wait_for_tcp_banner(ip, 22, "SSH-", timeout).await
 }
 
-async fn try_banner(addr: SocketAddr) -> std::result::Result<String, String> {
-    let connect =
-        tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr));
-    let mut s = connect
+async fn connect(addr: SocketAddr) -> std::result::Result<tokio::net::TcpStream, String> {
+    tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr))
         .await
         .map_err(|_| "connect timed out".to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())
+}
+
+async fn read_banner(mut s: tokio::net::TcpStream) -> std::result::Result<String, String> {
     let mut buf = Vec::new();
     let read = async {
         let mut chunk = [0u8; 256];

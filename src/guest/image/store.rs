@@ -270,10 +270,14 @@ pub fn install(dirs: &Dirs, mut staged: Staging, name: &str) -> Result<Image> {
     Image::load(&target)
 }
 
-/// VMs (run directories under `Dirs::vms()`) holding a qcow2 overlay backed by image `name`.
+/// VMs (run directories under `Dirs::vms()`) holding a qcow2 overlay backed by image `name`,
+/// directly or through one of its warm templates (which live inside the image's directory).
 pub fn users(dirs: &Dirs, name: &str) -> Vec<String> {
-    let disk = dirs.images().join(name).join(DISK);
-    let disk = std::fs::canonicalize(&disk).unwrap_or(disk);
+    let dir = dirs.images().join(name);
+    let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+    let disk = dir.join(DISK);
+    let warm = dir.join(crate::machine::warm::DIR);
+    let backed = |b: &Path| b == disk || b.starts_with(&warm);
     let Ok(vms) = std::fs::read_dir(dirs.vms()) else {
         return vec![];
     };
@@ -287,7 +291,7 @@ pub fn users(dirs: &Dirs, name: &str) -> Vec<String> {
                 .any(|f| {
                     f.path().extension().is_some_and(|e| e == "qcow2")
                         && super::overlay::info(&f.path())
-                            .is_ok_and(|i| i.backing.as_deref() == Some(disk.as_path()))
+                            .is_ok_and(|i| i.backing.as_deref().is_some_and(backed))
                 })
         })
         .map(|vm| vm.file_name().to_string_lossy().into_owned())
@@ -395,5 +399,32 @@ mod tests {
         for bad in ["", ".lock", "../x", "A", "a/b", "-x", &"a".repeat(65)] {
             assert!(validate_name(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A VM whose overlay is backed by one of the image's warm templates uses the image too:
+    /// `image rm` and a rebuild refuse while it exists.
+    #[test]
+    fn a_vm_on_a_warm_template_uses_the_image() {
+        let t = tempfile::tempdir().unwrap();
+        let dirs = Dirs::under(t.path());
+        let img = dirs.images().join("img");
+        let tmpl = img.join(crate::machine::warm::DIR).join("0123456789abcdef");
+        std::fs::create_dir_all(&tmpl).unwrap();
+        let golden = img.join(DISK);
+        let o = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&golden)
+            .arg("64M")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        super::super::overlay::create(&golden, &tmpl.join("disk.qcow2"), None).unwrap();
+        assert!(users(&dirs, "img").is_empty());
+        let vm = dirs.vms().join("boma-it-w");
+        std::fs::create_dir_all(&vm).unwrap();
+        super::super::overlay::create(&tmpl.join("disk.qcow2"), &vm.join("disk.qcow2"), None)
+            .unwrap();
+        assert_eq!(users(&dirs, "img"), vec!["boma-it-w".to_string()]);
+        assert!(ensure_unused(&dirs, "img").is_err());
     }
 }

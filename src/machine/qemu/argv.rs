@@ -110,11 +110,23 @@ pub fn boot(boot: &Boot) -> Vec<String> {
     }
 }
 
-/// The golden image's node under the overlay, when the supervisor hands it over as an fd.
+/// The node of the image right under the overlay (the golden image, or a warm template's disk),
+/// when the supervisor hands it over as an fd.
 pub const BACKING_NODE: &str = "disk0-backing";
 pub const BACKING_FILE_NODE: &str = "disk0-backing-file";
-/// The fdset the golden image's fd is added to.
+/// The fdset the first backing file's fd is added to; the one below it (a warm VM's golden
+/// image, under the template's disk) goes to the next fdset, and so on down the chain.
 pub const BACKING_FDSET: u32 = 1;
+
+/// The qcow2 node of the backing file at `depth` (0: right under the overlay) and its file node.
+pub fn backing_nodes(depth: usize) -> (String, String) {
+    let node = match depth {
+        0 => BACKING_NODE.to_string(),
+        n => format!("{BACKING_NODE}{n}"),
+    };
+    let file = format!("{node}-file");
+    (node, file)
+}
 
 /// A file the supervisor opened and left open across exec: QEMU reopens it by this path, which
 /// needs no way through the directories above it (only the file's own mode counts).
@@ -129,26 +141,38 @@ pub fn add_fd(fd: i32, set: u32) -> Vec<String> {
 }
 
 /// The VM's qcow2 overlay as the first virtio disk, with named nodes so QMP can reach them.
-/// Errors are reported to the guest (EIO) rather than pausing the VM. `backing`: the golden
-/// image as a named read-only node (`/dev/fdset/N`), instead of the path in the overlay's
-/// header, which the account QEMU runs as may not be able to reach.
-pub fn disk(overlay: &Path, backing: Option<&str>) -> Vec<String> {
+/// Errors are reported to the guest (EIO) rather than pausing the VM. `backing`: the whole
+/// backing chain under the overlay, top down (the golden image; for a warm VM the template's
+/// disk, then the golden image), each a named read-only node (`/dev/fdset/N`) whose `backing`
+/// is the next, instead of the paths in the qcow2 headers, which the account QEMU runs as may
+/// not be able to reach.
+pub fn disk(overlay: &Path, backing: &[&str]) -> Vec<String> {
     let mut a = Vec::new();
-    let mut backing_ref = String::new();
-    if let Some(b) = backing {
+    // Bottom up: a node's backing must exist before it.
+    for (depth, b) in backing.iter().enumerate().rev() {
+        let (node, file) = backing_nodes(depth);
+        let below = if depth + 1 < backing.len() {
+            format!(r#","backing":"{}""#, backing_nodes(depth + 1).0)
+        } else {
+            String::new()
+        };
         a.extend([
             "-blockdev".into(),
             format!(
-                r#"{{"driver":"file","filename":{},"node-name":"{BACKING_FILE_NODE}","read-only":true}}"#,
+                r#"{{"driver":"file","filename":{},"node-name":"{file}","read-only":true}}"#,
                 serde_json::Value::String(b.to_string())
             ),
             "-blockdev".into(),
             format!(
-                r#"{{"driver":"qcow2","file":"{BACKING_FILE_NODE}","node-name":"{BACKING_NODE}","read-only":true}}"#
+                r#"{{"driver":"qcow2","file":"{file}","node-name":"{node}","read-only":true{below}}}"#
             ),
         ]);
-        backing_ref = format!(r#","backing":"{BACKING_NODE}""#);
     }
+    let backing_ref = if backing.is_empty() {
+        String::new()
+    } else {
+        format!(r#","backing":"{BACKING_NODE}""#)
+    };
     a.extend(vec![
         "-blockdev".into(),
         format!(
@@ -221,13 +245,39 @@ pub fn rng() -> Vec<String> {
     ])
 }
 
+/// A VM generation ID (ACPI): a new random one in every QEMU process. A guest restored from a
+/// saved state sees it change and reseeds its kernel RNG at once (Linux's vmgenid driver:
+/// "crng reseeded due to virtual machine fork"), so warm-started VMs never share random
+/// streams with their template or each other.
+pub fn vmgenid() -> Vec<String> {
+    s(&["-device", "vmgenid,guid=auto"])
+}
+
+/// Wait for the VM's state instead of booting: the supervisor then feeds it a saved state with
+/// `migrate-incoming` (a warm start).
+pub fn incoming() -> Vec<String> {
+    s(&["-incoming", "defer"])
+}
+
 /// Files the supervisor opened (as the user that started the VM) and hands to QEMU as fds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Handed {
     pub kernel: Option<i32>,
     pub initrd: Option<i32>,
-    /// The overlay's golden image, read-only.
-    pub backing: Option<i32>,
+    /// The overlay's backing chain, top down, read-only: the golden image; for a warm VM the
+    /// template's disk, then the golden image.
+    pub backing: Vec<i32>,
+}
+
+impl Handed {
+    /// Every fd QEMU must inherit.
+    pub fn fds(&self) -> Vec<i32> {
+        self.kernel
+            .into_iter()
+            .chain(self.initrd)
+            .chain(self.backing.iter().copied())
+            .collect()
+    }
 }
 
 /// The whole argv (without the binary) for `spec` in `run`, with the tap fd if there is a NIC
@@ -254,11 +304,14 @@ pub fn build(spec: &VmSpec, run: &RunDir, tap_fd: Option<i32>, handed: &Handed) 
     };
     a.extend(boot(&boot_spec));
     if let Some(d) = &spec.disk {
-        let backing = handed.backing.map(|fd| {
-            a.extend(add_fd(fd, BACKING_FDSET));
-            format!("/dev/fdset/{BACKING_FDSET}")
-        });
-        a.extend(disk(d, backing.as_deref()));
+        let mut chain = Vec::new();
+        for (depth, fd) in handed.backing.iter().enumerate() {
+            let set = BACKING_FDSET + depth as u32;
+            a.extend(add_fd(*fd, set));
+            chain.push(format!("/dev/fdset/{set}"));
+        }
+        let chain: Vec<&str> = chain.iter().map(String::as_str).collect();
+        a.extend(disk(d, &chain));
     }
     if let Some(iso) = &spec.seed {
         a.extend(seed(iso));
@@ -267,6 +320,7 @@ pub fn build(spec: &VmSpec, run: &RunDir, tap_fd: Option<i32>, handed: &Handed) 
         a.extend(nic(n, fd));
     }
     a.extend(rng());
+    a.extend(vmgenid());
     a.extend(pvpanic());
     a
 }
@@ -341,7 +395,7 @@ mod tests {
 
     #[test]
     fn disk_json_escapes_the_path() {
-        let a = disk(Path::new("/r/a \"b\".qcow2"), None);
+        let a = disk(Path::new("/r/a \"b\".qcow2"), &[]);
         assert!(
             a[1].contains(r#""filename":"/r/a \"b\".qcow2""#),
             "{}",
@@ -366,7 +420,7 @@ mod tests {
         let handed = Handed {
             kernel: Some(7),
             initrd: Some(8),
-            backing: None,
+            backing: Vec::new(),
         };
         let j = joined(build(&spec, &RunDir::new("/r"), None, &handed));
         assert!(
@@ -374,7 +428,7 @@ mod tests {
             "{j}"
         );
         assert!(!j.contains("/root/.cache"), "{j}");
-        let a = disk(Path::new("disk.qcow2"), Some("/dev/fdset/1"));
+        let a = disk(Path::new("disk.qcow2"), &["/dev/fdset/1"]);
         let top: serde_json::Value = serde_json::from_str(&a[7]).unwrap();
         assert_eq!(
             top["backing"], BACKING_NODE,
@@ -382,6 +436,49 @@ mod tests {
         );
         let base: serde_json::Value = serde_json::from_str(&a[1]).unwrap();
         assert_eq!(base["read-only"], true);
+    }
+
+    /// A warm VM's chain: overlay -> template disk (fdset 1) -> golden image (fdset 2), every
+    /// layer a handed, read-only node, so QEMU opens no path from a qcow2 header.
+    #[test]
+    fn a_warm_chain_is_handed_layer_by_layer() {
+        let spec = VmSpec {
+            disk: Some("/r/disk.qcow2".into()),
+            ..VmSpec::new("boma-it-w", Accel::Tcg, Boot::Disk)
+        };
+        let handed = Handed {
+            backing: vec![5, 6],
+            ..Handed::default()
+        };
+        assert_eq!(handed.fds(), vec![5, 6]);
+        let a = build(&spec, &RunDir::new("/r"), None, &handed);
+        let j = joined(a.clone());
+        assert!(j.contains("-add-fd fd=5,set=1 -add-fd fd=6,set=2"), "{j}");
+        let nodes: Vec<serde_json::Value> = a
+            .windows(2)
+            .filter(|w| w[0] == "-blockdev")
+            .map(|w| serde_json::from_str(&w[1]).unwrap())
+            .collect();
+        let by_name = |n: &str| {
+            nodes
+                .iter()
+                .find(|v| v["node-name"] == n)
+                .unwrap_or_else(|| panic!("no node {n} in {j}"))
+                .clone()
+        };
+        assert_eq!(by_name("disk0")["backing"], "disk0-backing");
+        let template = by_name("disk0-backing");
+        assert_eq!(template["backing"], "disk0-backing1", "{j}");
+        assert_eq!(template["read-only"], true);
+        let golden = by_name("disk0-backing1");
+        assert_eq!(golden["read-only"], true);
+        assert!(golden.get("backing").is_none(), "{j}");
+        assert_eq!(by_name("disk0-backing1-file")["filename"], "/dev/fdset/2");
+        assert_eq!(by_name("disk0-backing-file")["filename"], "/dev/fdset/1");
+        // Defined bottom up: the golden image's node comes before the template's.
+        let pos = |n: &str| nodes.iter().position(|v| v["node-name"] == n).unwrap();
+        assert!(pos("disk0-backing1") < pos("disk0-backing"));
+        assert!(pos("disk0-backing") < pos("disk0"));
     }
 
     #[test]
@@ -460,7 +557,7 @@ mod tests {
     #[test]
     fn kvm_argv_for_a_full_vm_is_pinned() {
         let handed = Handed {
-            backing: Some(5),
+            backing: vec![5],
             ..Handed::default()
         };
         let a = for_run_dir(&full_kvm_spec(), &RunDir::new("/r"), Some(3), &handed);
@@ -526,6 +623,8 @@ mod tests {
             "rng-random,id=rng0,filename=/dev/urandom",
             "-device",
             "virtio-rng-pci,rng=rng0",
+            "-device",
+            "vmgenid,guid=auto",
             "-device",
             "pvpanic",
             "-action",
