@@ -246,7 +246,7 @@ async fn debian(f: &mut Figures) -> R<String> {
 
     // The template (built now when there is none: a cold boot + save, reported apart).
     let want = warm::Want::new(&golden, &request("bench", false)?).map_err(e("want"))?;
-    if warm::find(&golden, &want).is_err() {
+    if warm::find(dirs, &golden, &want).is_err() {
         eprintln!("== bench: building the warm template first");
         let mut st = Stages::new();
         let m = Machine::up_staged(dirs, &request("bench-tmpl", false)?, &mut st)
@@ -255,7 +255,8 @@ async fn debian(f: &mut Figures) -> R<String> {
         f.template_built_secs = Some(secs(&st, &["warm template"]));
         m.down().await.map_err(e("down"))?;
     }
-    let t = warm::find(&golden, &want).map_err(|w| format!("no template after building: {w}"))?;
+    let t =
+        warm::find(dirs, &golden, &want).map_err(|w| format!("no template after building: {w}"))?;
     f.template_state_mib = t.manifest.state_bytes >> 20;
     f.template_disk_mib = t.manifest.disk_bytes >> 20;
     f.template_dir = t.dir.display().to_string();

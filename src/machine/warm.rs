@@ -286,14 +286,44 @@ impl Template {
     }
 }
 
-/// Templates of `img` (directory `<image>/warm`).
-pub fn dir_of(img: &Image) -> PathBuf {
-    img.dir.join(DIR)
+/// Where this user's templates of `img` live: beside the image (`<image>/warm`) when this user
+/// may write there (root; a user with a cache of their own); else in this user's state
+/// directory (`<state>/warm/<image>`): an operator on the shared cache (root:kvm 2750) reads
+/// the golden image but cannot add to it, so their first warm start builds a template of
+/// their own there, backed by the shared golden image.
+pub fn dir_of(dirs: &Dirs, img: &Image) -> PathBuf {
+    let writable = |d: &Path| {
+        nix::unistd::access(
+            d,
+            nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+        )
+        .is_ok()
+    };
+    choose_dir(&img.dir, &dirs.state, &img.name, writable)
 }
 
-/// Every complete template of `img`.
-pub fn list(img: &Image) -> Vec<Template> {
-    let mut out: Vec<Template> = std::fs::read_dir(dir_of(img))
+fn choose_dir(
+    image_dir: &Path,
+    state: &Path,
+    image_name: &str,
+    writable: impl Fn(&Path) -> bool,
+) -> PathBuf {
+    let beside = image_dir.join(DIR);
+    let usable = if beside.is_dir() {
+        writable(&beside)
+    } else {
+        writable(image_dir)
+    };
+    if usable {
+        beside
+    } else {
+        state.join(DIR).join(image_name)
+    }
+}
+
+/// Every complete template of `img` this user uses.
+pub fn list(dirs: &Dirs, img: &Image) -> Vec<Template> {
+    let mut out: Vec<Template> = std::fs::read_dir(dir_of(dirs, img))
         .into_iter()
         .flatten()
         .flatten()
@@ -305,8 +335,8 @@ pub fn list(img: &Image) -> Vec<Template> {
 }
 
 /// The template for `want`, or why there is none (one line, for the log).
-pub fn find(img: &Image, want: &Want) -> std::result::Result<Template, String> {
-    let dir = dir_of(img).join(want.fingerprint());
+pub fn find(dirs: &Dirs, img: &Image, want: &Want) -> std::result::Result<Template, String> {
+    let dir = dir_of(dirs, img).join(want.fingerprint());
     let found = if dir.exists() {
         Some(Template::load(&dir))
     } else {
@@ -321,7 +351,7 @@ pub fn find(img: &Image, want: &Want) -> std::result::Result<Template, String> {
         )),
         Some(Err(why)) => Err(format!("the warm template is incomplete: {why}")),
         None => {
-            let had = list(img)
+            let had = list(dirs, img)
                 .into_iter()
                 .rev()
                 .find(|t| t.manifest.want.same_shape(want));
@@ -378,7 +408,7 @@ pub(crate) async fn plan(dirs: &Dirs, req: &UpRequest, stages: &mut Stages) -> R
         ));
     }
     let want = Want::new(&img, req)?;
-    let template = match find(&img, &want) {
+    let template = match find(dirs, &img, &want) {
         Ok(t) => {
             t.check_trust()?;
             t
@@ -396,9 +426,8 @@ pub(crate) async fn plan(dirs: &Dirs, req: &UpRequest, stages: &mut Stages) -> R
 
 /// An flock on `<image>/warm/.lock`: shared while a VM's overlay is made on a template,
 /// exclusive while a template is built or old ones are removed.
-fn lock(img: &Image, exclusive: bool) -> Result<nix::fcntl::Flock<std::fs::File>> {
+fn lock(dir: PathBuf, exclusive: bool) -> Result<nix::fcntl::Flock<std::fs::File>> {
     use nix::fcntl::{Flock, FlockArg};
-    let dir = dir_of(img);
     image::trust::create_dir(&dir)?;
     image::trust::check(&dir, "the warm templates' directory")?;
     let path = dir.join(".lock");
@@ -425,14 +454,14 @@ fn lock(img: &Image, exclusive: bool) -> Result<nix::fcntl::Flock<std::fs::File>
 /// saved, its overlay kept read-only. Waits for another process building one (and uses theirs
 /// when it matches).
 async fn build(dirs: &Dirs, req: &UpRequest, img: &Image, want: &Want) -> Result<Template> {
-    let wdir = dir_of(img);
+    let wdir = dir_of(dirs, img);
     let held = {
-        let img = img.clone();
-        tokio::task::spawn_blocking(move || lock(&img, true))
+        let wdir = wdir.clone();
+        tokio::task::spawn_blocking(move || lock(wdir, true))
             .await
             .expect("lock task")?
     };
-    if let Ok(t) = find(img, want) {
+    if let Ok(t) = find(dirs, img, want) {
         tracing::info!(
             "another boma-qvm built the warm template meanwhile: {}",
             show(&t.dir)
@@ -621,7 +650,7 @@ pub fn in_use(dirs: &Dirs, disk: &Path) -> Option<String> {
 
 /// Remove the other templates of `keep`'s shape that nothing uses (the ones it replaces).
 fn remove_old(dirs: &Dirs, img: &Image, keep: &Template) {
-    for t in list(img) {
+    for t in list(dirs, img) {
         if t.dir == keep.dir || !t.manifest.want.same_shape(&keep.manifest.want) {
             continue;
         }
@@ -661,8 +690,8 @@ pub(crate) async fn restore(
     let made = {
         // No template is removed while this VM's overlay is being made on it.
         let held = {
-            let img = img.clone();
-            tokio::task::spawn_blocking(move || lock(&img, false))
+            let wdir = dir_of(dirs, img);
+            tokio::task::spawn_blocking(move || lock(wdir, false))
                 .await
                 .expect("lock task")?
         };
@@ -898,8 +927,8 @@ mod tests {
     }
 
     /// Put a complete template made for `w` into `img`'s warm directory.
-    fn install(img: &Image, w: &Want) -> PathBuf {
-        let dir = dir_of(img).join(w.fingerprint());
+    fn install(dirs: &Dirs, img: &Image, w: &Want) -> PathBuf {
+        let dir = dir_of(dirs, img).join(w.fingerprint());
         std::fs::create_dir_all(&dir).unwrap();
         for f in [DISK, STATE, KEY] {
             std::fs::write(dir.join(f), "x").unwrap();
@@ -923,9 +952,10 @@ mod tests {
     #[test]
     fn find_uses_the_matching_template_and_says_why_there_is_none() {
         let d = tempfile::tempdir().unwrap();
+        let dirs = &Dirs::under(&d.path().join("home"));
         let img = image(d.path());
         let w = want();
-        let none = find(&img, &w).unwrap_err();
+        let none = find(dirs, &img, &w).unwrap_err();
         assert_eq!(
             none,
             "no warm template yet for debian-13-built (tcg, 2 vCPU, 3072 MiB, 20 GiB)"
@@ -933,8 +963,8 @@ mod tests {
 
         let mut old = w.clone();
         old.qemu = "QEMU emulator version 7.2.21".into();
-        install(&img, &old);
-        let why = find(&img, &w).unwrap_err();
+        install(dirs, &img, &old);
+        let why = find(dirs, &img, &w).unwrap_err();
         assert!(
             why.starts_with("the warm template for debian-13-built (tcg, 2 vCPU, 3072 MiB, 20 GiB) does not match: QEMU")
                 && why.contains("7.2.21") && why.contains("7.2.22"),
@@ -942,13 +972,13 @@ mod tests {
         );
         let mut other = w.clone();
         other.memory_mib = 2048;
-        install(&img, &other);
-        assert!(find(&img, &w).is_err(), "another shape is no match");
+        install(dirs, &img, &other);
+        assert!(find(dirs, &img, &w).is_err(), "another shape is no match");
 
-        let dir = install(&img, &w);
-        assert_eq!(find(&img, &w).unwrap().dir, dir);
+        let dir = install(dirs, &img, &w);
+        assert_eq!(find(dirs, &img, &w).unwrap().dir, dir);
         std::fs::remove_file(dir.join(STATE)).unwrap();
-        let why = find(&img, &w).unwrap_err();
+        let why = find(dirs, &img, &w).unwrap_err();
         assert!(
             why.contains("incomplete") && why.contains("state.bin"),
             "{why}"
@@ -959,8 +989,9 @@ mod tests {
     fn a_template_another_user_could_have_written_is_refused() {
         use std::os::unix::fs::PermissionsExt;
         let d = tempfile::tempdir().unwrap();
+        let dirs = &Dirs::under(&d.path().join("home"));
         let img = image(d.path());
-        let t = Template::load(&install(&img, &want())).unwrap();
+        let t = Template::load(&install(dirs, &img, &want())).unwrap();
         t.check_trust().unwrap();
         std::fs::set_permissions(t.state(), std::fs::Permissions::from_mode(0o666)).unwrap();
         let e = t.check_trust().unwrap_err().to_string();
@@ -968,6 +999,27 @@ mod tests {
             e.contains("state.bin") && e.contains("writable by every user"),
             "{e}"
         );
+    }
+
+    /// Beside the image when this user may write there; an operator on the shared cache (which
+    /// only root writes) gets templates of their own in their state directory.
+    #[test]
+    fn templates_live_beside_the_image_unless_this_user_cannot_write_there() {
+        let d = tempfile::tempdir().unwrap();
+        let (img, state) = (
+            d.path().join("images/debian-13-built"),
+            d.path().join("state"),
+        );
+        let own = state.join("warm/debian-13-built");
+        let choose = |w: &dyn Fn(&Path) -> bool| choose_dir(&img, &state, "debian-13-built", w);
+        assert_eq!(choose(&|_| true), img.join("warm"));
+        assert_eq!(choose(&|_| false), own);
+        // No warm directory yet: whether the image's directory is writable decides.
+        assert_eq!(choose(&|p| p == img), img.join("warm"));
+        // Once there is one, it decides (root made it; the operator may not write in it).
+        std::fs::create_dir_all(img.join("warm")).unwrap();
+        assert_eq!(choose(&|p| p == img), own);
+        assert_eq!(choose(&|p| p == img.join("warm")), img.join("warm"));
     }
 
     #[test]
