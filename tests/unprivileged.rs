@@ -268,3 +268,50 @@ fn without_netd_an_operator_is_told_how_to_get_one() {
         "refused before anything was made"
     );
 }
+
+/// An operator's `cycle` reads the shared cache (root:kvm, not group-writable) and never needs
+/// to write it; when the image it needs is not there, it is refused before anything is made,
+/// with the fix (root adds images). Seen failing before: every operator `cycle` stopped at
+/// "the cache directory ... is not writable by this user", image or not.
+#[test]
+fn an_operator_cycle_reads_the_shared_cache_and_a_missing_image_is_roots_to_add() {
+    use std::os::unix::fs::PermissionsExt;
+    let ns = Netns::new("sc");
+    let mut netd = Netd::start(&ns, &["192.0.2.53"]);
+    let user = TestUser::new();
+    let cache = user.dir.path().join("shared-cache");
+    std::fs::create_dir_all(cache.join("images")).unwrap();
+    let kvm = nix::unistd::Group::from_name("kvm").unwrap().unwrap().gid;
+    for d in [&cache, &cache.join("images")] {
+        nix::unistd::chown(d, Some(nix::unistd::Uid::from_raw(0)), Some(kvm)).unwrap();
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o2750)).unwrap();
+    }
+    let sock = netd.socket_env();
+    let o = user
+        .cli(&[
+            ("BOMA_QVM_NETD_SOCKET", sock.as_str()),
+            ("BOMA_QVM_CACHE_DIR", cache.to_str().unwrap()),
+        ])
+        .args(["cycle", "askari", "--certs", "internal", "--repo"])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/boma"))
+        .output()
+        .unwrap();
+    let t = out(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(!t.contains("not writable by this user"), "{t}");
+    assert!(
+        t.contains("golden image `debian-13-built` is not in the cache")
+            && t.contains("sudo boma-qvm image build"),
+        "{t}"
+    );
+    assert!(
+        std::fs::read_dir(cache.join("images"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "nothing written to the shared cache"
+    );
+    assert!(!user.state().join("vms/boma-it-askari").exists(), "no VM");
+    assert!(!user.home().join("integration-runs").exists(), "no run dir");
+    netd.stop();
+}

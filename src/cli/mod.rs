@@ -293,9 +293,11 @@ fn preflight(cmd: &Cmd, dirs: &Dirs) -> Result<()> {
     }
     let (state, cache, runs) = (DirKind::State, DirKind::Cache, DirKind::Runs);
     let uses: &[(DirKind, bool)] = match cmd {
-        Cmd::Cycle(_) => &[(state, true), (cache, true), (runs, true)],
+        // The cache is read here: an operator uses the shared cache's images and keeps warm
+        // templates in their state directory; adding a missing image is checked with it.
+        Cmd::Cycle(_) => &[(state, true), (cache, false), (runs, true)],
         Cmd::Up(a) if a.kernel.is_some() => &[(state, true)],
-        Cmd::Up(_) => &[(state, true), (cache, true)],
+        Cmd::Up(_) => &[(state, true), (cache, false)],
         Cmd::Start(_) | Cmd::Apply(_) | Cmd::Verify(_) | Cmd::Reset(_) | Cmd::Diff(_) => {
             &[(state, true)]
         }

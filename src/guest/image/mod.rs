@@ -300,12 +300,25 @@ impl ImageChoice {
     /// What can be known before anything is made: a named image must be in the cache (a built
     /// or cloud image is made on first use), and a cached one must be one only root or this
     /// user can have written (`trust`; its files are checked by `ensure`).
+    /// A built or cloud image that is not cached yet must be one this user can add: an
+    /// operator on the shared cache (root:kvm 2750) uses the images root put there.
     pub fn check(&self, dirs: &Dirs) -> Result<()> {
-        match self {
-            ImageChoice::Named(name) => store::get(dirs, name).map(|_| ()),
-            ImageChoice::Cloud(o) => store::find(dirs, &o.name).map(|_| ()),
-            ImageChoice::Built(o) => store::find(dirs, &o.name).map(|_| ()),
+        let (name, how) = match self {
+            ImageChoice::Named(name) => return store::get(dirs, name).map(|_| ()),
+            ImageChoice::Cloud(o) => (&o.name, "image pull"),
+            ImageChoice::Built(o) => (&o.name, "image build"),
+        };
+        if store::find(dirs, name)?.is_some() || store::can_add(dirs) {
+            return Ok(());
         }
+        Err(Error::not_found(
+            format!(
+                "golden image `{name}` is not in the cache {}, and this user cannot add it there \
+                 (the shared cache is root's)",
+                show(&dirs.images())
+            ),
+            format!("ask root to run `sudo boma-qvm {how}` once, then run this again"),
+        ))
     }
 
     /// Why this image, in one line, for the log and report.json.
