@@ -7,6 +7,10 @@
 #                                   the main job: boma-qvm cycle on the bundled example repo
 #   make test-integration-clean     reap every boma-it-* leftover (boma-qvm prune)
 #   make bench                      the figures of docs/benchmarks.md (boots Debian VMs for tens of minutes, as root)
+#   make test-operator-cycle [HOSTTEST_BIN=path]
+#                                   the main job as an operator without sudo: a user it creates runs
+#                                   `cycle askari` through a netd it starts, to the red verdict
+#                                   (root; about 6 min under TCG; tests/host/operator-cycle.sh)
 #   make test-host-debian13 [HOSTTEST_BIN=path]
 #                                   .ci/setup, doctor --boot-test and the test guest on boma-qvm's
 #                                   network, on a fresh Debian 13 root filesystem in namespaces
@@ -47,7 +51,7 @@ CYCLE_ARGS = --repo $(REPO) --certs $(CERTS) $(if $(KEEP),--keep) $(if $(SNAPSHO
 # built, else the debug build.
 HOSTTEST_BIN ?= $(if $(wildcard $(BIN)),$(BIN),target/debug/boma-qvm)
 
-.PHONY: setup setup-check test test-integration test-integration-clean test-host-debian13 bench
+.PHONY: setup setup-check test test-integration test-integration-clean test-host-debian13 test-operator-cycle bench
 
 setup:
 	$(CARGO_BUILD)
@@ -82,3 +86,6 @@ bench:
 
 test-host-debian13:
 	nice -n 10 tests/host/debian13.sh $(HOSTTEST_BIN)
+
+test-operator-cycle:
+	tests/host/operator-cycle.sh $(HOSTTEST_BIN)
