@@ -2,7 +2,7 @@
 #   make setup                      make this machine a control node (build + the integration_test role)
 #   make setup-check                prove it: a second apply changes nothing, then read-only checks
 #   make test                       the test suite (real QEMU under TCG, real dnsmasq/nftables/Ansible)
-#   make test-integration HOST=askari [CERTS=internal] [KEEP=1] [FIX=1] [SNAPSHOT=1] [REPO=dir]
+#   make test-integration HOST=askari [CERTS=internal] [KEEP=1] [FIX=1] [SNAPSHOT=1] [COLD=1] [REPO=dir]
 #                                   [SECRET_VARS='name ...']
 #                                   the main job: boma-qvm cycle on the bundled example repo
 #   make test-integration-clean     reap every boma-it-* leftover (boma-qvm prune)
@@ -44,7 +44,7 @@ SNAPSHOT ?=
 # name (never the command line) and is scrubbed from every file the run writes.
 SECRET_VARS ?=
 BOMA_QVM ?= $(if $(wildcard $(BIN)),$(BIN),boma-qvm)
-CYCLE_ARGS = --repo $(REPO) --certs $(CERTS) $(if $(KEEP),--keep) $(if $(SNAPSHOT),--snapshot) \
+CYCLE_ARGS = --repo $(REPO) --certs $(CERTS) $(if $(KEEP),--keep) $(if $(SNAPSHOT),--snapshot) $(if $(COLD),--cold) \
 	$(if $(FIX),-e docker_host_container_forward=true) $(foreach v,$(SECRET_VARS),--secret-var $(v))
 
 # The boma-qvm that test-host-debian13 installs on the Debian 13 root (PREBUILT_BIN): BIN if

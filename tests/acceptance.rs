@@ -11,7 +11,8 @@
 //!
 //! Both cycles start warm (the default): restored from the golden image's template, which the
 //! first Debian test to need it builds with a cold boot. So the verdicts here are the warm
-//! path's; the reboot in between is a real cold one.
+//! path's; the reboot in between is a real cold one. Another test runs the red cycle booted
+//! from scratch (`COLD=1`): the same verdict for the same reason.
 //!
 //! Both say what the reboot changed: the red diff names Docker's DNAT back under `inet filter`'s
 //! forward `policy drop`; the green one shows the fix's forward accept instead. A third test (one
@@ -465,6 +466,48 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
         !env.dirs.vm("boma-it-askari").exists(),
         "success destroys the VM and its overlay"
     );
+    let left = ns.leftovers(&env.dirs.state);
+    assert!(left.is_empty(), "left behind:\n{left}");
+}
+
+/// The incident's verdict does not depend on how the VM started: the same red cycle booted
+/// from scratch (`COLD=1`, `--cold`) is red for the same reason, as the warm one above is.
+#[test]
+fn the_incident_is_red_from_a_cold_boot_too() {
+    let env = Env::new();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(image::ensure(&env.dirs, &ImageChoice::default()))
+        .expect("golden image");
+    let ns = Netns::new("acd");
+    let runs = env.tmp.path().join("runs-cold");
+    let out = make(&ns, &env, &runs, "", "COLD=1");
+    let text = common::text(&out);
+    show_summary("red, cold", &text);
+    assert!(
+        text.contains("Error 14") && text.contains("published port"),
+        "boma-qvm exits 14 with the published-port message:\n{text}"
+    );
+    let report = read_report(&only_run_dir(&runs));
+    assert_eq!(report.image.start, "cold", "{report:#?}");
+    assert_eq!(
+        (report.verdict, report.class, report.exit_code),
+        (Verdict::Fail, Some(FailureClass::Test), 14)
+    );
+    assert!(stage(&report, "verify before reboot").ok, "{report:#?}");
+    assert!(!stage(&report, "verify after reboot").ok, "{report:#?}");
+    assert!(report.vm_kept);
+    let diff = report.reboot_diff.clone().expect("the reboot's diff");
+    assert!(
+        diff.finding("dnat-forward-drop").is_some(),
+        "{}",
+        diff.render(200)
+    );
+    // A red cycle keeps its VM for inspection; remove it as an operator would.
+    let down = cli(&ns, &env, &runs, "", "down askari");
+    assert!(down.status.success(), "{}", common::text(&down));
     let left = ns.leftovers(&env.dirs.state);
     assert!(left.is_empty(), "left behind:\n{left}");
 }
