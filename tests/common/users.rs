@@ -164,17 +164,13 @@ impl Netd {
         let state = dir.path().join("netd");
         let log = dir.path().join("netd.log");
         let mut c = Command::new("ip");
-        c.args([
-            "netns",
-            "exec",
-            &ns.name,
-            env!("CARGO_BIN_EXE_boma-qvm"),
-            "netd",
-        ])
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--state-dir")
-        .arg(&state);
+        c.args(["netns", "exec", &ns.name, "setpriv", "--bounding-set"])
+            .arg(unit_bounding_set())
+            .args(["--", env!("CARGO_BIN_EXE_boma-qvm"), "netd"])
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(&state);
         for d in upstream_dns {
             c.args(["--upstream-dns", d]);
         }
@@ -227,4 +223,25 @@ impl Drop for Netd {
 /// A finished command's text (stdout, stderr).
 pub fn out(o: &Output) -> String {
     super::text(o)
+}
+
+/// The capability bounding set the role's netd unit gives it, as `setpriv --bounding-set` takes
+/// it (`-all,+net_admin,...`): tests run netd under exactly that set, so a capability the unit
+/// lacks fails them.
+pub fn unit_bounding_set() -> String {
+    let unit = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/roles/integration_test/templates/boma-qvm-netd.service.j2"
+    );
+    let text = std::fs::read_to_string(unit).unwrap();
+    let caps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .unwrap_or_else(|| panic!("{unit} has no CapabilityBoundingSet="));
+    let mut set = String::from("-all");
+    for cap in caps.split_whitespace() {
+        set.push_str(",+");
+        set.push_str(&cap.trim_start_matches("CAP_").to_lowercase());
+    }
+    set
 }
