@@ -315,3 +315,33 @@ fn an_operator_cycle_reads_the_shared_cache_and_a_missing_image_is_roots_to_add(
     assert!(!user.home().join("integration-runs").exists(), "no run dir");
     netd.stop();
 }
+
+/// Right after the set-up added an operator to group boma-qvm, their shell does not carry the
+/// group yet: netd's socket refuses them, and they are told that, with `newgrp`, not to join a
+/// group they are already in.
+#[test]
+fn a_session_older_than_the_group_membership_is_told_to_log_in_again() {
+    let ns = Netns::new("ng");
+    let mut netd = Netd::start(&ns, &[]);
+    let user = TestUser::new();
+    let o = std::process::Command::new("setpriv")
+        .arg(format!("--reuid={}", user.uid))
+        .arg(format!("--regid={}", user.gid))
+        .arg("--clear-groups")
+        .args(["--", "env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin"])
+        .arg(format!("HOME={}", user.home().display()))
+        .arg(format!("BOMA_QVM_NETD_SOCKET={}", netd.socket_env()))
+        .arg(env!("CARGO_BIN_EXE_boma-qvm"))
+        .args(["net", "status"])
+        .current_dir(user.dir.path())
+        .output()
+        .unwrap();
+    let t = out(&o);
+    assert_eq!(o.status.code(), Some(11), "{t}");
+    assert!(
+        t.contains("Permission denied") && t.contains("newgrp boma-qvm"),
+        "{t}"
+    );
+    assert!(!t.contains("usermod"), "{t}");
+    netd.stop();
+}

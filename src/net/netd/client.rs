@@ -56,6 +56,11 @@ impl Client {
 fn unreachable(socket: &Path, e: std::io::Error) -> Error {
     let s = show(socket);
     let fix = match e.kind() {
+        std::io::ErrorKind::PermissionDenied if member_since_login(DEFAULT_GROUP) => format!(
+            "you are in group {DEFAULT_GROUP} (the set-up added you), but this login session \
+             started before that: log in again, or run `newgrp {DEFAULT_GROUP}` in this shell, \
+             then run this again"
+        ),
         std::io::ErrorKind::PermissionDenied => format!(
             "join group {DEFAULT_GROUP} (`usermod -aG {DEFAULT_GROUP} $USER`; the integration_test \
              role does it for integration_test_users), then log in again"
@@ -68,6 +73,19 @@ fn unreachable(socket: &Path, e: std::io::Error) -> Error {
         ),
     };
     Error::network(format!("cannot reach boma-qvm netd at {s}: {e}"), fix)
+}
+
+/// This user is a member of `group` in the group database, but this process does not carry it
+/// (the session began before the membership).
+fn member_since_login(group: &str) -> bool {
+    use nix::unistd::{Group, User, geteuid, getgroups};
+    let (Ok(Some(g)), Ok(Some(me))) = (Group::from_name(group), User::from_uid(geteuid())) else {
+        return false;
+    };
+    let listed = g.mem.contains(&me.name) || me.gid == g.gid;
+    let carried =
+        getgroups().is_ok_and(|gs| gs.contains(&g.gid)) || nix::unistd::getegid() == g.gid;
+    listed && !carried
 }
 
 /// An open connection to netd.
