@@ -126,6 +126,8 @@ pub struct Tail {
     path: PathBuf,
     offset: u64,
     partial: Vec<u8>,
+    /// Records read but not handed out yet: the ones after a record `wait_for` returned.
+    unread: Vec<Record>,
 }
 
 impl Tail {
@@ -134,6 +136,7 @@ impl Tail {
             path: path.to_path_buf(),
             offset: 0,
             partial: Vec::new(),
+            unread: Vec::new(),
         }
     }
 
@@ -144,10 +147,17 @@ impl Tail {
             path: path.to_path_buf(),
             offset,
             partial: Vec::new(),
+            unread: Vec::new(),
         }
     }
 
     pub fn poll(&mut self) -> Result<Vec<Record>> {
+        let mut out = std::mem::take(&mut self.unread);
+        out.extend(self.read_new()?);
+        Ok(out)
+    }
+
+    fn read_new(&mut self) -> Result<Vec<Record>> {
         let mut f = match std::fs::File::open(&self.path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -185,8 +195,11 @@ impl Tail {
     ) -> Result<Record> {
         let deadline = Instant::now() + timeout;
         loop {
-            for r in self.poll()? {
+            let mut recs = self.poll()?.into_iter();
+            while let Some(r) = recs.next() {
                 if pred(&r) {
+                    // What came after it is for the next wait.
+                    self.unread = recs.collect();
                     return Ok(r);
                 }
                 fail_fast(&r)?;
@@ -339,6 +352,39 @@ mod tests {
             other => panic!("expected a guest failure, got {other}"),
         }
         assert_eq!(e.exit_code(), 10);
+    }
+
+    /// SHUTDOWN and RESET written before anyone waits (a clean reboot that finished while the
+    /// test thread was slow): a wait for SHUTDOWN, then one for RESET, sees both. Seen failing
+    /// in CI under load before: the RESET read in the same batch as SHUTDOWN was dropped.
+    #[tokio::test]
+    async fn consecutive_waits_see_records_read_in_one_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("events.jsonl");
+        let mut t = Tail::from_start(&p);
+        for e in ["POWERDOWN", "SHUTDOWN", "RESET"] {
+            append(&p, &Record::new(Source::Qemu, e, Value::Null)).unwrap();
+        }
+        let d = Duration::from_millis(300);
+        assert_eq!(
+            t.wait_for("SHUTDOWN", d, |r| r.is("SHUTDOWN"))
+                .await
+                .unwrap()
+                .event,
+            "SHUTDOWN"
+        );
+        assert_eq!(
+            t.wait_for("RESET", d, |r| r.is("RESET"))
+                .await
+                .unwrap()
+                .event,
+            "RESET"
+        );
+        assert!(
+            t.poll().unwrap().is_empty(),
+            "each record is handed out once"
+        );
+        assert!(t.wait_for("RESET", d, |r| r.is("RESET")).await.is_err());
     }
 
     #[tokio::test]
