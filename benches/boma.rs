@@ -527,20 +527,6 @@ fn machine_line() -> String {
     format!("{os}, {cpu}, {cores} cores, {mem} GiB RAM (load average at the end: {load})")
 }
 
-fn first_line(cmd: &str, arg: &str) -> String {
-    Command::new(cmd)
-        .arg(arg)
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .map(String::from)
-        })
-        .unwrap_or_default()
-}
-
 fn render(f: &Figures, image: &str, accel: &str) -> String {
     let mut d = f.detect_ms.clone();
     d.sort_by(|a, b| a.total_cmp(b));
@@ -569,7 +555,7 @@ fn render(f: &Figures, image: &str, accel: &str) -> String {
     let _ = writeln!(
         t,
         "- accelerator: **{accel}**; QEMU: {}",
-        first_line("qemu-system-x86_64", "--version")
+        boma_qvm::tools::first_line("qemu-system-x86_64", &["--version"]).unwrap_or_default()
     );
     let _ = writeln!(
         t,

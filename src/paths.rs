@@ -217,7 +217,7 @@ impl Dirs {
 }
 
 /// Why `dir` cannot serve as a boma-qvm directory, or `None` when it can.
-fn unusable(dir: &Path, write: bool) -> Option<String> {
+pub(crate) fn unusable(dir: &Path, write: bool) -> Option<String> {
     use nix::unistd::{AccessFlags, access};
     // The directory itself if it exists, else the nearest ancestor that does (it gets created).
     let mut probe = dir;

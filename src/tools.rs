@@ -167,6 +167,18 @@ fn locate_with(
 
 // Running them: one place for every module (network, image, seed, SSH).
 
+/// The first line `program args` prints on stdout (a version string), if it runs.
+pub fn first_line(program: impl AsRef<OsStr>, args: &[&str]) -> Option<String> {
+    let o = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .next()
+        .map(String::from)
+}
+
 /// The last `max` bytes of a program's output, as text (for error messages).
 pub fn tail(bytes: &[u8], max: usize) -> String {
     let start = bytes.len().saturating_sub(max);

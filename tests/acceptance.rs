@@ -72,6 +72,20 @@ fn secret_env() -> String {
     format!("secret_probe_marker={var} GANDI_API_KEY={key}")
 }
 
+/// A test environment with the golden image in its cache, and a network namespace of its own
+/// named after `tag`. The image is built (on a fresh machine) from this process's own network:
+/// the test's namespace has no route to the Debian mirror, by design.
+fn with_golden_image(tag: &str) -> (Env, Netns) {
+    let env = Env::new();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(image::ensure(&env.dirs, &ImageChoice::default()))
+        .expect("golden image");
+    (env, Netns::new(tag))
+}
+
 /// The README's main job, `make test-integration HOST=askari`, in a clean environment (plus
 /// `extra_env`).
 fn make(ns: &Netns, env: &Env, runs: &Path, extra_env: &str, knobs: &str) -> std::process::Output {
@@ -171,16 +185,7 @@ fn stage<'a>(report: &'a Report, name: &str) -> &'a StageRecord {
 
 #[test]
 fn the_incident_reproduces_red_then_the_fix_is_green() {
-    let env = Env::new();
-    // The golden image is built (on a fresh machine) from this process's own network: the
-    // test's namespace has no route to the Debian mirror, by design.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(image::ensure(&env.dirs, &ImageChoice::default()))
-        .expect("golden image");
-    let ns = Netns::new("acc");
+    let (env, ns) = with_golden_image("acc");
 
     // 1. Red: today's base role, no container-forward drop-in.
     let red_runs = env.tmp.path().join("runs-red");
@@ -474,14 +479,7 @@ fn the_incident_reproduces_red_then_the_fix_is_green() {
 /// from scratch (`COLD=1`, `--cold`) is red for the same reason, as the warm one above is.
 #[test]
 fn the_incident_is_red_from_a_cold_boot_too() {
-    let env = Env::new();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(image::ensure(&env.dirs, &ImageChoice::default()))
-        .expect("golden image");
-    let ns = Netns::new("acd");
+    let (env, ns) = with_golden_image("acd");
     let runs = env.tmp.path().join("runs-cold");
     let out = make(&ns, &env, &runs, "", "COLD=1");
     let text = common::text(&out);
@@ -519,14 +517,7 @@ fn the_incident_is_red_from_a_cold_boot_too() {
 /// lockout class and exit code, and the state after the reboot read through the guest agent.
 #[test]
 fn a_lockout_after_the_reboot_is_called_soon_after_the_boot_is_done() {
-    let env = Env::new();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(image::ensure(&env.dirs, &ImageChoice::default()))
-        .expect("golden image");
-    let ns = Netns::new("lock");
+    let (env, ns) = with_golden_image("lock");
     let runs = env.tmp.path().join("runs-lockout");
     let started = std::time::Instant::now();
     let o = cli(

@@ -11,24 +11,9 @@ use std::time::{Duration, Instant};
 
 fn guest_args(host: &str) -> Vec<String> {
     let (k, i) = test_guest();
-    [
-        "up",
-        host,
-        "--kernel",
-        k.to_str().unwrap(),
-        "--initrd",
-        i.to_str().unwrap(),
-        "--append",
-        "console=ttyS0",
-        "--memory",
-        "256",
-        "--cpus",
-        "1",
-        "--no-net",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    let mut args = common::guest_up_args(host, &k, &i, "console=ttyS0");
+    args.push("--no-net".into());
+    args
 }
 
 fn up(env: &Env, host: &str) -> Output {

@@ -29,23 +29,7 @@ fn refused(o: &std::process::Output, needle: &str) {
 /// The busybox test guest with a NIC, as `up` takes it.
 fn guest_with_net(host: &str) -> Vec<String> {
     let (k, i) = test_guest();
-    [
-        "up",
-        host,
-        "--kernel",
-        k.to_str().unwrap(),
-        "--initrd",
-        i.to_str().unwrap(),
-        "--append",
-        "console=ttyS0 boma.net=1",
-        "--memory",
-        "256",
-        "--cpus",
-        "1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    common::guest_up_args(host, &k, &i, "console=ttyS0 boma.net=1")
 }
 
 /// B3 + B4: a foreign bridge with an address. `net up` and `up` refuse it; the refusal saves

@@ -13,24 +13,12 @@ use common::{READY, test_guest};
 
 fn guest(user: &TestUser, host: &str) -> Vec<String> {
     let (k, i) = test_guest();
-    let (k, i) = (user.give(&k), user.give(&i));
-    [
-        "up",
+    common::guest_up_args(
         host,
-        "--kernel",
-        k.to_str().unwrap(),
-        "--initrd",
-        i.to_str().unwrap(),
-        "--append",
+        &user.give(&k),
+        &user.give(&i),
         "console=ttyS0 boma.net=1",
-        "--memory",
-        "256",
-        "--cpus",
-        "1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    )
 }
 
 /// `status HOST`'s `key=value`.

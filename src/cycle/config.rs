@@ -162,17 +162,7 @@ pub fn utc_stamp(secs: u64) -> String {
 }
 
 fn first_line(program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> String {
-    std::process::Command::new(program)
-        .args(args)
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .map(String::from)
-        })
-        .unwrap_or_else(|| "unknown".into())
+    crate::tools::first_line(program, args).unwrap_or_else(|| "unknown".into())
 }
 
 /// Versions for the report; `vm` (when there is one) names the golden image behind its overlay.

@@ -292,13 +292,7 @@ impl Template {
 /// the golden image but cannot add to it, so their first warm start builds a template of
 /// their own there, backed by the shared golden image.
 pub fn dir_of(dirs: &Dirs, img: &Image) -> PathBuf {
-    let writable = |d: &Path| {
-        nix::unistd::access(
-            d,
-            nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
-        )
-        .is_ok()
-    };
+    let writable = |d: &Path| crate::paths::unusable(d, true).is_none();
     choose_dir(&img.dir, &dirs.state, &img.name, writable)
 }
 

@@ -32,6 +32,19 @@ pub fn test_guest() -> (PathBuf, PathBuf) {
     (g.kernel, g.initrd)
 }
 
+/// `boma-qvm up HOST` of the busybox test guest (`kernel`, `initrd`, kernel command line
+/// `append`), 256 MiB and one vCPU, as the CLI takes it.
+pub fn guest_up_args(host: &str, kernel: &Path, initrd: &Path, append: &str) -> Vec<String> {
+    let (k, i) = (kernel.to_str().unwrap(), initrd.to_str().unwrap());
+    [
+        "up", host, "--kernel", k, "--initrd", i, "--append", append, "--memory", "256", "--cpus",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// The account QEMU is dropped to when root starts a VM (tests run as root). The
 /// integration_test role creates it (`make setup`); a machine set up before it existed gets it
 /// here, made exactly as the role makes it. It is a machine-wide prerequisite like QEMU itself,

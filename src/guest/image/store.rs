@@ -333,13 +333,10 @@ pub fn find(dirs: &Dirs, name: &str) -> Result<Option<Image>> {
     Image::load(&dir).map(Some)
 }
 
-/// Whether this user can add images to the cache: its images directory, or the nearest
-/// directory above it that exists (it gets created), is writable by them.
+/// Whether this user can add images to the cache: its images directory (or the nearest one
+/// above it that exists: it gets created) is usable and writable by them.
 pub fn can_add(dirs: &Dirs) -> bool {
-    use nix::unistd::{AccessFlags, access};
-    let images = dirs.images();
-    let existing = images.ancestors().find(|d| d.exists()).unwrap_or(&images);
-    access(existing, AccessFlags::W_OK | AccessFlags::X_OK).is_ok()
+    crate::paths::unusable(&dirs.images(), true).is_none()
 }
 
 /// The cached image `name`, or `Error::NotFound` saying how to get one.
