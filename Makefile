@@ -11,6 +11,11 @@
 #                                   the main job as an operator without sudo: a user it creates runs
 #                                   `cycle askari` through a netd it starts, to the red verdict
 #                                   (root; about 6 min under TCG; tests/host/operator-cycle.sh)
+#   make test-host-systemd [HOSTTEST_BIN=path]
+#                                   boma-qvm-netd.service under a real systemd (PID 1 of a fresh
+#                                   Debian 13 root in systemd-nspawn): the role starts it, an
+#                                   operator's test guest runs through it (root; [SUITE=bookworm];
+#                                   about 25 s, plus 1 min once for the root; tests/host/systemd-netd.sh)
 #   make test-host-debian13 [HOSTTEST_BIN=path]
 #                                   .ci/setup, doctor --boot-test and the test guest on boma-qvm's
 #                                   network, on a fresh Debian 13 root filesystem in namespaces
@@ -51,7 +56,7 @@ CYCLE_ARGS = --repo $(REPO) --certs $(CERTS) $(if $(KEEP),--keep) $(if $(SNAPSHO
 # built, else the debug build.
 HOSTTEST_BIN ?= $(if $(wildcard $(BIN)),$(BIN),target/debug/boma-qvm)
 
-.PHONY: setup setup-check test test-integration test-integration-clean test-host-debian13 test-operator-cycle bench
+.PHONY: setup setup-check test test-integration test-integration-clean test-host-debian13 test-host-systemd test-operator-cycle bench
 
 setup:
 	$(CARGO_BUILD)
@@ -86,6 +91,9 @@ bench:
 
 test-host-debian13:
 	nice -n 10 tests/host/debian13.sh $(HOSTTEST_BIN)
+
+test-host-systemd:
+	tests/host/systemd-netd.sh $(HOSTTEST_BIN)
 
 test-operator-cycle:
 	tests/host/operator-cycle.sh $(HOSTTEST_BIN)
