@@ -75,7 +75,9 @@ pub fn foreign(link: &Link) -> Error {
                 "bridge {name} is the network of another boma-qvm state ({state}), not of this one"
             ),
             format!(
-                "two state directories cannot run a network in one network namespace: use that                  state (BOMA_QVM_STATE_DIR={}), or boma-qvm netd (one network shared safely by                  every user), or another network namespace",
+                "two state directories cannot run a network in one network namespace: use that \
+                 state (BOMA_QVM_STATE_DIR={}), or boma-qvm netd (one network shared safely by \
+                 every user), or another network namespace",
                 state.strip_suffix("/net").unwrap_or(state)
             ),
         );
@@ -90,14 +92,17 @@ pub fn foreign(link: &Link) -> Error {
                     .unwrap_or_else(|| "unknown".into())
             ),
             format!(
-                "choose another --bridge name (the default {DEFAULT_BRIDGE} is boma-qvm's own);                  boma-qvm never touches an interface it did not create"
+                "choose another --bridge name (the default {DEFAULT_BRIDGE} is boma-qvm's own); \
+                 boma-qvm never touches an interface it did not create"
             ),
         );
     }
     Error::network(
         format!("bridge {name} exists and boma-qvm did not create it"),
         format!(
-            "boma-qvm never adopts, changes or deletes a bridge it did not make: choose another              --bridge name (the default {DEFAULT_BRIDGE} is boma-qvm's own); if {name} is a              leftover of an older boma-qvm, delete it yourself (`ip link del {name}`)"
+            "boma-qvm never adopts, changes or deletes a bridge it did not make: choose another \
+             --bridge name (the default {DEFAULT_BRIDGE} is boma-qvm's own); if {name} is a \
+             leftover of an older boma-qvm, delete it yourself (`ip link del {name}`)"
         ),
     )
 }

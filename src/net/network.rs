@@ -75,7 +75,8 @@ impl Network {
                     rec.name, cfg.bridge
                 ),
                 format!(
-                    "one network per state directory: take it down first (`boma-qvm net down`),                      or keep --bridge {}",
+                    "one network per state directory: take it down first (`boma-qvm net down`), \
+                     or keep --bridge {}",
                     rec.name
                 ),
             ));
