@@ -29,12 +29,11 @@ SUITE=${SUITE:-trixie}
 MIRROR=${BOMA_QVM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 CACHE=${HOSTTEST_CACHE:-/var/cache/boma-qvm-hosttest}
 SYS_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-# The init, then (with apt, which orders their configuration better than debootstrap) what the
-# role's packages.yml would install and what the checks use; Ansible is the release's own.
-BASE=systemd,systemd-sysv,dbus
+# What the role's packages.yml would install, and what the checks use; Ansible is the release's.
 PACKAGES="dnsmasq-base nftables iproute2 procps qemu-system-x86 ansible-core libcap2-bin"
 log() { printf '%s systemd-%s: %s\n' "$(date +%T)" "$SUITE" "$*" >&2; }
 die() { log "FAIL: $*"; exit 1; }
+. "$(dirname "$0")/lib/nspawn.sh"
 
 [ $# -eq 1 ] || die "usage: $0 BIN (the boma-qvm binary to install)"
 bin=$(realpath "$1")
@@ -43,39 +42,13 @@ bin=$(realpath "$1")
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 tg=$(ls -d /var/cache/boma-qvm/testguest-*/ "$HOME"/.cache/boma-qvm/testguest-*/ 2>/dev/null | head -n1 || true)
 [ -n "$tg" ] || die "no built busybox test guest. Fix: run \`boma-qvm doctor --boot-test\` once"
-command -v systemd-nspawn >/dev/null \
-    || env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends systemd-container >&2
-
-mkdir -p "$CACHE"
-tarball=$CACHE/$SUITE-systemd.tar.gz
-if [ ! -s "$tarball" ]; then
-    log "building $tarball: debootstrap --variant=minbase $SUITE with systemd (once; kept for reuse)"
-    tmp=$(mktemp -d /var/tmp/bq-sdroot.XXXXXX)
-    { debootstrap --variant=minbase --include="$BASE" "$SUITE" "$tmp/root" "$MIRROR" \
-        && chroot "$tmp/root" env -i PATH=$SYS_PATH DEBIAN_FRONTEND=noninteractive \
-            apt-get install -y -q --no-install-recommends $PACKAGES \
-        && chroot "$tmp/root" apt-get clean; } >"$tarball.debootstrap.log" 2>&1 \
-        || { rm -rf "$tmp"; die "building the root failed: see $tarball.debootstrap.log"; }
-    tar --numeric-owner -czf "$tarball.part" -C "$tmp/root" . && mv "$tarball.part" "$tarball"
-    rm -rf "$tmp"
-fi
+tarball=$(nspawn_root_tarball "$PACKAGES" netd)
 
 work=$(mktemp -d /var/tmp/bq-sdnetd.XXXXXX)
 root=$work/root
-nspawn_pid=
 cleanup() {
     local rc=$?
-    if [ -n "$nspawn_pid" ] && kill -0 "$nspawn_pid" 2>/dev/null; then
-        # SIGTERM asks the container's systemd to power off; it has 20 s, then it is killed.
-        kill -TERM "$nspawn_pid" 2>/dev/null || true
-        for _ in $(seq 1 100); do kill -0 "$nspawn_pid" 2>/dev/null || break; sleep 0.2; done
-        kill -KILL "$nspawn_pid" 2>/dev/null || true
-        wait "$nspawn_pid" 2>/dev/null || true
-    fi
-    if [ $rc -ne 0 ] && [ -s "$work/nspawn.log" ]; then
-        log "failed (exit $rc); the container's console, last lines:"
-        tail -n 30 "$work/nspawn.log" >&2
-    fi
+    nspawn_stop "$rc" "$root"
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -101,27 +74,8 @@ cat >"$root/root/netd.yml" <<'EOF'
 EOF
 
 log "booting $SUITE with systemd as PID 1 (systemd-nspawn, private network)"
-# --register=no/--keep-unit: no machined or host systemd to talk to. The unified cgroup
-# hierarchy: trixie's systemd supports no other.
-SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1 systemd-nspawn -D "$root" -M "bqsd$$" -b --register=no \
-    --keep-unit --private-network --console=passive \
-    --bind-ro="$repo/roles:/opt/boma-roles" --bind-ro="$tg:/var/cache/boma-qvm/testguest" \
-    >"$work/nspawn.log" 2>&1 </dev/null &
-nspawn_pid=$!
-leader=
-for _ in $(seq 1 100); do
-    leader=$(pgrep -P "$nspawn_pid" | head -n1 || true)
-    [ -n "$leader" ] && [ "$(cat /proc/"$leader"/comm 2>/dev/null)" = systemd ] && break
-    leader=; sleep 0.2
-done
-[ -n "$leader" ] || { cat "$work/nspawn.log" >&2; die "the container's systemd did not start"; }
-in_c() { nsenter -t "$leader" -a env -i PATH=$SYS_PATH HOME=/root "$@"; }
-state=$(in_c timeout 60 systemctl is-system-running --wait || true)
-case $state in
-    running|degraded) log "inside: systemd is $state (PID 1: $(in_c cat /proc/1/comm))" ;;
-    *) in_c systemctl --failed --no-pager >&2 || true; die "systemd did not come up: '$state'" ;;
-esac
-[ "$(in_c cat /proc/1/comm)" = systemd ] || die "PID 1 inside is not systemd"
+nspawn_boot "$root" --private-network \
+    --bind-ro="$repo/roles:/opt/boma-roles" --bind-ro="$tg:/var/cache/boma-qvm/testguest"
 
 apply() {
     in_c env ANSIBLE_ROLES_PATH=/opt/boma-roles ANSIBLE_NOCOLOR=1 \
