@@ -23,8 +23,13 @@ use serde_json::{Map, Value, json};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
-/// ssh options for a throwaway VM: its host key is new every run and never recorded.
-pub const SSH_COMMON_ARGS: &str = "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
+/// ssh options for a throwaway VM: its host key is new every run and never recorded. `-F
+/// /dev/null`: no ssh config file is read, neither the user's (a `Host *` ProxyJump would route
+/// the VM's connection elsewhere) nor the system's. Inside the confined run's user namespace
+/// root's files are owned by the overflow uid, and ssh refuses an included system file it
+/// checks (Debian 13's systemd ships /etc/ssh/ssh_config.d/20-systemd-ssh-proxy.conf): "Bad
+/// owner or permissions", and no apply could connect.
+pub const SSH_COMMON_ARGS: &str = "-F /dev/null -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
      -o IdentitiesOnly=yes -o ServerAliveInterval=5 -o ServerAliveCountMax=6 -o LogLevel=ERROR";
 
 /// Ansible's default `ssh_args`, pinned so a repo's own (a ProxyJump to a bastion, say) cannot
