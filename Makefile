@@ -11,6 +11,11 @@
 #                                   the main job as an operator without sudo: a user it creates runs
 #                                   `cycle askari` through a netd it starts, to the red verdict
 #                                   (root; about 6 min under TCG; tests/host/operator-cycle.sh)
+#   make test-readme-systemd [HOSTTEST_BIN=path]
+#                                   the README's first command verbatim, by a sudo user in one
+#                                   session, on a fresh Debian 13 booted with systemd as PID 1
+#                                   (systemd-nspawn, user-mode NAT to the internet), to the red
+#                                   verdict (root; about 10 min; tests/host/readme-systemd.sh)
 #   make test-host-systemd [HOSTTEST_BIN=path]
 #                                   boma-qvm-netd.service under a real systemd (PID 1 of a fresh
 #                                   Debian 13 root in systemd-nspawn): the role starts it, an
@@ -56,7 +61,7 @@ CYCLE_ARGS = --repo $(REPO) --certs $(CERTS) $(if $(KEEP),--keep) $(if $(SNAPSHO
 # built, else the debug build.
 HOSTTEST_BIN ?= $(if $(wildcard $(BIN)),$(BIN),target/debug/boma-qvm)
 
-.PHONY: setup setup-check test test-integration test-integration-clean test-host-debian13 test-host-systemd test-operator-cycle bench
+.PHONY: setup setup-check test test-integration test-integration-clean test-host-debian13 test-host-systemd test-readme-systemd test-operator-cycle bench
 
 setup:
 	$(CARGO_BUILD)
@@ -76,11 +81,12 @@ setup-check:
 test:
 	cargo nextest run --no-fail-fast
 
+# Through .ci/with-groups: a sudo user's session that predates the set-up's groups still works.
 test-integration:
-	$(BOMA_QVM) cycle $(HOST) $(CYCLE_ARGS)
+	.ci/with-groups $(BOMA_QVM) cycle $(HOST) $(CYCLE_ARGS)
 
 test-integration-clean:
-	$(BOMA_QVM) prune
+	.ci/with-groups $(BOMA_QVM) prune
 
 # Boots Debian VMs one at a time (tens of minutes under TCG) and rewrites docs/benchmarks.md.
 # Built first, then run under BENCH_LOCK so it never shares the CPU with another Debian VM run.
@@ -94,6 +100,9 @@ test-host-debian13:
 
 test-host-systemd:
 	tests/host/systemd-netd.sh $(HOSTTEST_BIN)
+
+test-readme-systemd:
+	tests/host/readme-systemd.sh $(HOSTTEST_BIN)
 
 test-operator-cycle:
 	tests/host/operator-cycle.sh $(HOSTTEST_BIN)
