@@ -213,11 +213,13 @@ fn a_second_state_is_refused_and_cannot_cut_off_the_first_ones_vm() {
 /// refused before anything is built, and `net down` and `prune` leave it (and what it holds).
 #[test]
 fn a_dnsmasq_directory_this_state_did_not_make_is_not_adopted() {
+    use std::os::unix::fs::PermissionsExt;
     let ns = Netns::new("rd");
     let elsewhere = tempfile::tempdir().unwrap();
     for symlink in [false, true] {
         // Env's drop removes whatever is at its /run path, so nothing outlives the test.
         let env = Env::new();
+        std::fs::set_permissions(env.tmp.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
         let public = boma_qvm::net::files::NetFiles::new(&env.dirs).public_dir();
         if symlink {
             std::os::unix::fs::symlink(elsewhere.path(), &public).unwrap();

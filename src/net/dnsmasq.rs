@@ -129,7 +129,9 @@ fn public_dir_problem(owned: &Owned, path: &Path) -> Option<Error> {
     }
 }
 
-/// Refuse, before `up` makes anything, a path for dnsmasq's re-read files that is taken.
+/// Refuse, before `up` makes anything, a path for dnsmasq's re-read files that is taken. A
+/// network directory that does not exist yet counts as private here (the path is checked even
+/// if `up` then finds it need not use it).
 pub fn check_public_dir(files: &NetFiles, owned: &Owned) -> Result<()> {
     if !wants_public_dir(files, owned) {
         return Ok(());
