@@ -113,11 +113,14 @@ fn public_dir_problem(owned: &Owned, path: &Path) -> Option<Error> {
             };
             Some(Error::network(
                 format!(
-                    "{} exists and is {what}; boma-qvm keeps the files its dnsmasq re-reads                      as nobody there and does not adopt it",
+                    "{} exists and is {what}; boma-qvm keeps the files its dnsmasq re-reads \
+                     as nobody there and does not adopt it",
                     show(path)
                 ),
                 format!(
-                    "look at it; if it is a leftover of boma-qvm (another state of this                      directory, or a crash before an older version recorded it), remove it                      (`rm -r {}`)",
+                    "look at it; if it is a leftover of boma-qvm (another state of this \
+                     directory, or a crash before an older version recorded it), remove it \
+                     (`rm -r {}`)",
                     path.display()
                 ),
             ))
