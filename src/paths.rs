@@ -295,13 +295,32 @@ fn pseudo_filesystem(path: &Path) -> Option<&'static str> {
 /// Write `contents` to `path` through a temporary file beside it and a rename, so a reader
 /// never sees half a file (a crash leaves the old one or the new one).
 pub fn write_atomic(path: &Path, contents: impl AsRef<[u8]>) -> crate::Result<()> {
-    use crate::error::IoContext;
+    write_atomic_as(path, contents.as_ref(), None)
+}
+
+/// [`write_atomic`], the file getting exactly `mode` whatever the umask.
+pub fn write_atomic_mode(path: &Path, contents: impl AsRef<[u8]>, mode: u32) -> crate::Result<()> {
+    write_atomic_as(path, contents.as_ref(), Some(mode))
+}
+
+/// The temporary file [`write_atomic`] writes beside `path` (a crash may leave it).
+pub fn atomic_tmp(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    path.with_file_name(format!(".{name}.tmp"))
+}
+
+fn write_atomic_as(path: &Path, contents: &[u8], mode: Option<u32>) -> crate::Result<()> {
+    use crate::error::IoContext;
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = atomic_tmp(path);
     std::fs::write(&tmp, contents).ctx(|| format!("writing {}", tmp.display()))?;
+    if let Some(mode) = mode {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+            .ctx(|| format!("setting the mode of {}", tmp.display()))?;
+    }
     std::fs::rename(&tmp, path).ctx(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 

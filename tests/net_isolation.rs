@@ -6,8 +6,12 @@ mod common;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
+use boma_qvm::machine::procs;
+use boma_qvm::net::files::NetFiles;
 use boma_qvm::net::{self, DnsmasqState, Network};
+use common::lite::proc_alive;
 use common::world::{OUTSIDE, UPLINK, World};
+use common::{Env, Run};
 
 #[test]
 fn vm_gets_its_lease_is_reachable_and_is_isolated() {
@@ -153,4 +157,97 @@ fn vm_gets_its_lease_is_reachable_and_is_isolated() {
         init_forward,
         "forwarding is back to what it was before the network came up"
     );
+}
+
+/// Root runs boma-qvm directly with a private state directory (its parent 0700, like root's own
+/// /root/...): dnsmasq still drops to nobody. The files it re-reads as nobody live in a directory
+/// of their own under /run, so a VM registered after it started (by another process, through the
+/// record) gets its static lease and its DNS name; `net down` leaves neither that directory nor
+/// dnsmasq. A second `up` that adds upstream DNS is seen through the third re-read file.
+#[test]
+fn root_with_a_private_state_dir_still_runs_dnsmasq_as_nobody() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut w = World::new();
+    let env = Env::new();
+    let private = env.tmp.path();
+    std::fs::set_permissions(private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    assert!(env.dirs.state.starts_with(private));
+    let files = NetFiles::new(&env.dirs);
+    let public = files.public_dir();
+
+    env.cli_in(&w.host).ok(&["net", "up"]);
+    assert!(!boma_qvm::net::dnsmasq::enterable_by_others(&files.dir));
+    let pid: i32 = std::fs::read_to_string(files.pid())
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    assert_eq!(
+        procs::uid(pid),
+        Some(nobody.uid.as_raw()),
+        "dnsmasq dropped to nobody"
+    );
+    let m = std::fs::symlink_metadata(&public).unwrap();
+    assert!(
+        m.is_dir() && m.uid() == 0 && m.mode() & 0o777 == 0o755,
+        "{m:?}"
+    );
+    let conf = std::fs::read_to_string(files.dnsmasq_conf()).unwrap();
+    assert!(
+        conf.contains(&format!("dhcp-hostsfile={}/dhcp-hosts", public.display())),
+        "{conf}"
+    );
+
+    // Registered after dnsmasq started: it re-reads dhcp-hosts and hosts on SIGHUP, as nobody.
+    let network = Network::saved(&env.dirs);
+    let vm_net = w
+        .host
+        .run(|| {
+            let v = network.vm_net("boma-it-private", vec!["private.example.org".into()], true)?;
+            network.register_vm(&v).map(|()| v)
+        })
+        .unwrap();
+    let dhcp_hosts = public.join("dhcp-hosts");
+    assert!(
+        std::fs::read_to_string(&dhcp_hosts)
+            .unwrap()
+            .contains(&vm_net.mac.to_string())
+    );
+    assert_eq!(
+        std::fs::metadata(&dhcp_hosts).unwrap().mode() & 0o777,
+        0o644
+    );
+    let vm = w.add_vm("boma-it-private");
+    assert_eq!(vm.dhcp().unwrap(), vm_net.ip, "the static lease");
+    assert_eq!(
+        vm.lookup("private.example.org", w.cfg.gateway()),
+        vec![vm_net.ip],
+        "the DNS name added after dnsmasq started"
+    );
+    // A second `up` with upstream DNS only rewrites the servers file: the same dnsmasq re-reads
+    // it, as nobody, and forwards.
+    w.host.block_on(|| Network::up(&env.dirs, &w.cfg)).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(files.pid()).unwrap().trim(),
+        pid.to_string(),
+        "reloaded, not restarted"
+    );
+    assert_eq!(
+        vm.lookup("outside.test", w.cfg.gateway()),
+        vec![OUTSIDE.parse::<Ipv4Addr>().unwrap()],
+        "upstream DNS from the re-read servers file"
+    );
+    let log = std::fs::read_to_string(files.log()).unwrap();
+    assert!(!log.contains("Permission denied"), "{log}");
+
+    env.cli_in(&w.host).ok(&["net", "down"]);
+    assert!(!proc_alive(pid as u32), "dnsmasq {pid} survived net down");
+    assert!(
+        std::fs::symlink_metadata(&public).is_err(),
+        "{} left behind",
+        public.display()
+    );
+    let left = w.host.leftovers(&env.dirs.state);
+    assert!(left.is_empty(), "left behind:\n{left}");
 }

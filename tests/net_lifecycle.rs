@@ -13,7 +13,7 @@ use common::lite::{lite, proc_alive};
 
 #[test]
 fn prune_after_a_crash_removes_every_network_object() {
-    let l = lite("p");
+    let l = lite("p").private();
     let before = l.ns.exec_ok("nft list ruleset");
     let tap = tap_name_for("boma-it-crash");
     let (pid, fd) = l.ns.block_on(|| async {
@@ -29,6 +29,10 @@ fn prune_after_a_crash_removes_every_network_object() {
         (pid, fd) // "crash": the Network handle is simply forgotten, a QEMU still holds the tap
     });
     assert!(proc_alive(pid));
+    // The state dir is private: dnsmasq's re-read files are in a directory of their own under
+    // /run, which prune removes too.
+    let public = NetFiles::new(&l.dirs).public_dir();
+    assert!(public.join("dhcp-hosts").exists());
 
     let report = l.ns.block_on(|| net::prune(&l.dirs)).unwrap();
     let text = report.to_string();
@@ -37,10 +41,15 @@ fn prune_after_a_crash_removes_every_network_object() {
         "nft table inet boma_qvm".into(),
         format!("tap {tap}"),
         "bridge boma-qvm0".into(),
+        format!("directory {}", public.display()),
     ] {
         assert!(text.contains(&item), "prune did not report {item}:\n{text}");
     }
     assert!(!proc_alive(pid), "dnsmasq {pid} survived prune");
+    assert!(
+        std::fs::symlink_metadata(&public).is_err(),
+        "{public:?} left"
+    );
     let links =
         l.ns.block_on(|| async { Rtnl::connect().unwrap().links().await.unwrap() });
     assert!(

@@ -207,3 +207,43 @@ fn a_second_state_is_refused_and_cannot_cut_off_the_first_ones_vm() {
         assert!(left.is_empty(), "left behind:\n{left}");
     }
 }
+
+/// Root with a private state dir keeps dnsmasq's re-read files in a directory of its own under
+/// /run: a directory or a symlink already at that path, which this state did not make, is
+/// refused before anything is built, and `net down` and `prune` leave it (and what it holds).
+#[test]
+fn a_dnsmasq_directory_this_state_did_not_make_is_not_adopted() {
+    use std::os::unix::fs::PermissionsExt;
+    let ns = Netns::new("rd");
+    let elsewhere = tempfile::tempdir().unwrap();
+    for symlink in [false, true] {
+        // Env's drop removes whatever is at its /run path, so nothing outlives the test.
+        let env = Env::new();
+        std::fs::set_permissions(env.tmp.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let public = boma_qvm::net::files::NetFiles::new(&env.dirs).public_dir();
+        if symlink {
+            std::os::unix::fs::symlink(elsewhere.path(), &public).unwrap();
+        } else {
+            std::fs::create_dir(&public).unwrap();
+        }
+        std::fs::write(public.join("theirs"), "keep").unwrap();
+
+        let o = env.cli_in(&ns).run(&["net", "up"]);
+        refused(&o, &format!("{} exists and is", public.display()));
+        assert!(!link_exists(&ns, "boma-qvm0"), "built despite the refusal");
+        assert!(
+            !env.dirs.net().join("config.json").exists(),
+            "a refused command saved its configuration"
+        );
+        env.cli_in(&ns).ok(&["net", "down"]);
+        env.cli_in(&ns).ok(&["prune"]);
+        let m = std::fs::symlink_metadata(&public).expect("it survives");
+        assert_eq!(m.file_type().is_symlink(), symlink);
+        assert_eq!(
+            std::fs::read_to_string(public.join("theirs")).unwrap(),
+            "keep"
+        );
+        let left = ns.leftovers(&env.dirs.state);
+        assert!(left.is_empty(), "left behind:\n{left}");
+    }
+}

@@ -2,14 +2,16 @@
 //! reloaded (SIGHUP) and stopped by its pid file, never by name.
 
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use super::config::NetConfig;
-use super::files::NetFiles;
-use crate::paths::write_atomic;
+use super::files::{DHCP_HOSTS, HOSTS, NetFiles, SERVERS};
+use super::owned::Owned;
+use crate::paths::write_atomic_mode;
 use crate::tools;
 use crate::{Error, Result, error::show};
 
@@ -33,20 +35,31 @@ pub fn render(cfg: &NetConfig, files: &NetFiles, user: &str, group: &str) -> Str
         .replace("@LOG_FILE@", &p(files.log()))
 }
 
-/// Who dnsmasq drops to after binding its sockets: `nobody`/`nogroup` when this process is
-/// root and dnsmasq can still read its files as nobody afterwards (it re-reads the static
-/// leases, names and upstream servers on SIGHUP: every directory down to the network's must be
-/// enterable by others; netd's state is), else the invoking user (root, with a private state
-/// dir such as /root/...; or a user, who cannot switch anyway).
-pub fn run_as(files: &NetFiles) -> (String, String) {
+/// Who dnsmasq drops to after binding its sockets, and where the files it re-reads as that user
+/// live. It re-reads the static leases, names and upstream servers at start and on SIGHUP, after
+/// the drop, so that user must be able to reach them.
+///
+/// - Root drops it to `nobody`/`nogroup`. When every directory down to the network's is
+///   enterable by others (netd's state), the files stay there. When it is private (root's
+///   own state, /root/... or a 0700 temporary directory), they go to a directory of their own
+///   under /run that `nobody` can enter ([`make_public_dir`]): made for this state, recorded
+///   in `owned.json`, removed by `down` and `prune`. Once recorded it is used until then.
+/// - Anyone else keeps running it as themselves (they cannot switch anyway).
+///
+/// Makes that directory when it is needed: call it after the refusals (see
+/// [`check_public_dir`]) and before the files are written.
+pub fn run_as(files: &NetFiles) -> Result<(String, String)> {
     let me = current_user();
-    if !nix::unistd::Uid::effective().is_root() || !enterable_by_others(&files.dir) {
+    if !nix::unistd::Uid::effective().is_root() {
         let group = nix::unistd::Group::from_gid(nix::unistd::getegid())
             .ok()
             .flatten()
             .map(|g| g.name)
             .unwrap_or_else(|| me.clone());
-        return (me, group);
+        return Ok((me, group));
+    }
+    if wants_public_dir(files, &Owned::load(files)?) {
+        make_public_dir(files)?;
     }
     let group = nix::unistd::User::from_name("nobody")
         .ok()
@@ -54,7 +67,162 @@ pub fn run_as(files: &NetFiles) -> (String, String) {
         .and_then(|u| nix::unistd::Group::from_gid(u.gid).ok().flatten())
         .map(|g| g.name)
         .unwrap_or_else(|| "nogroup".into());
-    ("nobody".into(), group)
+    Ok(("nobody".into(), group))
+}
+
+/// Root keeps dnsmasq's re-read files under /run: the state's own directory is private, or an
+/// earlier `up` already put them there.
+fn wants_public_dir(files: &NetFiles, owned: &Owned) -> bool {
+    nix::unistd::Uid::effective().is_root()
+        && (owned.dnsmasq_dir.is_some() || !enterable_by_others(&files.dir))
+}
+
+/// `path` is a directory this process could have made: a real directory (not a symlink),
+/// owned by us, writable by nobody else.
+fn is_ours(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).is_ok_and(|m| {
+        m.file_type().is_dir()
+            && m.uid() == nix::unistd::geteuid().as_raw()
+            && m.mode() & 0o022 == 0
+    })
+}
+
+/// The directory under /run this state recorded for dnsmasq's re-read files, if it is there
+/// and still ours (a symlink or someone else's directory at that path is never written to).
+pub fn recorded_public_dir(files: &NetFiles) -> Option<PathBuf> {
+    Owned::load(files).ok()?.dnsmasq_dir.filter(|d| is_ours(d))
+}
+
+/// Why the directory for dnsmasq's re-read files cannot be used: something is at its path that
+/// this state did not make (or no longer looks like what it made).
+fn public_dir_problem(owned: &Owned, path: &Path) -> Option<Error> {
+    let recorded = owned.dnsmasq_dir.as_deref() == Some(path);
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Ok(_) if recorded && is_ours(path) => None,
+        Ok(m) => {
+            let what = if m.file_type().is_symlink() {
+                "a symlink"
+            } else if !m.is_dir() {
+                "not a directory"
+            } else if recorded {
+                "a directory writable by others or not root's"
+            } else {
+                "a directory this state did not make"
+            };
+            Some(Error::network(
+                format!(
+                    "{} exists and is {what}; boma-qvm keeps the files its dnsmasq re-reads \
+                     as nobody there and does not adopt it",
+                    show(path)
+                ),
+                format!(
+                    "look at it; if it is a leftover of boma-qvm (another state of this \
+                     directory, or a crash before an older version recorded it), remove it \
+                     (`rm -r {}`)",
+                    path.display()
+                ),
+            ))
+        }
+        Err(e) => Some(Error::Io {
+            context: format!("looking at {}", show(path)),
+            source: e,
+        }),
+    }
+}
+
+/// Refuse, before `up` makes anything, a path for dnsmasq's re-read files that is taken. A
+/// network directory that does not exist yet counts as private here (the path is checked even
+/// if `up` then finds it need not use it).
+pub fn check_public_dir(files: &NetFiles, owned: &Owned) -> Result<()> {
+    if !wants_public_dir(files, owned) {
+        return Ok(());
+    }
+    let path = owned
+        .dnsmasq_dir
+        .clone()
+        .unwrap_or_else(|| files.public_dir());
+    public_dir_problem(owned, &path).map_or(Ok(()), Err)
+}
+
+/// Make (or find again) this state's directory for dnsmasq's re-read files: mode 0755, root's.
+/// Recorded before it is made, under the record's lock, so a crash leaves it named for `prune`;
+/// a directory already at the path that this state did not record is refused, never adopted.
+///
+/// Its files are VM names, MACs and addresses and the upstream DNS servers: not secrets, and
+/// readable by everyone so that dnsmasq can re-read them as `nobody`.
+pub fn make_public_dir(files: &NetFiles) -> Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    Owned::update(files, |o| {
+        let path = o.dnsmasq_dir.clone().unwrap_or_else(|| files.public_dir());
+        if let Some(e) = public_dir_problem(o, &path) {
+            return Err(e);
+        }
+        let was_recorded = o.dnsmasq_dir.is_some();
+        o.dnsmasq_dir = Some(path.clone());
+        let made = match std::fs::DirBuilder::new().mode(0o755).create(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && is_ours(&path) => {
+                // Recorded and ours (checked above): found again.
+                Ok(())
+            }
+            other => other.and_then(|()| {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+            }),
+        };
+        match made {
+            Ok(()) => Ok(path),
+            Err(e) => {
+                if !was_recorded {
+                    o.dnsmasq_dir = None;
+                }
+                Err(Error::Io {
+                    context: format!("creating {}", show(&path)),
+                    source: e,
+                })
+            }
+        }
+    })?
+}
+
+/// Remove the directory `owned` recorded for dnsmasq's re-read files (dnsmasq must be stopped):
+/// its files, then the directory itself, only if it still is ours. Returns what was removed;
+/// `Err` when it is ours but could not be removed (something else was put in it).
+pub fn remove_public_dir(owned: &Owned) -> Result<Option<String>> {
+    let Some(dir) = &owned.dnsmasq_dir else {
+        return Ok(None);
+    };
+    if !is_ours(dir) {
+        if std::fs::symlink_metadata(dir).is_ok() {
+            tracing::warn!(
+                "left {} alone: it is no longer the directory this state made",
+                show(dir)
+            );
+        }
+        return Ok(None);
+    }
+    for name in [DHCP_HOSTS, HOSTS, SERVERS] {
+        let f = dir.join(name);
+        for p in [crate::paths::atomic_tmp(&f), f] {
+            match std::fs::remove_file(&p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::Io {
+                        context: format!("removing {}", show(&p)),
+                        source: e,
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+    std::fs::remove_dir(dir).map_err(|e| Error::Io {
+        context: format!(
+            "removing {} (it holds files boma-qvm did not put there)",
+            show(dir)
+        ),
+        source: e,
+    })?;
+    Ok(Some(format!("directory {}", dir.display())))
 }
 
 /// Every directory from / down to `dir` has the execute bit for others.
@@ -103,7 +271,8 @@ pub fn write_servers(files: &NetFiles, servers: &[IpAddr]) -> Result<()> {
     for s in servers {
         text.push_str(&format!("server={s}\n"));
     }
-    write_atomic(&files.servers(), &text)
+    // 0644 whatever the umask: dnsmasq re-reads it as `nobody` (not a secret).
+    write_atomic_mode(&files.servers(), &text, 0o644)
 }
 
 /// The pid of OUR dnsmasq: the pid file's process, if it is alive and its command line is

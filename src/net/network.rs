@@ -86,6 +86,7 @@ impl Network {
             Some(c) if c != marker => return Err(foreign_table(&c)),
             _ => {}
         }
+        dnsmasq::check_public_dir(files, &owned)?;
 
         files.create_dirs()?;
         write_atomic(
@@ -116,9 +117,10 @@ impl Network {
             show(&files.ruleset())
         );
 
+        // Who dnsmasq runs as decides where its re-read files go: first, then write them.
+        let (user, group) = dnsmasq::run_as(files)?;
         registry::write_dnsmasq_files(files, &vms)?;
         dnsmasq::write_servers(files, &net.upstream_for(&vms))?;
-        let (user, group) = dnsmasq::run_as(files);
         let conf = dnsmasq::render(cfg, files, &user, &group);
         let old = std::fs::read_to_string(files.dnsmasq_conf()).ok();
         let had_pid_file = files.pid().exists();
@@ -446,8 +448,9 @@ fn foreign_table(comment: &str) -> Error {
 }
 
 /// Remove what `files` recorded as this state's own and is still there as recorded: the nft
-/// table (only if its comment is ours), taps and veths (same name and ifindex), the bridge.
-/// The record is cleared. Returns what was removed, one item each.
+/// table (only if its comment is ours), taps and veths (same name and ifindex), the bridge, the
+/// directory of dnsmasq's re-read files (dnsmasq must be stopped). The record is cleared (but
+/// for a directory of ours that could not be removed). Returns what was removed, one item each.
 pub(crate) async fn remove_recorded(files: &NetFiles) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     let owned = Owned::load(files)?;
@@ -473,6 +476,21 @@ pub(crate) async fn remove_recorded(files: &NetFiles) -> Result<Vec<String>> {
     {
         removed.push(format!("bridge {}", rec.name));
     }
-    Owned::update(files, |o| *o = Owned::default())?;
+    let kept_dir = match dnsmasq::remove_public_dir(&owned) {
+        Ok(r) => {
+            removed.extend(r);
+            None
+        }
+        Err(e) => {
+            tracing::warn!("{e}");
+            owned.dnsmasq_dir.clone()
+        }
+    };
+    Owned::update(files, |o| {
+        *o = Owned {
+            dnsmasq_dir: kept_dir,
+            ..Owned::default()
+        }
+    })?;
     Ok(removed)
 }

@@ -1,14 +1,16 @@
 //! What one network state made, and nothing else: the bridge, the nft table, the taps (and the
-//! confinement veths) it created, recorded in `net/owned.json` as they are made. `down` and
-//! `prune` remove only what this record names, and only when the live object is still the one
-//! recorded (same name, same ifindex, the same owner marker). A bridge or table this record does
-//! not name is never adopted, changed or deleted.
+//! confinement veths) it created, and the directory under /run for dnsmasq's re-read files
+//! (root with a private state dir, see `dnsmasq::run_as`), recorded in `net/owned.json` as they
+//! are made. `down` and `prune` remove only what this record names, and only when the live
+//! object is still the one recorded (same name, same ifindex, the same owner marker; for the
+//! directory: still a directory of ours, not a symlink). A bridge, table or directory this
+//! record does not name is never adopted, changed or deleted.
 //!
 //! Other states (and people) can tell our objects apart: the bridge's alias and the table's
 //! comment carry [`marker`], naming the state that made them.
 
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -43,6 +45,10 @@ pub struct Owned {
     /// Confinement veths (host ends on the bridge) handed to confined processes.
     #[serde(default)]
     pub veths: Vec<LinkRecord>,
+    /// The directory this state made for the files dnsmasq re-reads as `nobody`
+    /// (`/run/boma-qvm-dnsmasq-ID`), recorded before it is made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dnsmasq_dir: Option<PathBuf>,
 }
 
 /// The marker our bridge's alias and our table's comment carry: which state made them.
@@ -71,8 +77,9 @@ impl Owned {
             Ok(text) => serde_json::from_str(&text).map_err(|e| {
                 Error::network(
                     format!("corrupt ownership record {}: {e}", show(&path)),
-                    "look at it: it lists the bridge, nft table and taps this state made; \
-                     remove what it names by hand (`ip link del NAME`, `nft delete table inet boma_qvm`), \
+                    "look at it: it lists the bridge, nft table, taps and dnsmasq directory this \
+                     state made; remove what it names by hand (`ip link del NAME`, \
+                     `nft delete table inet boma_qvm`, `rm -r /run/boma-qvm-dnsmasq-ID`), \
                      then delete the file",
                 )
             }),

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::files::NetFiles;
 use super::ident::Mac;
 use crate::error::IoContext;
-use crate::paths::write_atomic;
+use crate::paths::{write_atomic, write_atomic_mode};
 use crate::{Error, Result, error::show};
 
 /// A VM's place on the network.
@@ -147,8 +147,10 @@ pub fn write_dnsmasq_files(files: &NetFiles, vms: &[VmNet]) -> Result<()> {
         .filter_map(|v| v.hosts_line())
         .map(|l| l + "\n")
         .collect();
-    write_atomic(&files.dhcp_hosts(), format!("{header}{dhcp}"))?;
-    write_atomic(&files.hosts(), format!("{header}{hosts}"))
+    // 0644 whatever the umask: dnsmasq re-reads them as `nobody`. VM names, MACs and
+    // addresses, not secrets.
+    write_atomic_mode(&files.dhcp_hosts(), format!("{header}{dhcp}"), 0o644)?;
+    write_atomic_mode(&files.hosts(), format!("{header}{hosts}"), 0o644)
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ pub struct Lite {
     pub _tmp: tempfile::TempDir,
     pub dirs: Dirs,
     pub cfg: NetConfig,
+    pub _dnsmasq_dir: super::DnsmasqDir,
 }
 
 pub fn lite(tag: &str) -> Lite {
@@ -28,11 +29,22 @@ pub fn lite(tag: &str) -> Lite {
     Lite {
         ns,
         _tmp: tmp,
+        _dnsmasq_dir: super::DnsmasqDir::of(&dirs),
         dirs,
         cfg: NetConfig {
             upstream_dns: Some(vec![]),
             ..NetConfig::default()
         },
+    }
+}
+
+impl Lite {
+    /// The state dir made private (its parent 0700), as root's own /root/... is; a temporary
+    /// directory is 0755.
+    pub fn private(self) -> Lite {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(self._tmp.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        self
     }
 }
 

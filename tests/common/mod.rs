@@ -213,8 +213,30 @@ impl Env {
     }
 }
 
+/// Removes the directory under /run that the state `dirs` made for its dnsmasq's re-read files
+/// (root with a private state dir), when dropped: a test that failed before `net down` leaves
+/// none behind (its network objects go with its namespace; /run is the host's).
+pub struct DnsmasqDir(PathBuf);
+
+impl DnsmasqDir {
+    pub fn of(dirs: &Dirs) -> DnsmasqDir {
+        DnsmasqDir(boma_qvm::net::files::NetFiles::new(dirs).public_dir())
+    }
+}
+
+impl Drop for DnsmasqDir {
+    fn drop(&mut self) {
+        if std::fs::symlink_metadata(&self.0).is_ok_and(|m| m.is_dir()) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        } else {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
 impl Drop for Env {
     fn drop(&mut self) {
+        drop(DnsmasqDir::of(&self.dirs));
         let dirs = self.dirs.clone();
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()

@@ -42,6 +42,7 @@ pub struct World {
     pub dirs: Dirs,
     pub cfg: NetConfig,
     vms: usize,
+    _dnsmasq_dir: super::DnsmasqDir,
 }
 
 const CGI: &str = "#!/bin/sh\necho 'Content-Type: text/plain'\necho\necho \"$REMOTE_ADDR\"\n";
@@ -120,6 +121,7 @@ impl World {
         let w = World {
             host,
             outside,
+            _dnsmasq_dir: super::DnsmasqDir::of(&dirs),
             dirs,
             cfg,
             tmp,
