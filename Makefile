@@ -15,7 +15,7 @@
 #                                   the README's first command verbatim, by a sudo user in one
 #                                   session, on a fresh Debian 13 booted with systemd as PID 1
 #                                   (systemd-nspawn, user-mode NAT to the internet), to the red
-#                                   verdict (root; about 10 min; tests/host/readme-systemd.sh)
+#                                   verdict (root; about 7 min; tests/host/readme-systemd.sh)
 #   make test-host-systemd [HOSTTEST_BIN=path]
 #                                   boma-qvm-netd.service under a real systemd (PID 1 of a fresh
 #                                   Debian 13 root in systemd-nspawn): the role starts it, an
