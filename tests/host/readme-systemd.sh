@@ -134,7 +134,10 @@ in_c grep -q '^# confined: .*a veth from netd at /run/boma-qvm/netd.sock' "$run/
     || die "Ansible did not run confined through the unit's netd ($run/apply.log)"
 in_c grep -q '"start": "warm: restored from /home/alice/.local/state/boma-qvm/warm/' "$run/report.json" \
     || die "not a warm start from alice's own template ($run/report.json)"
-qemu_user=$(in_c ps -eo user=,args= | awk '$2 ~ /qemu-system-x86_64$/ {print $1}' | sort -u | xargs)
+# (no procps on a minbase machine: /proc itself)
+qemu_user=$(in_c sh -c 'for p in /proc/[0-9]*; do
+    case "$(tr "\0" " " <"$p/cmdline" 2>/dev/null)" in qemu-system-x86_64\ *|*/qemu-system-x86_64\ *) stat -c %U "$p" ;; esac
+done' | sort -u | xargs)
 [ "$qemu_user" = alice ] || die "the kept VM's QEMU runs as '$qemu_user', not as alice"
 foreign=$(in_c find "$run" /home/alice/.local/state/boma-qvm ! -user alice | head -n 3)
 [ -z "$foreign" ] || die "files of the run not alice's: $foreign"
