@@ -6,7 +6,6 @@ mod common;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use boma_qvm::machine::procs;
 use boma_qvm::net::files::NetFiles;
 use boma_qvm::net::{self, DnsmasqState, Network};
 use common::lite::proc_alive;
@@ -177,17 +176,7 @@ fn root_with_a_private_state_dir_still_runs_dnsmasq_as_nobody() {
 
     env.cli_in(&w.host).ok(&["net", "up"]);
     assert!(!boma_qvm::net::dnsmasq::enterable_by_others(&files.dir));
-    let pid: i32 = std::fs::read_to_string(files.pid())
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
-    assert_eq!(
-        procs::uid(pid),
-        Some(nobody.uid.as_raw()),
-        "dnsmasq dropped to nobody"
-    );
+    let pid = common::assert_dnsmasq_runs_as_nobody(&files.pid());
     let m = std::fs::symlink_metadata(&public).unwrap();
     assert!(
         m.is_dir() && m.uid() == 0 && m.mode() & 0o777 == 0o755,

@@ -74,17 +74,7 @@ fn an_operator_runs_a_networked_vm_without_sudo_through_netd() {
     assert!(console.contains(READY), "{console}");
 
     // dnsmasq is netd's and runs as nobody.
-    let pid: i32 = std::fs::read_to_string(netd.state.join("net/dnsmasq.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
-    assert_eq!(
-        procs::uid(pid),
-        Some(nobody.uid.as_raw()),
-        "dnsmasq dropped to nobody"
-    );
+    common::assert_dnsmasq_runs_as_nobody(&netd.state.join("net/dnsmasq.pid"));
 
     // The lease, and the guest's command service on it (ssh-less).
     let ip = field(&status, "ip");

@@ -267,3 +267,19 @@ pub fn qemus_under(dir: &Path) -> Vec<i32> {
 pub fn event_names(vm: &Machine) -> Vec<String> {
     vm.events().unwrap().into_iter().map(|r| r.event).collect()
 }
+
+/// The dnsmasq whose pid file is `pid_file` runs as `nobody`; its pid.
+pub fn assert_dnsmasq_runs_as_nobody(pid_file: &Path) -> i32 {
+    let pid: i32 = std::fs::read_to_string(pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    assert_eq!(
+        boma_qvm::machine::procs::uid(pid),
+        Some(nobody.uid.as_raw()),
+        "dnsmasq (pid {pid}) dropped to nobody"
+    );
+    pid
+}
