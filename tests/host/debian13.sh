@@ -47,6 +47,7 @@ NET=${HOSTTEST_NET:-1}
 SYS_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 log() { printf '%s host-%s: %s\n' "$(date +%T)" "$SUITE" "$*" >&2; }
 die() { log "FAIL: $*"; exit 1; }
+. "$(dirname "$0")/lib/common.sh"
 
 # ---------------------------------------------------------------------------------------------
 # Inside the namespaces (PID 1 of the new PID namespace): `debian13.sh --inner WORK BIN`.
@@ -275,14 +276,7 @@ for _ in $(seq 1 100); do
     [ "$(readlink "/proc/$ns_pid/ns/net" 2>/dev/null)" != "$(readlink /proc/self/ns/net)" ] && break
     sleep 0.05
 done
-slirp4netns --configure --mtu=65520 --disable-host-loopback "$ns_pid" tap0 >"$work/slirp.log" 2>&1 &
-slirp_pid=$!
-for _ in $(seq 1 100); do
-    nsenter -t "$ns_pid" -n ip -o -4 addr show tap0 2>/dev/null | grep -q 10.0.2.100 && break
-    sleep 0.1
-done
-nsenter -t "$ns_pid" -n ip -o -4 addr show tap0 2>/dev/null | grep -q 10.0.2.100 \
-    || die "slirp4netns did not configure tap0 in 10 s: $(tail -n 3 "$work/slirp.log" | tr '\n' ' ')"
+slirp_up "$ns_pid" "$work/slirp.log"
 nsenter -t "$ns_pid" -n ip link set lo up
 touch "$work/net-ready"
 wait "$ns_pid"

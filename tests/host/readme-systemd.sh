@@ -35,14 +35,10 @@ CACHE=${HOSTTEST_CACHE:-/var/cache/boma-qvm-hosttest}
 SYS_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 log() { printf '%s readme-%s: %s\n' "$(date +%T)" "$SUITE" "$*" >&2; }
 die() { log "FAIL: $*"; exit 1; }
+. "$(dirname "$0")/lib/common.sh"
 . "$(dirname "$0")/lib/nspawn.sh"
 
-[ $# -eq 1 ] || die "usage: $0 BIN (the boma-qvm binary .ci/setup installs)"
-bin=$(realpath "$1")
-[ -x "$bin" ] || die "$1 is not an executable. Fix: cargo build, then pass target/debug/boma-qvm"
-[ "$(id -u)" -eq 0 ] || die "needs root (debootstrap, systemd-nspawn, a network namespace). Fix: run it as root"
-command -v slirp4netns >/dev/null \
-    || env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slirp4netns >&2
+host_test_bin "$@"
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 # A fresh machine: systemd, sudo and the installer's apt sources; nothing of boma-qvm's.
 tarball=$(nspawn_root_tarball "sudo" sudo)
@@ -94,16 +90,8 @@ chroot "$root" chown -R alice:alice /home/alice/boma-qvm
 
 log "booting $SUITE with systemd as PID 1 (systemd-nspawn; egress only through slirp4netns)"
 nspawn_boot "$root" --private-network
-# Its network namespace's way out: user-mode NAT through this machine's sockets (slirp4netns
-# sets tap0 up with 10.0.2.100, a default route and DNS at 10.0.2.3).
-slirp4netns --configure --mtu=65520 --disable-host-loopback "$leader" tap0 >"$work/slirp.log" 2>&1 &
-slirp_pid=$!
-for _ in $(seq 1 100); do
-    nsenter -t "$leader" -n ip -o -4 addr show tap0 2>/dev/null | grep -q 10.0.2.100 && break
-    sleep 0.1
-done
-nsenter -t "$leader" -n ip -o -4 addr show tap0 2>/dev/null | grep -q 10.0.2.100 \
-    || die "slirp4netns did not configure tap0: $(tail -n 3 "$work/slirp.log" | tr '\n' ' ')"
+# Its network namespace's only way out.
+slirp_up "$leader" "$work/slirp.log"
 
 # One login session of alice's (runuser gives it the groups alice has now: sudo, not yet kvm
 # or boma-qvm), typing the README's command in a fresh clone.

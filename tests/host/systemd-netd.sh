@@ -33,12 +33,10 @@ SYS_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 PACKAGES="dnsmasq-base nftables iproute2 procps qemu-system-x86 ansible-core libcap2-bin"
 log() { printf '%s systemd-%s: %s\n' "$(date +%T)" "$SUITE" "$*" >&2; }
 die() { log "FAIL: $*"; exit 1; }
+. "$(dirname "$0")/lib/common.sh"
 . "$(dirname "$0")/lib/nspawn.sh"
 
-[ $# -eq 1 ] || die "usage: $0 BIN (the boma-qvm binary to install)"
-bin=$(realpath "$1")
-[ -x "$bin" ] || die "$1 is not an executable. Fix: cargo build, then pass target/debug/boma-qvm"
-[ "$(id -u)" -eq 0 ] || die "needs root (debootstrap, systemd-nspawn). Fix: run it as root"
+host_test_bin "$@"
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 tg=$(ls -d /var/cache/boma-qvm/testguest-*/ "$HOME"/.cache/boma-qvm/testguest-*/ 2>/dev/null | head -n1 || true)
 [ -n "$tg" ] || die "no built busybox test guest. Fix: run \`boma-qvm doctor --boot-test\` once"

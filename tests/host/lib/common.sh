@@ -1,0 +1,26 @@
+# Sourced by tests/host/*.sh. The caller defines log and die.
+
+# The one argument, BIN (the boma-qvm binary a test installs), made absolute in `bin`; and
+# root, which these tests need (debootstrap, namespaces).
+host_test_bin() {
+    [ $# -eq 1 ] || die "usage: $0 BIN (the boma-qvm binary to install)"
+    [ -x "$1" ] && [ -f "$1" ] || die "$1 is not an executable file. Fix: cargo build, then pass target/debug/boma-qvm"
+    [ "$(id -u)" -eq 0 ] || die "needs root (debootstrap, namespaces). Fix: run it as root"
+    bin=$(realpath "$1")
+}
+
+# Give the network namespace of process $1 a way out: slirp4netns's user-mode NAT through this
+# machine's sockets (tap0 with 10.0.2.100, a default route, DNS at 10.0.2.3). Its log is $2;
+# sets `slirp_pid` (the caller's trap kills it). Waits up to 10 s for tap0.
+slirp_up() {
+    local pid=$1 logf=$2
+    command -v slirp4netns >/dev/null \
+        || env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slirp4netns >&2
+    slirp4netns --configure --mtu=65520 --disable-host-loopback "$pid" tap0 >"$logf" 2>&1 &
+    slirp_pid=$!
+    for _ in $(seq 1 100); do
+        nsenter -t "$pid" -n ip -o -4 addr show tap0 2>/dev/null | grep -q 10.0.2.100 && return 0
+        sleep 0.1
+    done
+    die "slirp4netns did not configure tap0 in 10 s: $(tail -n 3 "$logf" | tr '\n' ' ')"
+}
