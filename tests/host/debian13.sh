@@ -62,17 +62,8 @@ inner() {
     tar -xf "$work/repo.tar" -C "$root/root/boma-qvm"
     install -m 0755 "$bin" "$root/opt/boma-qvm-prebuilt/boma-qvm"
 
-    # This machine's egress: its CA (installed by ca-certificates' update-ca-certificates when
-    # .ci/setup installs that package) and pip's config (pip trusts only certifi's bundle).
-    mkdir -p "$root/usr/local/share/ca-certificates"
-    for f in /usr/local/share/ca-certificates/*.crt; do
-        [ -f "$f" ] && cp "$f" "$root/usr/local/share/ca-certificates/"
-    done
-    [ -f /etc/pip.conf ] && cp /etc/pip.conf "$root/etc/pip.conf"
-    printf 'nameserver 10.0.2.3\n' >"$root/etc/resolv.conf"
+    site_root "$root"
     hostname debian13-host
-    printf 'debian13-host\n' >"$root/etc/hostname"
-    printf '127.0.0.1 localhost\n127.0.1.1 debian13-host\n::1 localhost ip6-localhost ip6-loopback\n' >"$root/etc/hosts"
 
     # The kernel's filesystems and a minimal /dev (what a booted machine has; /dev/kvm and
     # /dev/net/tun bound from the host).

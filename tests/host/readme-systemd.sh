@@ -66,16 +66,7 @@ Suites: $SUITE $SUITE-updates
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 EOF
-# This machine's egress: its CA (installed when .ci/setup installs ca-certificates) and pip's
-# config (pip trusts only certifi's bundle), as a site provisions them.
-mkdir -p "$root/usr/local/share/ca-certificates"
-for f in /usr/local/share/ca-certificates/*.crt; do
-    [ -f "$f" ] && cp "$f" "$root/usr/local/share/ca-certificates/"
-done
-[ -f /etc/pip.conf ] && cp /etc/pip.conf "$root/etc/pip.conf"
-printf 'nameserver 10.0.2.3\n' >"$root/etc/resolv.conf"
-printf 'debian13-host\n' >"$root/etc/hostname"
-printf '127.0.0.1 localhost\n127.0.1.1 debian13-host\n::1 localhost ip6-localhost ip6-loopback\n' >"$root/etc/hosts"
+site_root "$root"
 # The sudo user and a clean copy of the repository in their home (git archive HEAD).
 mkdir -p "$root/opt/boma-qvm-prebuilt"
 install -m 0755 "$bin" "$root/opt/boma-qvm-prebuilt/boma-qvm"

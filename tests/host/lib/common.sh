@@ -24,3 +24,18 @@ slirp_up() {
     done
     die "slirp4netns did not configure tap0 in 10 s: $(tail -n 3 "$logf" | tr '\n' ' ')"
 }
+
+# Make the root at $1 a machine of this site behind slirp4netns: this machine's egress CA
+# (installed when .ci/setup installs ca-certificates) and pip's config (pip trusts only
+# certifi's bundle), as a site provisions them; slirp's DNS; hostname debian13-host.
+site_root() {
+    local root=$1 f
+    mkdir -p "$root/usr/local/share/ca-certificates"
+    for f in /usr/local/share/ca-certificates/*.crt; do
+        [ -f "$f" ] && cp "$f" "$root/usr/local/share/ca-certificates/"
+    done
+    [ -f /etc/pip.conf ] && cp /etc/pip.conf "$root/etc/pip.conf"
+    printf 'nameserver 10.0.2.3\n' >"$root/etc/resolv.conf"
+    printf 'debian13-host\n' >"$root/etc/hostname"
+    printf '127.0.0.1 localhost\n127.0.1.1 debian13-host\n::1 localhost ip6-localhost ip6-loopback\n' >"$root/etc/hosts"
+}
