@@ -37,17 +37,12 @@
 #   HOSTTEST_TMPFS_SIZE (6g).
 set -euo pipefail
 
-SUITE=${SUITE:-trixie}
-MIRROR=${BOMA_QVM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
-CACHE=${HOSTTEST_CACHE:-/var/cache/boma-qvm-hosttest}
+TAG=host
+. "$(dirname "$0")/lib/common.sh"
 TMPFS_SIZE=${HOSTTEST_TMPFS_SIZE:-6g}
 AS=${HOSTTEST_AS:-root}
 IMAGE_BUILD=${HOSTTEST_IMAGE_BUILD:-0}
 NET=${HOSTTEST_NET:-1}
-SYS_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-log() { printf '%s host-%s: %s\n' "$(date +%T)" "$SUITE" "$*" >&2; }
-die() { log "FAIL: $*"; exit 1; }
-. "$(dirname "$0")/lib/common.sh"
 
 # ---------------------------------------------------------------------------------------------
 # Inside the namespaces (PID 1 of the new PID namespace): `debian13.sh --inner WORK BIN`.

@@ -29,12 +29,7 @@
 # Environment: SUITE (trixie), BOMA_QVM_DEBIAN_MIRROR, HOSTTEST_CACHE.
 set -euo pipefail
 
-SUITE=${SUITE:-trixie}
-MIRROR=${BOMA_QVM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
-CACHE=${HOSTTEST_CACHE:-/var/cache/boma-qvm-hosttest}
-SYS_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-log() { printf '%s readme-%s: %s\n' "$(date +%T)" "$SUITE" "$*" >&2; }
-die() { log "FAIL: $*"; exit 1; }
+TAG=readme
 . "$(dirname "$0")/lib/common.sh"
 . "$(dirname "$0")/lib/nspawn.sh"
 

@@ -25,16 +25,11 @@
 # root. Environment: SUITE (trixie), BOMA_QVM_DEBIAN_MIRROR, HOSTTEST_CACHE.
 set -euo pipefail
 
-SUITE=${SUITE:-trixie}
-MIRROR=${BOMA_QVM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
-CACHE=${HOSTTEST_CACHE:-/var/cache/boma-qvm-hosttest}
-SYS_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-# What the role's packages.yml would install, and what the checks use; Ansible is the release's.
-PACKAGES="dnsmasq-base nftables iproute2 procps qemu-system-x86 ansible-core libcap2-bin"
-log() { printf '%s systemd-%s: %s\n' "$(date +%T)" "$SUITE" "$*" >&2; }
-die() { log "FAIL: $*"; exit 1; }
+TAG=systemd
 . "$(dirname "$0")/lib/common.sh"
 . "$(dirname "$0")/lib/nspawn.sh"
+# What the role's packages.yml would install, and what the checks use; Ansible is the release's.
+PACKAGES="dnsmasq-base nftables iproute2 procps qemu-system-x86 ansible-core libcap2-bin"
 
 host_test_bin "$@"
 repo=$(cd "$(dirname "$0")/../.." && pwd)
@@ -140,4 +135,4 @@ in_c systemctl stop boma-qvm-netd
 state="$(in_c systemctl show -p ActiveState --value boma-qvm-netd) $(in_c systemctl show -p Result --value boma-qvm-netd)"
 [ "$state" = "inactive success" ] || { in_c journalctl -u boma-qvm-netd --no-pager >&2; die "netd did not stop cleanly: $state"; }
 log "inside: down took the network with it; restart and stop are clean"
-log "all passed"
+log "all passed in $SECONDS s"

@@ -1,4 +1,11 @@
-# Sourced by tests/host/*.sh. The caller defines log and die.
+# Sourced by tests/host/*.sh after the caller sets TAG (its name in the log lines): the
+# settings they share, and log/die.
+SUITE=${SUITE:-trixie}
+MIRROR=${BOMA_QVM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+CACHE=${HOSTTEST_CACHE:-/var/cache/boma-qvm-hosttest}
+SYS_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+log() { printf '%s %s-%s: %s\n' "$(date +%T)" "$TAG" "$SUITE" "$*" >&2; }
+die() { log "FAIL: $*"; exit 1; }
 
 # The one argument, BIN (the boma-qvm binary a test installs), made absolute in `bin`; and
 # root, which these tests need (debootstrap, namespaces).

@@ -1,7 +1,7 @@
 # Sourced by tests/host/*.sh: a fresh Debian root booted by systemd-nspawn with systemd as PID 1,
 # which no machine here has otherwise. Needs root; sets `leader` (the container's PID 1, as the
 # host sees it) for `in_c`, and stops the container in `nspawn_stop` (call it from the EXIT trap).
-# The caller defines log and die, and sets SUITE, MIRROR, CACHE and SYS_PATH.
+# Source lib/common.sh first (log, die, SUITE, MIRROR, CACHE, SYS_PATH).
 
 # The cached root filesystem tarball of $SUITE with systemd and $1 (space-separated packages,
 # installed with apt, which orders their configuration better than debootstrap --include);
