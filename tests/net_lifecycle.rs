@@ -5,7 +5,9 @@ mod common;
 
 use std::time::Duration;
 
+use boma_qvm::net::confine::{self, Held};
 use boma_qvm::net::files::NetFiles;
+use boma_qvm::net::owned::{LinkRecord, Owned};
 use boma_qvm::net::rtnl::Rtnl;
 use boma_qvm::net::{self, DnsmasqState, NetConfig, Network, nft, tap_name_for};
 use boma_qvm::paths::Dirs;
@@ -172,6 +174,44 @@ fn up_again_keeps_vm_egress_and_records() {
         again.set_egress(vm.ip, true).unwrap();
         assert!(nft::no_egress_members().unwrap().is_empty());
         again.down().await.unwrap();
+    });
+}
+
+/// A confinement veth goes away by itself when the confined process's namespace dies, on the
+/// kernel's schedule: it may be gone before `release`, or vanish between its lookup and its
+/// delete. Either way the release succeeds and the record forgets it (CI once kept a record).
+#[test]
+fn a_confinement_veth_the_kernel_already_took_is_released_and_forgotten() {
+    let l = lite("v");
+    l.ns.block_on(|| async {
+        let network = Network::up(&l.dirs, &l.cfg).await.unwrap();
+        let rtnl = Rtnl::connect().unwrap();
+        let mut held = Held::default();
+        for tag in ["gone", "race"] {
+            l.ns.exec_ok(&format!(
+                "ip link add bqc-{tag} type veth peer name bqv-{tag}"
+            ));
+            let link = rtnl.link(&format!("bqc-{tag}")).await.unwrap().unwrap();
+            held.veths.push(LinkRecord {
+                name: link.name,
+                ifindex: link.index,
+                owner: Some(tag.into()),
+            });
+        }
+        let files = NetFiles::new(&l.dirs);
+        Owned::update(&files, |o| o.veths = held.veths.clone()).unwrap();
+
+        // The race, pinned at the netlink call: the link vanishes after the lookup.
+        l.ns.exec_ok("ip link del bqc-race");
+        rtnl.delete(held.veths[1].ifindex)
+            .await
+            .expect("deleting a link that is already gone is done, not an error");
+        // Gone before the release.
+        l.ns.exec_ok("ip link del bqc-gone");
+        confine::release(&network, held).await.unwrap();
+        let owned = Owned::load(&files).unwrap();
+        assert!(owned.veths.is_empty(), "{owned:?}");
+        network.down().await.unwrap();
     });
 }
 

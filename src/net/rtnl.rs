@@ -234,12 +234,13 @@ impl Rtnl {
             .map_err(|e| nl_err(format!("setting the alias of ifindex {index}"), e))
     }
 
+    /// Delete link `index`. A link that is already gone counts as deleted: a veth whose other
+    /// end sat in a namespace that just died goes away on the kernel's own schedule, so it can
+    /// vanish between the caller's lookup and this call.
     pub async fn delete(&self, index: u32) -> Result<()> {
-        self.handle
-            .link()
-            .del(index)
-            .execute()
-            .await
-            .map_err(|e| nl_err(format!("deleting ifindex {index}"), e))
+        match self.handle.link().del(index).execute().await {
+            Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -libc::ENODEV => Ok(()),
+            r => r.map_err(|e| nl_err(format!("deleting ifindex {index}"), e)),
+        }
     }
 }
