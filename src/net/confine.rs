@@ -205,32 +205,20 @@ pub async fn grant(
 /// Give back what `held` holds: delete the veths (both ends go) still there as recorded.
 pub async fn release(network: &Network, held: Held) -> Result<()> {
     let rtnl = Rtnl::connect()?;
-    let mut kept = Vec::new();
+    // Forget every veth that is gone, also when another one could not be deleted: the record
+    // names exactly what is left for `prune`.
+    let mut gone = Vec::new();
     let mut first_err = None;
     for rec in &held.veths {
-        let gone = async {
-            if let Some(l) = rtnl.link(&rec.name).await?
-                && l.index == rec.ifindex
-            {
-                rtnl.delete(l.index).await?;
+        match rtnl.delete_recorded(rec).await {
+            Ok(_) => gone.push(rec.name.as_str()),
+            Err(e) => {
+                first_err.get_or_insert(e);
             }
-            Ok::<_, Error>(())
-        };
-        if let Err(e) = gone.await {
-            kept.push(rec.name.as_str());
-            first_err.get_or_insert(e);
         }
     }
-    // Forget every veth that is gone, also when another one could not be deleted: the record
-    // must name exactly what is left for `prune`.
-    let names: Vec<&str> = held
-        .veths
-        .iter()
-        .map(|r| r.name.as_str())
-        .filter(|n| !kept.contains(n))
-        .collect();
     Owned::update(network.files(), |o| {
-        o.veths.retain(|v| !names.contains(&v.name.as_str()))
+        o.veths.retain(|v| !gone.contains(&v.name.as_str()))
     })?;
     first_err.map_or(Ok(()), Err)
 }

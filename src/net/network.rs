@@ -464,10 +464,7 @@ pub(crate) async fn remove_recorded(files: &NetFiles) -> Result<Vec<String>> {
         .map(|t| ("tap", t))
         .chain(owned.veths.iter().map(|v| ("veth", v)))
     {
-        if let Some(l) = rtnl.link(&rec.name).await?
-            && l.index == rec.ifindex
-        {
-            rtnl.delete(l.index).await?;
+        if rtnl.delete_recorded(rec).await? {
             removed.push(format!("{kind} {}", rec.name));
         }
     }

@@ -9,6 +9,7 @@ use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteType};
 use rtnetlink::{Handle, LinkBridge, LinkUnspec, RouteMessageBuilder};
 
+use super::owned::LinkRecord;
 use super::subnet::Subnet;
 use crate::{Error, Result};
 
@@ -241,6 +242,15 @@ impl Rtnl {
         match self.handle.link().del(index).execute().await {
             Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -libc::ENODEV => Ok(()),
             r => r.map_err(|e| nl_err(format!("deleting ifindex {index}"), e)),
+        }
+    }
+
+    /// Delete the link `rec` names if it is still that link (same name, same ifindex); a link
+    /// of that name that is not the recorded one is left alone. Returns whether it was deleted.
+    pub async fn delete_recorded(&self, rec: &LinkRecord) -> Result<bool> {
+        match self.link(&rec.name).await? {
+            Some(l) if l.index == rec.ifindex => self.delete(l.index).await.map(|()| true),
+            _ => Ok(false),
         }
     }
 }
