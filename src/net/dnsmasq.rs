@@ -147,42 +147,37 @@ pub fn check_public_dir(files: &NetFiles, owned: &Owned) -> Result<()> {
 }
 
 /// Make (or find again) this state's directory for dnsmasq's re-read files: mode 0755, root's.
-/// Recorded before it is made, under the record's lock, so a crash leaves it named for `prune`;
-/// a directory already at the path that this state did not record is refused, never adopted.
+/// Recorded (owned.json written) before it is made, so a crash in between leaves it named for
+/// `prune`, and unrecorded again when it cannot be made; a directory already at the path that
+/// this state did not record is refused, never adopted.
 ///
 /// Its files are VM names, MACs and addresses and the upstream DNS servers: not secrets, and
 /// readable by everyone so that dnsmasq can re-read them as `nobody`.
 pub fn make_public_dir(files: &NetFiles) -> Result<PathBuf> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    Owned::update(files, |o| {
+    let (path, was_recorded) = Owned::update(files, |o| {
         let path = o.dnsmasq_dir.clone().unwrap_or_else(|| files.public_dir());
-        if let Some(e) = public_dir_problem(o, &path) {
-            return Err(e);
+        match public_dir_problem(o, &path) {
+            Some(e) => Err(e),
+            None => Ok((path.clone(), o.dnsmasq_dir.replace(path).is_some())),
         }
-        let was_recorded = o.dnsmasq_dir.is_some();
-        o.dnsmasq_dir = Some(path.clone());
-        let made = match std::fs::DirBuilder::new().mode(0o755).create(&path) {
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && is_ours(&path) => {
-                // Recorded and ours (checked above): found again.
-                Ok(())
-            }
-            other => other.and_then(|()| {
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
-            }),
-        };
-        match made {
-            Ok(()) => Ok(path),
-            Err(e) => {
-                if !was_recorded {
-                    o.dnsmasq_dir = None;
-                }
-                Err(Error::Io {
-                    context: format!("creating {}", show(&path)),
-                    source: e,
-                })
-            }
+    })??;
+    let made = match std::fs::DirBuilder::new().mode(0o755).create(&path) {
+        // Recorded and ours (checked above): found again.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && is_ours(&path) => Ok(()),
+        other => other
+            .and_then(|()| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))),
+    };
+    if let Err(e) = made {
+        if !was_recorded {
+            Owned::update(files, |o| o.dnsmasq_dir = None)?;
         }
-    })?
+        return Err(Error::Io {
+            context: format!("creating {}", show(&path)),
+            source: e,
+        });
+    }
+    Ok(path)
 }
 
 /// Remove the directory `owned` recorded for dnsmasq's re-read files (dnsmasq must be stopped):
